@@ -1,0 +1,34 @@
+# make bench | make test: each sets up .venv (pinned), builds pyattn._C in place, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pinned-$(shell cksum < requirements.txt | cut -d' ' -f1)
+RESULTS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install build test bench gpu-check clean
+
+install: $(STAMP) build
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.pinned-* && touch $@
+
+# editable install: imports resolve to this tree; ninja rebuilds only what changed
+build: $(STAMP)
+	PYATTN_SKIP_CUDA_BUILD=1 MAX_JOBS=2 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m benchmarks $(if $(RESULTS),--out $(RESULTS),)
+
+# On a GPU machine, offline, with its system python3 (torch, triton, nvcc, pytest, pybind11 preinstalled).
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),)
+
+clean:
+	rm -rf build pyattn/_C*.so *.egg-info

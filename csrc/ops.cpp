@@ -1,0 +1,52 @@
+// Every pyattn op schema, in one place, and the pybind11 module that reports how this build was made.
+// Kernels register implementations per device: csrc/cpu (CPU) and csrc/cuda (CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyattn, m) {
+  // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides -> out (B, Hq, L, Ev), lse (B, Hq, L)
+  // float32. mask: (B, Hq, L, S) view (stride 0 where broadcast), bool or float. Varlen: B == 1 holds
+  // packed rows split by cu_seqlens. window_right == 0 is causal. Semantics: csrc/params.h.
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, "
+      "int window_right, bool bottom_right, float softcap, float dropout_p, int seed, int offset) "
+      "-> (Tensor out, Tensor lse)");
+  // Gradients of fwd. dlse: optional gradient of lse. dmask (B, Hq, L, S) float32 when mask_grad,
+  // else an empty tensor.
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? mask, "
+      "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
+      "float dropout_p, int seed, int offset, bool mask_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  // The keep-mask (B, H, L, S) bool that the CPU kernels draw for (seed, offset): for tests and debugging.
+  m.def(
+      "cpu_dropout_mask(int batch, int heads, int seqlen_q, int seqlen_k, float dropout_p, int seed, "
+      "int offset) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = PYATTN_VERSION;
+  pybind11::list backends;
+  backends.append("cpu");
+#ifdef PYATTN_WITH_CUDA
+  backends.append("cuda");
+  info["cuda_archs"] = std::string(PYATTN_CUDA_ARCHS);
+#else
+  info["cuda_archs"] = std::string();
+#endif
+  info["backends"] = backends;
+  info["torch"] = std::string(PYATTN_TORCH_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyattn compiled ops";
+  m.def("build_info", &build_info, "version, compiled backends and CUDA architectures of this build");
+}

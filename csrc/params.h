@@ -1,0 +1,73 @@
+// One plain struct shared by every fused kernel (CPU now, CUDA later): pointers, strides in elements,
+// sizes and options. No torch types here, so device code can include it with nvcc alone.
+#pragma once
+#include <cstdint>
+
+namespace pyattn {
+
+// Strides of a 4-D (batch, head, row, col) view, in elements. Broadcast dims have stride 0.
+struct Strides4 {
+  int64_t batch = 0, head = 0, row = 0, col = 0;
+};
+
+struct AttnParams {
+  // Dense mode: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L).
+  // Varlen mode (cu_seqlens_q != nullptr): the same tensors with B == 1 holding packed rows; sequence b
+  // owns rows [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q/out/lse and [cu_seqlens_k[b], ...) of k/v.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // natural log; -inf for fully masked rows
+  Strides4 q_strides, k_strides, v_strides, out_strides, lse_strides;  // lse: col unused
+
+  // Optional (B, Hq, L, S) bool (true = keep) or float mask added to scores; broadcast by stride 0.
+  const void* mask = nullptr;
+  Strides4 mask_strides;
+  int mask_kind = 0;  // 0 none, 1 bool, 2 same dtype as q, 3 float32
+
+  // Optional float32 ALiBi slopes (B, Hq): adds -slope * |i' - j|.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0, alibi_head_stride = 0;
+
+  const int32_t* cu_seqlens_q = nullptr;  // (B + 1,)
+  const int32_t* cu_seqlens_k = nullptr;  // (B + 1,)
+
+  int64_t batch = 0;     // B (number of sequences in varlen mode)
+  int64_t heads_q = 0;   // Hq
+  int64_t heads_kv = 0;  // Hkv; Hq % Hkv == 0, q head h reads kv head h / (Hq / Hkv)
+  int64_t seqlen_q = 0;  // L (max over sequences in varlen mode)
+  int64_t seqlen_k = 0;  // S (max over sequences in varlen mode)
+  int64_t head_dim = 0;    // E
+  int64_t head_dim_v = 0;  // Ev
+
+  float scale = 1.f;  // applied to q.k before softcap
+  float softcap = 0.f;  // 0 = off; else scores = softcap * tanh(scores / softcap)
+  // Query i may attend key j iff i' - window_left <= j <= i' + window_right (-1 = unbounded),
+  // with i' = i + (S - L) when bottom_right, else i. Causal is window_right = 0.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  bool bottom_right = false;
+
+  float dropout_p = 0.f;  // probability of dropping; kept values are scaled by 1 / (1 - p)
+  uint64_t seed = 0, offset = 0;  // counter-based RNG: the same (seed, offset) gives the same mask
+
+  // scale, softcap and dropout_p in double, as the op received them: float64 kernels (CPU) need them
+  // unrounded to match float64 math; float kernels use the float copies above.
+  double scale_f64 = 1, softcap_f64 = 0, dropout_p_f64 = 0;
+};
+
+// Gradients, for the backward kernels. Shapes match q, k, v (dq, dk, dv) and the dense mask (dmask).
+struct AttnBwdParams : AttnParams {
+  const void* dout = nullptr;  // (B, Hq, L, Ev)
+  const float* dlse = nullptr;  // optional (B, Hq, L): gradient flowing into lse
+  Strides4 dout_strides, dlse_strides;
+  void* dq = nullptr;  // (B, Hq, L, E), contiguous
+  void* dk = nullptr;  // (B, Hkv, S, E), contiguous
+  void* dv = nullptr;  // (B, Hkv, S, Ev), contiguous
+  Strides4 dq_strides, dk_strides, dv_strides;  // varlen rows are indexed through these
+  float* dmask = nullptr;  // optional (B, Hq, L, S) float32, contiguous: d(loss)/d(score added by mask)
+  bool deterministic = true;
+};
+
+}  // namespace pyattn

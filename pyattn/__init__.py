@@ -1,0 +1,7 @@
+"""pyattn: fused attention for PyTorch."""
+from .backends import available_backends
+from .functional import explain, scaled_dot_product_attention, varlen_attention
+from .ops import build_info
+
+__version__ = "0.1.0"
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "explain", "available_backends", "build_info"]

@@ -1,0 +1,148 @@
+"""One small class per backend: what it supports, why it refuses, and how it runs.
+
+`choose()` walks the backends in order of measured speed (benchmarks/results) and takes the first that
+accepts the inputs; `explain()` reports every backend's verdict.
+"""
+import torch
+
+from . import ops, reference
+from .inputs import AttnInputs
+
+TORCH_FEATURES = {"bool mask", "float mask", "causal", "dropout", "gqa"}
+
+
+class Backend:
+    name = ""
+    devices = ()
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    features = frozenset()  # features (AttnInputs.uses()) it computes natively
+    max_head_dim = None
+
+    def unavailable_reason(self):
+        """Why this backend cannot run at all in this installation, or None."""
+        return None
+
+    def not_supported_reasons(self, inp: AttnInputs):
+        reasons = []
+        why_not = self.unavailable_reason()
+        if why_not:
+            reasons.append(why_not)
+        if inp.device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)}, not {inp.device.type}")
+        if inp.dtype not in self.dtypes:
+            reasons.append(f"does not take {inp.dtype}")
+        missing = [f for f in inp.uses() if f not in self.features]
+        if missing:
+            reasons.append(f"does not support {', '.join(missing)}")
+        E, Ev = inp.head_dims
+        if self.max_head_dim is not None and max(E, Ev) > self.max_head_dim:
+            reasons.append(f"head dims up to {self.max_head_dim}, got E={E}, Ev={Ev}")
+        return reasons + self.extra_reasons(inp)
+
+    def extra_reasons(self, inp: AttnInputs):
+        return []
+
+    def forward(self, inp: AttnInputs):
+        """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
+        raise NotImplementedError
+
+
+ALL_FEATURES = frozenset({"bool mask", "float mask", "sliding window", "causal", "bottom_right alignment",
+                          "softcap", "alibi", "dropout", "varlen", "return_lse", "gqa"})
+
+
+class CPUBackend(Backend):
+    """The fused C++ kernel (csrc/cpu): tiled online softmax, brgemm on bf16 units."""
+    name = "cpu"
+    devices = ("cpu",)
+    features = ALL_FEATURES
+
+    def unavailable_reason(self):
+        return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
+
+    def extra_reasons(self, inp):
+        if inp.dropout_p >= 1.0:
+            return ["dropout_p == 1 drops every weight (left to torch)"]
+        return []
+
+    def forward(self, inp):
+        return ops.fused_forward(inp)
+
+
+class TorchBackend(Backend):
+    """torch's own F.scaled_dot_product_attention: the fallback for what no fused backend takes."""
+    name = "torch"
+    devices = ("cpu", "cuda")
+    features = frozenset(TORCH_FEATURES)
+
+    def extra_reasons(self, inp):
+        return ["causal together with a float mask"] if inp.is_causal and inp.mask is not None and \
+            inp.mask.dtype != torch.bool else []
+
+    def forward(self, inp):
+        mask = inp.mask
+        if mask is not None and inp.is_causal:  # torch's fused CPU path combines both; its math path refuses
+            L, S = inp.q.shape[-2], inp.k.shape[-2]
+            mask = mask & torch.ones(L, S, dtype=torch.bool, device=inp.device).tril()
+        out = torch.nn.functional.scaled_dot_product_attention(
+            inp.q, inp.k, inp.v, attn_mask=mask, dropout_p=inp.dropout_p,
+            is_causal=inp.is_causal and mask is None, scale=inp.scale,
+            enable_gqa=inp.q.shape[1] != inp.k.shape[1])
+        return out, None
+
+
+class ReferenceBackend(Backend):
+    """Naive math (pyattn.reference): every feature, any device, L x S memory."""
+    name = "reference"
+    devices = ("cpu", "cuda", "meta", "mps", "xpu")
+    features = ALL_FEATURES
+
+    def forward(self, inp):
+        return reference.attention(inp)
+
+
+BACKENDS = {b.name: b for b in (CPUBackend(), TorchBackend(), ReferenceBackend())}
+# auto's order, fastest first, from benchmarks/results/cpu (the fused CPU kernel beats torch's SDPA there)
+AUTO_ORDER = ("cpu", "torch", "reference")
+PUBLIC_NAMES = ("triton", "cuda", "cpu", "reference")
+
+
+def available_backends():
+    return [name for name, b in BACKENDS.items() if b.unavailable_reason() is None]
+
+
+def choose(inp: AttnInputs, requested=None):
+    if requested in (None, "auto"):
+        for name in AUTO_ORDER:
+            if not BACKENDS[name].not_supported_reasons(inp):
+                return BACKENDS[name]
+        raise RuntimeError("no backend can run these inputs:\n" + explain_inputs(inp))
+    if not isinstance(requested, str) or requested not in BACKENDS:
+        if requested in PUBLIC_NAMES:
+            raise RuntimeError(f"backend {requested!r} is not part of this build of pyattn; "
+                               f"available: {available_backends()}")
+        raise ValueError(f"backend must be None, 'auto' or one of {sorted(set(PUBLIC_NAMES) | set(BACKENDS))}, "
+                         f"got {requested!r}")
+    reasons = BACKENDS[requested].not_supported_reasons(inp)
+    if reasons:
+        raise RuntimeError(f"backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
+    return BACKENDS[requested]
+
+
+def explain_inputs(inp: AttnInputs, requested=None):
+    lines = [f"inputs: q {tuple(inp.q.shape)} k {tuple(inp.k.shape)} v {tuple(inp.v.shape)} {inp.dtype} "
+             f"on {inp.device}; features: {', '.join(inp.uses()) or 'none'}"]
+    try:
+        chosen = choose(inp, requested).name
+    except (RuntimeError, ValueError):
+        chosen = None
+    for name in AUTO_ORDER:
+        reasons = BACKENDS[name].not_supported_reasons(inp)
+        verdict = "chosen" if name == chosen else ("can run" if not reasons else "cannot: " + "; ".join(reasons))
+        lines.append(f"  {name:<10} {verdict}")
+    for name in PUBLIC_NAMES:
+        if name not in BACKENDS:
+            lines.append(f"  {name:<10} cannot: not part of this build")
+    if chosen in ("torch", "reference"):
+        lines.append(f"no fused pyattn backend takes these inputs, so {chosen!r} runs them")
+    return "\n".join(lines)

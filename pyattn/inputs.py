@@ -1,0 +1,283 @@
+"""The input record: user arguments validated and normalized once, so backends never re-parse them.
+
+Every attention call becomes 4-D views q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) (stride 0
+where torch would broadcast: nothing is copied), an optional mask view (B, Hq, L, S), and plain options.
+Causal masking is folded into the window (causal == window_right 0), so kernels have one band rule.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclass
+class AttnInputs:
+    q: torch.Tensor  # (B, Hq, L, E)
+    k: torch.Tensor  # (B, Hkv, S, E)
+    v: torch.Tensor  # (B, Hkv, S, Ev)
+    mask: Optional[torch.Tensor]  # (B, Hq, L, S) bool (True = attend) or float (added), or None
+    alibi_slopes: Optional[torch.Tensor]  # (B, Hq) float32, or None
+    cu_seqlens_q: Optional[torch.Tensor]  # (B + 1,) int32 in varlen mode, where q/k/v hold B == 1 packed rows
+    cu_seqlens_k: Optional[torch.Tensor]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    scale: float
+    window_left: int  # -1 = unbounded
+    window_right: int  # -1 = unbounded; 0 = causal
+    bottom_right: bool
+    softcap: float  # 0 = off
+    dropout_p: float
+    return_lse: bool
+    out_shape: tuple  # the user-facing output shape; lse is out_shape[:-1]
+
+    @property
+    def device(self):
+        return self.q.device
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    @property
+    def varlen(self):
+        return self.cu_seqlens_q is not None
+
+    @property
+    def head_dims(self):
+        return self.q.shape[-1], self.v.shape[-1]
+
+    @property
+    def is_causal(self):
+        return self.window_right == 0 and self.window_left < 0
+
+    def uses(self):
+        """The features this call needs, by name: what backends check against."""
+        feats = []
+        if self.mask is not None:
+            feats.append("bool mask" if self.mask.dtype == torch.bool else "float mask")
+        if self.window_left >= 0 or self.window_right > 0:
+            feats.append("sliding window")
+        if self.window_right == 0:
+            feats.append("causal")
+        if self.bottom_right:
+            feats.append("bottom_right alignment")
+        if self.softcap:
+            feats.append("softcap")
+        if self.alibi_slopes is not None:
+            feats.append("alibi")
+        if self.dropout_p > 0:
+            feats.append("dropout")
+        if self.varlen:
+            feats.append("varlen")
+        if self.return_lse:
+            feats.append("return_lse")
+        if self.q.shape[1] != self.k.shape[1]:
+            feats.append("gqa")
+        return feats
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def _check_tensor(name, t, ndim_min=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim_min is not None and t.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dims (..., L, E), got shape {_shape(t)}")
+
+
+def _check_qkv_types(query, key, value):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype} "
+                            f"(shape {_shape(t)})")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
+                           f"{value.device}")
+
+
+def _scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _window(window_size, is_causal):
+    if window_size is None:
+        left, right = -1, -1
+    else:
+        if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+                and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+            raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+        left, right = window_size
+        if left < -1 or right < -1:
+            raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _options(dropout_p, softcap, causal_alignment, return_lse):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+    if causal_alignment not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return float(dropout_p), float(softcap or 0.0), causal_alignment == "bottom_right"
+
+
+def _alibi(alibi_slopes, batch_shape, device):
+    """(Hq,) or batch_shape-broadcastable slopes -> (B, Hq) float32 view."""
+    if alibi_slopes is None:
+        return None
+    _check_tensor("alibi_slopes", alibi_slopes)
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype} (shape {_shape(alibi_slopes)})")
+    if alibi_slopes.device != device:
+        raise RuntimeError(f"alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+    if alibi_slopes.dim() not in (1, 2) or alibi_slopes.shape[-1] != batch_shape[-1]:
+        raise ValueError(f"alibi_slopes must have shape (H,) or (B, H) with H = {batch_shape[-1]} query heads, "
+                         f"got {_shape(alibi_slopes)}")
+    try:
+        slopes = alibi_slopes.expand(batch_shape)
+    except RuntimeError:
+        raise ValueError(f"alibi_slopes of shape {_shape(alibi_slopes)} does not broadcast to the batch and "
+                         f"heads of query {tuple(batch_shape)}") from None
+    return slopes.reshape(-1, batch_shape[-1])
+
+
+def _mask(attn_mask, out_batch, L, S, query):
+    """attn_mask broadcastable to out_batch + (L, S) -> (B, Hq, L, S) view (stride 0 where broadcast)."""
+    if attn_mask is None:
+        return None
+    _check_tensor("attn_mask", attn_mask)
+    if attn_mask.device != query.device:
+        raise RuntimeError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+        raise TypeError(f"attn_mask must be bool, float32 or the query's dtype {query.dtype}, "
+                        f"got {attn_mask.dtype} (shape {_shape(attn_mask)})")
+    full = tuple(out_batch) + (L, S)
+    if attn_mask.dim() < 2 or attn_mask.dim() > len(full):
+        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., L, S) = {full}")
+    try:
+        if torch.broadcast_shapes(attn_mask.shape, full) != full:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., L, S) = {full} "
+                         f"(query {_shape(query)})") from None
+    return attn_mask.expand(full).reshape(math.prod(full[:-3]), full[-3] if len(full) > 2 else 1, L, S)
+
+
+def _as_bhld(t, batch_shape):
+    """Expand t to batch_shape + t.shape[-2:] and view it as (B, H, rows, cols)."""
+    t = t.expand(*batch_shape, *t.shape[-2:])
+    h = batch_shape[-1] if len(batch_shape) else 1
+    return t.reshape(math.prod(batch_shape[:-1]), h, *t.shape[-2:])
+
+
+def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+                 alibi_slopes, causal_alignment, return_lse):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t, ndim_min=2)
+    _check_qkv_types(query, key, value)
+    L, E = query.shape[-2:]
+    S, Ek = key.shape[-2:]
+    Sv, Ev = value.shape[-2:]
+    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+    if Ek != E:
+        raise ValueError(f"query and key must have the same head dim E (last dim), got {shapes}")
+    if Sv != S:
+        raise ValueError(f"key and value must have the same sequence length S (dim -2), got {shapes}")
+    if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
+        raise TypeError("is_causal and enable_gqa must be bools")
+    if enable_gqa and query.dim() >= 3:
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk != hv:
+            raise ValueError(f"enable_gqa: key and value must have the same number of heads (dim -3), got {shapes}")
+        if hk == 0 or hq % hk:
+            raise ValueError(f"enable_gqa: query heads (dim -3) must be a multiple of key/value heads, got {shapes}")
+        try:
+            outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        except RuntimeError:
+            raise ValueError(f"batch dims of query, key and value do not broadcast: {shapes}") from None
+        q_batch, kv_batch = (*outer, hq), (*outer, hk)
+    else:
+        try:
+            q_batch = kv_batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        except RuntimeError:
+            raise ValueError(f"batch/head dims of query, key and value do not broadcast: {shapes}") from None
+    dropout_p, softcap, bottom_right = _options(dropout_p, softcap, causal_alignment, return_lse)
+    left, right = _window(window_size, is_causal)
+    q_batch = tuple(q_batch)
+    return AttnInputs(
+        q=_as_bhld(query, q_batch), k=_as_bhld(key, tuple(kv_batch)), v=_as_bhld(value, tuple(kv_batch)),
+        mask=_mask(attn_mask, q_batch, L, S, query),
+        alibi_slopes=_alibi(alibi_slopes, q_batch if q_batch else (1,), query.device),
+        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=L, max_seqlen_k=S,
+        scale=_scale(scale, E), window_left=left, window_right=right, bottom_right=bottom_right,
+        softcap=softcap, dropout_p=dropout_p, return_lse=return_lse, out_shape=(*q_batch, L, Ev))
+
+
+def _check_cu_seqlens(name, cu, total, max_seqlen):
+    _check_tensor(name, cu)
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of size batch + 1, got {cu.dtype} {_shape(cu)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # values are cheap to check only here
+        lengths = cu.diff()
+        if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) > total:
+            raise ValueError(f"{name} must start at 0, never decrease and end at most at {total} rows, "
+                             f"got {cu.tolist()}")
+        if lengths.numel() and int(lengths.max()) > max_seqlen:
+            raise ValueError(f"{name} holds a sequence of length {int(lengths.max())} > its max_seqlen "
+                             f"{max_seqlen}")
+
+
+def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                  window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got shape {_shape(t)}")
+    _check_qkv_types(q, k, v)
+    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"q and k must have the same head dim, got {shapes}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must have the same total length and heads, got {shapes}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads must be a multiple of k/v heads, got {shapes}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same size (batch + 1), got "
+                         f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device:
+            raise RuntimeError(f"{name} is on {cu.device} but q is on {q.device}")
+    if not isinstance(is_causal, bool):
+        raise TypeError("is_causal must be a bool")
+    dropout_p, softcap, bottom_right = _options(dropout_p, softcap, causal_alignment, return_lse)
+    left, right = _window(window_size, is_causal)
+    batch, hq = cu_seqlens_q.numel() - 1, q.shape[1]
+    return AttnInputs(
+        q=q.transpose(0, 1).unsqueeze(0), k=k.transpose(0, 1).unsqueeze(0), v=v.transpose(0, 1).unsqueeze(0),
+        mask=None, alibi_slopes=_alibi(alibi_slopes, (batch, hq), q.device),
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, scale=_scale(scale, q.shape[2]), window_left=left, window_right=right,
+        bottom_right=bottom_right, softcap=softcap, dropout_p=dropout_p, return_lse=return_lse,
+        out_shape=(q.shape[0], hq, v.shape[2]))

@@ -1,0 +1,81 @@
+"""torch.library glue for the compiled ops: loading, fake (meta) impls, autograd, and the call helper.
+
+Schemas live in csrc/ops.cpp; kernels register per device in csrc/cpu and csrc/cuda.
+"""
+import torch
+
+from .inputs import AttnInputs
+
+_LOAD_ERROR = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.pyattn.*)
+except ImportError as e:  # a source checkout that was never built: the reference backend still works
+    _C = None
+    _LOAD_ERROR = str(e)
+
+
+def load_error():
+    return _LOAD_ERROR
+
+
+def has_op(name):
+    return _C is not None and hasattr(torch.ops.pyattn, name)
+
+
+def build_info():
+    return _C.build_info() if _C is not None else {"version": None, "backends": [], "error": _LOAD_ERROR}
+
+
+def _options(inp: AttnInputs, seed, offset):
+    return (inp.max_seqlen_q, inp.max_seqlen_k, inp.scale, inp.window_left, inp.window_right, inp.bottom_right,
+            inp.softcap, inp.dropout_p, seed, offset)
+
+
+def draw_seed(inp: AttnInputs):
+    """(seed, offset) from torch's default generator of the input's device: torch.manual_seed reproduces it."""
+    if inp.dropout_p == 0:
+        return 0, 0
+    seed, offset = torch.randint(0, 2**62, (2,), device=inp.device).tolist()
+    return seed, offset
+
+
+def fused_forward(inp: AttnInputs):
+    """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32, differentiable in q, k, v and a float mask."""
+    seed, offset = draw_seed(inp)
+    return torch.ops.pyattn.fwd(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q,
+                                inp.cu_seqlens_k, *_options(inp, seed, offset))
+
+
+if _C is not None:
+
+    @torch.library.register_fake("pyattn::fwd")
+    def _fwd_fake(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options):
+        B, Hq, L, _ = q.shape
+        return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+
+    @torch.library.register_fake("pyattn::bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, seed, offset,
+                  mask_grad):
+        dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+    @torch.library.register_fake("pyattn::cpu_dropout_mask")
+    def _dropout_mask_fake(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, offset):
+        return torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
+
+    def _fwd_setup_context(ctx, inputs, output):
+        q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options = inputs
+        out, lse = output
+        ctx.options = options
+        ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+
+    def _fwd_backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv, dmask = torch.ops.pyattn.bwd(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q,
+                                                 cu_seqlens_k, *ctx.options, ctx.mask_grad)
+        dmask = dmask.to(mask.dtype) if ctx.mask_grad else None
+        return (dq, dk, dv, dmask) + (None,) * (3 + len(ctx.options))
+
+    torch.library.register_autograd("pyattn::fwd", _fwd_backward, setup_context=_fwd_setup_context)

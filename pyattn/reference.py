@@ -1,0 +1,82 @@
+"""Naive attention in plain PyTorch: materializes the L x S scores.
+
+It is the benchmark baseline and, in float64, the tests' oracle. It implements every feature of the
+contract with ordinary differentiable tensor ops, so autograd gives its backward.
+"""
+import torch
+
+from .inputs import AttnInputs
+
+
+def _band(L, S, inp: AttnInputs, device):
+    """allowed (L, S) bool by the window/causal band, and |i' - j| for ALiBi."""
+    i = torch.arange(L, device=device)[:, None] + (S - L if inp.bottom_right else 0)
+    j = torch.arange(S, device=device)[None, :]
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if inp.window_left >= 0:
+        allowed &= j >= i - inp.window_left
+    if inp.window_right >= 0:
+        allowed &= j <= i + inp.window_right
+    return allowed, (i - j).abs()
+
+
+def _dense(q, k, v, mask, alibi, inp: AttnInputs):
+    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask (B, Hq, L, S), alibi (B, Hq)."""
+    group = q.shape[1] // max(k.shape[1], 1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    L, S = q.shape[-2], k.shape[-2]
+    s = (q @ k.transpose(-2, -1)) * inp.scale
+    if inp.softcap:
+        s = inp.softcap * torch.tanh(s / inp.softcap)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = s.to(acc_dtype)
+    allowed, distance = _band(L, S, inp, q.device)
+    if alibi is not None:
+        s = s - alibi[:, :, None, None].to(acc_dtype) * distance.to(acc_dtype)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            s = s + mask.to(acc_dtype)
+    s = s.masked_fill(~allowed, float("-inf"))
+    # softmax that gives 0 (and finite grads) for rows with no allowed key, as torch does
+    row_max = (s.amax(dim=-1, keepdim=True) if S else s.new_full((*s.shape[:-1], 1), float("-inf"))).detach()
+    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
+    e = torch.exp(s - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / denom.masked_fill(denom == 0, 1.0)
+    lse = (row_max + torch.log(denom)).squeeze(-1).float()
+    if inp.dropout_p > 0:
+        p = torch.nn.functional.dropout(p, inp.dropout_p)
+    return (p.to(q.dtype) @ v), lse
+
+
+def attention(inp: AttnInputs):
+    """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32 natural log."""
+    if not inp.varlen:
+        return _dense(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp)
+    outs, lses = [], []
+    cu_q, cu_k = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        q = inp.q[:, :, cu_q[b]:cu_q[b + 1]]
+        k, v = inp.k[:, :, cu_k[b]:cu_k[b + 1]], inp.v[:, :, cu_k[b]:cu_k[b + 1]]
+        alibi = None if inp.alibi_slopes is None else inp.alibi_slopes[b:b + 1]
+        out, lse = _dense(q, k, v, None, alibi, inp)
+        outs.append(out)
+        lses.append(lse)
+    total_q = inp.q.shape[2]
+    out = torch.cat(outs, dim=2) if outs else inp.q.new_zeros(1, inp.q.shape[1], 0, inp.v.shape[-1])
+    lse = torch.cat(lses, dim=2) if lses else inp.q.new_zeros(1, inp.q.shape[1], 0, dtype=torch.float32)
+    if out.shape[2] < total_q:  # rows past cu_seqlens_q[-1] belong to no sequence
+        pad = total_q - out.shape[2]
+        out = torch.cat([out, out.new_zeros(*out.shape[:2], pad, out.shape[3])], dim=2)
+        lse = torch.cat([lse, lse.new_full((*lse.shape[:2], pad), float("-inf"))], dim=2)
+    return out, lse
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, **extras):
+    """pyattn.scaled_dot_product_attention computed naively: the benchmark baseline."""
+    from .functional import scaled_dot_product_attention as sdpa
+
+    return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend="reference", **extras)
