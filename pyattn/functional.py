@@ -5,10 +5,14 @@ from . import backends
 from .inputs import dense_inputs, varlen_inputs
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # torch.is_autocast_enabled raises for others (e.g. meta)
+
+
 def _autocast(*tensors):
     """Under torch.autocast, attention runs in the autocast dtype, as torch's SDPA does."""
     first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, torch.Tensor) or first.device.type not in AUTOCAST_DEVICES \
+            or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

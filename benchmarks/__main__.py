@@ -1,0 +1,109 @@
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets] [--out DIR] ...
+
+Sweeps sequence length for naive attention, torch SDPA (and FlexAttention on CUDA) and every pyattn
+backend; writes JSON records and a markdown table under benchmarks/results/<device>/ and prints a summary.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+import pyattn
+
+from . import measure
+from .impls import implementations
+from .memory import measure_in_child
+from .plots import plot_memory, plot_speed
+from .report import markdown_table, summary
+from .sweep import DTYPES, decode_points, default_points, order_interleaved, run_point, target_points
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer lengths and passes")
+    ap.add_argument("--preset", choices=["default", "targets"], default="default")
+    ap.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
+    ap.add_argument("--impl", nargs="+", help="only these implementations")
+    ap.add_argument("--seqlens", nargs="+", type=int)
+    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES))
+    ap.add_argument("--pass", dest="passes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"])
+    ap.add_argument("--decode", action="store_true", help="add decode points (L=1, long S, GQA)")
+    ap.add_argument("--decode-seqlens", nargs="+", type=int)
+    ap.add_argument("--memory", action="store_true", help="measure CPU peak memory per point in a child process")
+    return ap.parse_args()
+
+
+def metadata(device):
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, pyattn=pyattn.__version__, threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine())
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return info
+
+
+def progress(items):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, ncols=100, leave=False)
+    except ImportError:
+        return items
+
+
+def _memory_point(p, points):
+    """Which CPU points get a child-process memory measurement by default: one curve per impl (the first
+    dtype, non-causal forward) and every point of 64k tokens and more; each costs a fresh interpreter."""
+    first = points[0].dtype if points else None
+    return (p.pass_ == "fwd" and not p.causal and p.dtype == first and not p.decode) or p.L >= 65536
+
+
+def main():
+    args = parse_args()
+    impls = implementations(args.device)
+    if args.impl:
+        unknown = set(args.impl) - set(impls)
+        if unknown:
+            raise SystemExit(f"unknown --impl {sorted(unknown)}; available: {sorted(impls)}")
+        impls = {k: impls[k] for k in args.impl}
+    if args.preset == "targets":
+        points = target_points(impls)
+    else:
+        points = default_points(args.device, impls, args.quick, args.seqlens, args.dtype, args.passes)
+    if args.decode:
+        points += decode_points(args.device, impls, args.decode_seqlens, args.dtype)
+    peak = measure.peaks(args.device, DTYPES)
+    records = []
+    bar = progress(order_interleaved(points))
+    for p in bar:
+        if hasattr(bar, "set_description"):
+            bar.set_description(f"{p.impl} {p.dtype} L={p.L} {'causal' if p.causal else ''} {p.pass_}")
+        rec = run_point(p, impls[p.impl][1], args.device, peak)
+        rec["backend"] = impls[p.impl][0]
+        if args.device == "cpu" and rec["status"] == "ok" and (args.memory or _memory_point(p, points)):
+            rec["peak_mem_bytes"] = measure_in_child(p)
+        records.append(rec)
+    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", args.device)
+    os.makedirs(out_dir, exist_ok=True)
+    stem = "targets" if args.preset == "targets" else ("quick" if args.quick else "sweep")
+    meta = metadata(args.device)
+    meta["peaks"] = peak
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    table = markdown_table(records)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(f"# {stem} on {args.device} ({meta['machine']}, {meta['threads']} threads, torch {meta['torch']})\n\n")
+        f.write(table + "\n")
+    title = f"{stem} on {args.device} ({meta.get('gpu', meta['machine'])}, torch {meta['torch']})"
+    plot_speed(records, os.path.join(out_dir, f"{stem}.png"), title)
+    plot_memory(records, os.path.join(out_dir, f"{stem}-memory.png"), title)
+    print(summary(records))
+    print(f"\nwrote {out_dir}/{stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Timing, FLOP and memory models for one benchmark point."""
+import os
+import statistics
+import time
+
+import torch
+
+BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
+
+
+def attention_flops(B, H, L, S, D, causal, pass_):
+    """fwd 4*B*H*L*S*D (two matmuls), halved for causal; bwd 2.5x fwd; fwd+bwd 3.5x."""
+    fwd = 4 * B * H * L * S * D / (2 if causal else 1)
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_]
+
+
+def predicted_bytes(impl, B, H, L, S, D, dtype, pass_):
+    """Memory the point needs beyond nothing: inputs, outputs, grads, and for naive the L x S scores."""
+    elt = BYTES[dtype]
+    io = (2 * B * H * L * D + 2 * B * H * S * D) * elt * (2 if pass_ != "fwd" else 1)
+    if impl == "naive" or impl.startswith("torch-sdpa-math"):
+        # scores, softmax and its float32 copy (and their grads in backward) are all L x S
+        return io + B * H * L * S * (elt + 4 + elt) * (3 if pass_ != "fwd" else 1)
+    return io + B * H * L * 4 * 4
+
+
+def available_bytes(device):
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info["MemAvailable"]
+
+
+def cpu_matmul_gflops(dtype, n=2048, reps=3):
+    """Measured matmul peak on this machine, for the fraction-of-peak column."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def gpu_matmul_gflops(dtype, n=8192):
+    import triton.testing
+
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda") for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    return 2 * n**3 / ms / 1e6
+
+
+def copy_gbps(device, nbytes=1 << 30):
+    """Measured device copy bandwidth (read + write), the roofline for decode points."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / ms / 1e6
+
+
+def peaks(device, dtypes):
+    """{dtype name: matmul GFLOP/s, "copy_gbps": GB/s}, measured in this run."""
+    matmul = cpu_matmul_gflops if device == "cpu" else gpu_matmul_gflops
+    out = {name: matmul(dt) for name, dt in dtypes.items() if not (device == "cpu" and dt == torch.float16)}
+    if device == "cpu":  # torch's CPU fp16 matmul is a slow fallback; fp16 attention runs on the fp32 units
+        out["fp16"] = out["fp32"]
+    out["copy_gbps"] = copy_gbps(device, 1 << 28 if device == "cpu" else 1 << 30)
+    return out
+
+
+def make_step(fn, q, k, v, causal, pass_):
+    """A closure that runs one pass; backward re-runs forward once and times only what pass_ names."""
+    if pass_ == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v, causal)
+        return step
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    if pass_ == "fwd+bwd":
+        def step():
+            out = fn(qg, kg, vg, causal)
+            out.backward(torch.ones_like(out))
+        return step
+    out = fn(qg, kg, vg, causal)
+    grad = torch.ones_like(out)
+
+    def step():
+        torch.autograd.grad(out, (qg, kg, vg), grad, retain_graph=True)
+    return step
+
+
+def time_ms(step, device, min_time=0.25, max_reps=20):
+    """Median milliseconds of step after a warm-up; CUDA events on GPU, perf_counter on CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Start a new peak-RSS window (VmHWM). Not ru_maxrss: that one survives fork+exec from a big parent."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def cpu_peak_rss_bytes():
+    return _status_kib("VmHWM")
+
+
+def current_rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,315 @@
+// Backward kernel. One task per (sequence, kv head, chunk of key blocks): it owns dK and dV of its keys
+// (summed over the q heads of the GQA group in a fixed order, no atomics) and loops over the q blocks
+// that can see each key block. Tiles are transposed (rows = keys, columns = queries), so
+// P^T and dS^T come out directly as the A operands of dV += P^T dO and dK += dS^T Q, and dS^T as the
+// B operand of dQ^T += K^T dS^T. dQ^T is accumulated per chunk in fp32 and the chunks are summed in a
+// fixed order at the end (fp64 accumulates in fp64): the result is bitwise the same for any thread count.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cpu/kernel.h"
+#include "cpu/operands.h"
+#include "cpu/parallel.h"
+#include "cpu/philox.h"
+#include "cpu/tile_math.h"
+#include "cpu/vec_math.h"
+
+namespace pyattn::cpu {
+namespace {
+
+// Tile sizes: keys per block (rows of a tile), queries per step. 128 x 128 measured best on the 2-core
+// EPYC (B=1 H=8 N=4096 D=64, fp32 and bf16; 64 or 256 on either side was slower).
+constexpr int64_t kBlockK = 128;
+constexpr int64_t kBlockQ = 128;
+// Row stride of the (kBlockK, kBlockQ) tiles: padded so that walking a column (the mask pass) does
+// not map every row to the same few L1 sets.
+constexpr int64_t kLd = kBlockQ + 16;
+// Keys of a (sequence, kv head) are split into chunks until there are this many tasks, within the byte
+// budget for dQ partial sums. Both depend on shapes only, never on the thread count (determinism).
+constexpr int64_t kMinTasks = 16;
+constexpr int64_t kPartialBudget = int64_t(128) << 20;
+
+template <typename T, typename acc>
+struct BwdScratch {
+  static constexpr bool kSame = std::is_same_v<T, acc>;
+  std::unique_ptr<T[]> k, v, kt;  // A operands: K (kBlockK, E), V (kBlockK, Ev), K^T (E, kBlockK)
+  std::unique_ptr<acc[]> dk, dv;  // (kBlockK, E), (kBlockK, Ev) accumulators
+  std::unique_ptr<acc[]> s, dp, dcap;  // (kBlockK, kLd): S^T then P^T, dP^T then dS^T, softcap slope
+  std::unique_ptr<T[]> p, ds;  // (kBlockK, kLd) A operands P^T (dropped), dS^T
+  std::unique_ptr<T[]> ds_b;  // (kpad(kBlockK), kBlockQ) dS^T as a VNNI B operand
+  std::unique_ptr<uint8_t[]> keep;  // (kBlockQ, kBlockK)
+  BwdScratch(int64_t E, int64_t Ev)
+      : k(new T[kBlockK * kpad<T>(E)]), v(new T[kBlockK * kpad<T>(Ev)]), kt(new T[E * kpad<T>(kBlockK)]),
+        dk(new acc[kBlockK * E]), dv(new acc[kBlockK * Ev]), s(new acc[kBlockK * kLd]),
+        dp(new acc[kBlockK * kLd]), dcap(new acc[kBlockK * kLd]),
+        p(new T[kBlockK * kLd]), ds(kSame ? nullptr : new T[kBlockK * kLd]),
+        ds_b(kSame ? nullptr : new T[kpad<T>(kBlockK) * kBlockQ]), keep(new uint8_t[kBlockQ * kBlockK]) {}
+  ~BwdScratch() { matmul_release<T>(); }
+};
+
+// Queries that chunk c of n_chunks of a sequence's key blocks may touch; the start is even because
+// q blocks start at even rows (VNNI pairs rows of the B operands dO and Q).
+std::pair<int64_t, int64_t> chunk_queries(const Band& band, int64_t c, int64_t n_chunks) {
+  const int64_t nkb = (band.S + kBlockK - 1) / kBlockK;
+  const int64_t kb0 = c * nkb / n_chunks, kb1 = (c + 1) * nkb / n_chunks;
+  if (kb0 >= kb1) return {0, 0};
+  auto [lo, hi] = band.queries(kb0 * kBlockK, std::min(kb1 * kBlockK, band.S));
+  return {lo & ~int64_t(1), hi};
+}
+
+// lse is stored in float32, which would cap float64 gradients near 1e-7 relative error. For float64,
+// lse2 (log2 units, rows of one (sequence, q head)) is refined to full precision:
+// lse2 += log2(sum_j 2^(s_ij - lse2)). qt: Q^T (E, L) as a B operand.
+template <typename scalar_t>
+void refine_lse(const AttnParams& p, const Seq& seq, int64_t b, int64_t h, const double* qt, double* lse2) {
+  const Scores<scalar_t, double> sc(p, seq, b, h);
+  const Strides4 ks = p.k_strides;
+  const int64_t E = p.head_dim, L = seq.L;
+  const scalar_t* k = static_cast<const scalar_t*>(p.k) + seq.tb * ks.batch + h / (p.heads_q / p.heads_kv) * ks.head;
+  std::vector<double> ka(kBlockK * E), st(kBlockK * kBlockQ), sum(L, 0.0);
+  for (int64_t j0 = 0; j0 < seq.S; j0 += kBlockK) {
+    const int64_t nj = std::min(kBlockK, seq.S - j0);
+    pack_a(k + (seq.k0 + j0) * ks.row, ks.row, ks.col, nj, E, ka.data());
+    for (int64_t i0 = 0; i0 < L; i0 += kBlockQ) {
+      const int64_t mi = std::min(kBlockQ, L - i0);
+      matmul(nj, mi, E, ka.data(), E, qt + i0, L, st.data(), kBlockQ, false);
+      const double cf = sc.template apply<true>(st.data(), kBlockQ, i0, mi, j0, nj, nullptr);
+      for (int64_t r = 0; r < nj; ++r)
+        for (int64_t c = 0; c < mi; ++c) sum[i0 + c] += std::exp2(st[r * kBlockQ + c] * cf - lse2[i0 + c]);
+    }
+  }
+  for (int64_t i = 0; i < L; ++i)
+    if (sum[i] > 0) lse2[i] += std::log2(sum[i]);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void run_bwd(const AttnBwdParams& p) {
+  using T = typename Compute<scalar_t>::T;
+  using acc = typename Compute<scalar_t>::acc;
+  constexpr bool kSame = std::is_same_v<T, acc>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, group = Hq / Hkv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E), Evp = kpad<T>(Ev);
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* out = static_cast<const scalar_t*>(p.out);
+  const auto* dout = static_cast<const scalar_t*>(p.dout);
+  const Strides4 qs = p.q_strides, ks = p.k_strides, vs = p.v_strides, os = p.out_strides;
+  const Strides4 dos = p.dout_strides, ls = p.lse_strides, dls = p.dlse_strides;
+
+  // Per (sequence, q head): Q^T (E, L), dO^T (Ev, L), dO (L, Ev), Q (L, E) as B operands; lse in log2
+  // units and delta = rowsum(dO * O) - dlse.
+  std::vector<Seq> seqs(B);
+  std::vector<int64_t> qh_off(B * Hq + 1, 0), row_off(B * Hq + 1, 0);
+  int64_t max_nkb = 0, total_rows = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const Seq s = seqs[b] = get_seq(p, b);
+    max_nkb = std::max(max_nkb, (s.S + kBlockK - 1) / kBlockK);
+    total_rows += s.L;
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t i = b * Hq + h;
+      qh_off[i + 1] = qh_off[i] + (Ep + Evp) * s.L + kpad<T>(s.L) * (E + Ev);
+      row_off[i + 1] = row_off[i] + s.L;
+    }
+  }
+  at::Tensor qh_buf = at::empty({int64_t(qh_off.back() * sizeof(T))}, at::kByte);
+  at::Tensor row_buf = at::empty({int64_t(2 * row_off.back() * sizeof(acc))}, at::kByte);
+  T* qh = reinterpret_cast<T*>(qh_buf.data_ptr());
+  acc* lse2 = reinterpret_cast<acc*>(row_buf.data_ptr());
+  acc* delta = lse2 + row_off.back();
+  parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) {
+    const Seq& s = seqs[t / Hq];
+    const int64_t h = t % Hq, L = s.L;
+    const scalar_t* qp = q + s.tb * qs.batch + h * qs.head + s.q0 * qs.row;
+    const scalar_t* dop = dout + s.tb * dos.batch + h * dos.head + s.q0 * dos.row;
+    T* qt = qh + qh_off[t];
+    T* dot = qt + Ep * L;
+    T* dob = dot + Evp * L;
+    T* qb = dob + kpad<T>(L) * Ev;
+    pack_b(qp, qs.col, qs.row, E, L, qt);
+    pack_b(dop, dos.col, dos.row, Ev, L, dot);
+    pack_b(dop, dos.row, dos.col, L, Ev, dob);
+    pack_b(qp, qs.row, qs.col, L, E, qb);
+    const scalar_t* op = out + s.tb * os.batch + h * os.head + s.q0 * os.row;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t row = s.q0 + i;
+      const float lse = p.lse[s.tb * ls.batch + h * ls.head + row * ls.row];
+      // empty rows: +inf makes every p = 2^(s - inf) = 0
+      lse2[row_off[t] + i] = lse == neg_inf<float>() ? -neg_inf<acc>() : acc(lse) * acc(kLog2e);
+      acc d = 0;
+      for (int64_t c = 0; c < Ev; ++c)
+        d += acc(dop[i * dos.row + c * dos.col]) * acc(op[i * os.row + c * os.col]);
+      if (p.dlse != nullptr) d -= acc(p.dlse[s.tb * dls.batch + h * dls.head + row * dls.row]);
+      delta[row_off[t] + i] = d;
+    }
+    if constexpr (std::is_same_v<acc, double>) refine_lse<scalar_t>(p, s, t / Hq, h, qt, lse2 + row_off[t]);
+  });
+
+  const int64_t n_chunks = std::max<int64_t>(
+      1, std::min({(kMinTasks + B * Hkv - 1) / (B * Hkv), max_nkb,
+                   kPartialBudget / std::max<int64_t>(1, Hq * E * total_rows * int64_t(sizeof(acc)))}));
+  // dQ^T partial sums: chunk c, (sequence, q head) t at c * part_stride + row_off[t] * E, (E, L) row-major.
+  const int64_t part_stride = row_off.back() * E;
+  at::Tensor part_buf = at::empty({int64_t(n_chunks * part_stride * sizeof(acc))}, at::kByte);
+  acc* part = reinterpret_cast<acc*>(part_buf.data_ptr());
+
+  const acc scale = acc(p.scale_f64);
+  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p_f64)) : acc(1);
+  static_assert(kBlockQ % 2 == 0 && kBlockK % 2 == 0 && kLd % 2 == 0, "VNNI pairs need even blocks");
+  auto* dk_out = static_cast<scalar_t*>(p.dk);
+  auto* dv_out = static_cast<scalar_t*>(p.dv);
+  const Strides4 dks = p.dk_strides, dvs = p.dv_strides;
+
+  // Tasks ordered chunk-major: with causal masks the first key chunks see the most queries.
+  parallel_tasks(n_chunks * B * Hkv, [&] { return BwdScratch<T, acc>(E, Ev); },
+                 [&](int64_t task, BwdScratch<T, acc>& w) {
+    const int64_t c = task / (B * Hkv), b = task / Hkv % B, hk = task % Hkv;
+    const Seq& seq = seqs[b];
+    const Band band = make_band(p, seq);
+    const int64_t nkb = (seq.S + kBlockK - 1) / kBlockK;
+    const int64_t kb0 = c * nkb / n_chunks, kb1 = (c + 1) * nkb / n_chunks;
+    const int64_t L = seq.L;
+    {
+      const auto [qlo, qhi] = chunk_queries(band, c, n_chunks);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        for (int64_t e = 0; e < E; ++e) {
+          acc* dst = part + c * part_stride + row_off[b * Hq + h] * E + e * L;
+          std::fill(dst + qlo, dst + std::max(qlo, qhi), acc(0));
+        }
+    }
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const int64_t j0 = kb * kBlockK, nj = std::min(kBlockK, seq.S - j0), ldkt = kpad<T>(nj);
+      const scalar_t* kp = k + seq.tb * ks.batch + hk * ks.head + (seq.k0 + j0) * ks.row;
+      const scalar_t* vp = v + seq.tb * vs.batch + hk * vs.head + (seq.k0 + j0) * vs.row;
+      pack_a(kp, ks.row, ks.col, nj, E, w.k.get());
+      pack_a(vp, vs.row, vs.col, nj, Ev, w.v.get());
+      pack_a(kp, ks.col, ks.row, E, nj, w.kt.get());
+      std::fill(w.dk.get(), w.dk.get() + nj * E, acc(0));
+      std::fill(w.dv.get(), w.dv.get() + nj * Ev, acc(0));
+      auto [qlo, qhi] = band.queries(j0, j0 + nj);
+      qlo &= ~int64_t(1);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t t = b * Hq + h;
+        const Scores<scalar_t, acc> sc(p, seq, b, h);
+        const T* qt = qh + qh_off[t];
+        const T* dot = qt + Ep * L;
+        const T* dob = dot + Evp * L;
+        const T* qb = dob + kpad<T>(L) * Ev;
+        const acc* lse2_h = lse2 + row_off[t];
+        const acc* delta_h = delta + row_off[t];
+        acc* dqt = part + c * part_stride + row_off[t] * E;
+        for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) {
+          const int64_t mi = std::min(kBlockQ, qhi - i0);
+          acc* s = w.s.get();
+          acc* dp = w.dp.get();
+          acc* dcap = p.softcap > 0 ? w.dcap.get() : nullptr;
+          matmul(nj, mi, E, w.k.get(), Ep, qt + b_col<T>(i0), L, s, kLd, false);
+          const acc cf = sc.template apply<true>(s, kLd, i0, mi, j0, nj, dcap);
+          matmul(nj, mi, Ev, w.v.get(), Evp, dot + b_col<T>(i0), L, dp, kLd, false);
+          if (p.dropout_p > 0)
+            for (int64_t cq = 0; cq < mi; ++cq)
+              dropout_keep_row(p.seed, p.offset, t, i0 + cq, j0, nj, p.dropout_p, w.keep.get() + cq * kBlockK);
+          for (int64_t r = 0; r < nj; ++r) {
+            acc* x = s + r * kLd;
+            acc* d = dp + r * kLd;
+            for (int64_t cq = 0; cq < mi; ++cq) x[cq] = x[cq] * cf - lse2_h[i0 + cq];
+            exp2_inplace(x, mi);  // P^T
+            T* pr = w.p.get() + r * kLd;
+            if (p.dropout_p > 0) {
+              for (int64_t cq = 0; cq < mi; ++cq) {
+                const acc z = w.keep[cq * kBlockK + r] ? inv_keep : acc(0);
+                pr[cq] = static_cast<T>(x[cq] * z);
+                d[cq] *= z;
+              }
+            } else if constexpr (!kSame) {
+              convert_row(x, pr, mi);
+            }
+            for (int64_t cq = 0; cq < mi; ++cq) d[cq] = x[cq] * (d[cq] - delta_h[i0 + cq]);  // dS^T
+            if (p.dmask != nullptr) {
+              float* dm = p.dmask + ((b * Hq + h) * p.seqlen_q + i0) * p.seqlen_k + j0 + r;
+              for (int64_t cq = 0; cq < mi; ++cq) dm[cq * p.seqlen_k] = float(d[cq]);
+            }
+            // d(q.k) = dS * scale * softcap slope; the scale is folded here for both dQ and dK
+            if (dcap != nullptr) {
+              const acc* g = dcap + r * kLd;
+              for (int64_t cq = 0; cq < mi; ++cq) d[cq] *= scale * g[cq];
+            } else {
+              for (int64_t cq = 0; cq < mi; ++cq) d[cq] *= scale;
+            }
+            if constexpr (!kSame) {
+              T* dr = w.ds.get() + r * kLd;
+              convert_row(d, dr, mi);
+              T* db = w.ds_b.get() + (r / 2) * 2 * kBlockQ + (r % 2);
+              for (int64_t cq = 0; cq < mi; ++cq) db[2 * cq] = dr[cq];
+              if (kpad<T>(mi) > mi) {
+                pr[mi] = T(0);
+                dr[mi] = T(0);
+              }
+            }
+          }
+          if constexpr (!kSame) {
+            if (nj % 2) {  // zero the pad row of the last VNNI pair
+              T* db = w.ds_b.get() + (nj / 2) * 2 * kBlockQ + 1;
+              for (int64_t cq = 0; cq < mi; ++cq) db[2 * cq] = T(0);
+            }
+          }
+          const T* pa = w.p.get();
+          const T* dsa = nullptr;
+          const T* dsb = nullptr;
+          if constexpr (kSame) {
+            if (p.dropout_p == 0) pa = s;
+            dsa = dsb = dp;
+          } else {
+            dsa = w.ds.get();
+            dsb = w.ds_b.get();
+          }
+          matmul(nj, Ev, mi, pa, kLd, dob + i0 * Ev, Ev, w.dv.get(), Ev, true);
+          matmul(nj, E, mi, dsa, kLd, qb + i0 * E, E, w.dk.get(), E, true);
+          matmul(E, mi, nj, w.kt.get(), ldkt, dsb, kSame ? kLd : kBlockQ, dqt + i0, L, true);
+        }
+      }
+      for (int64_t r = 0; r < nj; ++r) {
+        const int64_t row = seq.k0 + j0 + r;
+        scalar_t* dkr = dk_out + seq.tb * dks.batch + hk * dks.head + row * dks.row;
+        scalar_t* dvr = dv_out + seq.tb * dvs.batch + hk * dvs.head + row * dvs.row;
+        for (int64_t e = 0; e < E; ++e) dkr[e * dks.col] = static_cast<scalar_t>(w.dk[r * E + e]);
+        for (int64_t e = 0; e < Ev; ++e) dvr[e * dvs.col] = static_cast<scalar_t>(w.dv[r * Ev + e]);
+      }
+    }
+  });
+
+  // dq = sum over chunks, in chunk order, of the chunks' dQ^T.
+  auto* dq_out = static_cast<scalar_t*>(p.dq);
+  const Strides4 dqs = p.dq_strides;
+  parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) {
+    const int64_t b = t / Hq, h = t % Hq;
+    const Seq& seq = seqs[b];
+    const Band band = make_band(p, seq);
+    const int64_t L = seq.L;
+    std::vector<std::pair<int64_t, int64_t>> ranges(n_chunks);
+    for (int64_t c = 0; c < n_chunks; ++c) ranges[c] = chunk_queries(band, c, n_chunks);
+    for (int64_t i = 0; i < L; ++i) {
+      scalar_t* dst = dq_out + seq.tb * dqs.batch + h * dqs.head + (seq.q0 + i) * dqs.row;
+      for (int64_t e = 0; e < E; ++e) {
+        acc sum = 0;
+        for (int64_t c = 0; c < n_chunks; ++c)
+          if (ranges[c].first <= i && i < ranges[c].second)
+            sum += part[c * part_stride + row_off[t] * E + e * L + i];
+        dst[e * dqs.col] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+}
+
+template void run_bwd<float>(const AttnBwdParams&);
+template void run_bwd<double>(const AttnBwdParams&);
+template void run_bwd<c10::BFloat16>(const AttnBwdParams&);
+template void run_bwd<c10::Half>(const AttnBwdParams&);
+
+}  // namespace pyattn::cpu

@@ -1,0 +1,128 @@
+// Matmul operands in the layouts the micro-kernels want, and the matmul itself.
+//   fp32, fp16 -> fp32 tiles, at::native::cpublas::brgemm (oneDNN; ~240 GFLOP/s/thread here, 2.4x the
+//                 sgemm that torch's MKL picks on this AMD CPU; fp16 brgemm runs at 40-80, so fp16 is
+//                 widened to fp32 when packed).
+//   bf16       -> bf16 tiles, brgemm with B in VNNI layout (~490 GFLOP/s/thread; plain B gets ~95).
+//   fp64       -> fp64 tiles, plain loops (fp64 is for checking, not speed).
+// A operand: M x K row-major, ld = kpad(K). B operand: K x N; plain row-major, or VNNI
+// (Bv[k / 2][n][k % 2], K padded to even with zeros). In both, row k of a B operand starts at k * ld_b
+// elements, so a block of B starting at an even row is B + k0 * ld_b.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace pyattn::cpu {
+
+template <typename scalar_t>
+struct Compute {
+  using T = float;  // element type of packed tiles
+  using acc = float;  // accumulation, softmax and scores
+};
+template <>
+struct Compute<double> {
+  using T = double;
+  using acc = double;
+};
+template <>
+struct Compute<c10::BFloat16> {
+  using T = c10::BFloat16;
+  using acc = float;
+};
+
+template <typename T>
+constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
+
+// The K dimension as stored: VNNI pairs rows, so it rounds up to even.
+template <typename T>
+constexpr int64_t kpad(int64_t k) { return kVnni<T> ? (k + 1) & ~int64_t(1) : k; }
+
+// Offset of column n in a B operand (VNNI stores the pair of a column together).
+template <typename T>
+constexpr int64_t b_col(int64_t n) { return kVnni<T> ? 2 * n : n; }
+
+// dst (M, kpad(K)) row-major = src[m * sm + k * sk], zero padding columns.
+template <typename T, typename S>
+void pack_a(const S* src, int64_t sm, int64_t sk, int64_t M, int64_t K, T* dst) {
+  const int64_t ld = kpad<T>(K);
+  for (int64_t m = 0; m < M; ++m) {
+    const S* s = src + m * sm;
+    T* d = dst + m * ld;
+    if (sk == 1) {
+      for (int64_t k = 0; k < K; ++k) d[k] = static_cast<T>(s[k]);
+    } else {
+      for (int64_t k = 0; k < K; ++k) d[k] = static_cast<T>(s[k * sk]);
+    }
+    for (int64_t k = K; k < ld; ++k) d[k] = T(0);
+  }
+}
+
+// dst = B operand (K, N) with ld_b = N, from src[k * sk + n * sn].
+template <typename T, typename S>
+void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst) {
+  if constexpr (kVnni<T>) {
+    for (int64_t k = 0; k < K; k += 2) {
+      const S* s0 = src + k * sk;
+      const S* s1 = s0 + sk;
+      T* d = dst + k * N;
+      if (k + 1 < K) {
+        for (int64_t n = 0; n < N; ++n) {
+          d[2 * n] = static_cast<T>(s0[n * sn]);
+          d[2 * n + 1] = static_cast<T>(s1[n * sn]);
+        }
+      } else {
+        for (int64_t n = 0; n < N; ++n) {
+          d[2 * n] = static_cast<T>(s0[n * sn]);
+          d[2 * n + 1] = T(0);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      const S* s = src + k * sk;
+      T* d = dst + k * N;
+      if (sn == 1) {
+        for (int64_t n = 0; n < N; ++n) d[n] = static_cast<T>(s[n]);
+      } else {
+        for (int64_t n = 0; n < N; ++n) d[n] = static_cast<T>(s[n * sn]);
+      }
+    }
+  }
+}
+
+// C (M, N; ldc) = (add ? C : 0) + A (M, K; lda) @ B (K, N; ldb). K is the logical size: the padded
+// size is used for VNNI.
+template <typename T, typename acc>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, acc* C,
+            int64_t ldc, bool add) {
+  if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<T, double>) {
+    for (int64_t m = 0; m < M; ++m) {
+      acc* c = C + m * ldc;
+      if (!add) std::memset(c, 0, N * sizeof(acc));
+      for (int64_t k = 0; k < K; ++k) {
+        const acc a = A[m * lda + k];
+        const T* b = B + k * ldb;
+        for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+      }
+    }
+  } else {
+    if (K == 0) {
+      if (!add)
+        for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, N * sizeof(acc));
+      return;
+    }
+    at::native::cpublas::brgemm(M, N, kpad<T>(K), lda, ldb, ldc, add, A, B, C, kVnni<T>);
+  }
+}
+
+template <typename T>
+void matmul_release() {
+  if constexpr (!std::is_same_v<T, double>) at::native::cpublas::brgemm_release(kVnni<T>);
+}
+
+}  // namespace pyattn::cpu

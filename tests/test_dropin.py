@@ -1,0 +1,239 @@
+"""Drop-in equivalence with torch.nn.functional.scaled_dot_product_attention, forward and backward.
+
+Oracle: torch's math in float64. Baseline: torch in the tested dtype. Rule: conftest.assert_close_to_oracle.
+"""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyattn
+from conftest import backend_params, check_fwd_bwd, dtype_id, sample_inputs
+
+LOW = (torch.bfloat16, torch.float16)
+ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def sdpa_of(backend):
+    if backend == "torch":
+        return F.scaled_dot_product_attention
+    return functools.partial(pyattn.scaled_dot_product_attention, backend=backend)
+
+
+def check(backend, fn, tensors, dtype=torch.float32, grad_names=("q", "k", "v"), torch_fn=None, **kw):
+    """fn(sdpa, **tensors) -> output, run with ours, torch in dtype and torch in float64 (torch_fn replaces fn
+    for torch where torch needs the arguments spelled differently)."""
+    torch_fn = torch_fn or fn
+    return check_fwd_bwd(lambda **t: fn(sdpa_of(backend), **t), lambda **t: torch_fn(sdpa_of("torch"), **t),
+                         lambda **t: torch_fn(sdpa_of("torch"), **t), tensors, dtype, grad_names, **kw)
+
+
+def plain(sdpa, q, k, v, attn_mask=None, **kw):
+    return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+
+def qkv(*shapes):
+    return dict(zip(("q", "k", "v"), (torch.randn(s) for s in shapes)))
+
+
+backends = pytest.mark.parametrize("backend,device", backend_params())
+
+
+@backends
+@pytest.mark.parametrize("case,dtype", sample_inputs(dtypes=ALL_DTYPES, which=("torch",)))
+def test_sample_inputs(backend, device, case, dtype):
+    t = case.make(device)
+    check_fwd_bwd(functools.partial(case.call, backend), functools.partial(case.call, "torch"),
+                  functools.partial(case.call, "torch"), t, dtype, case.grad_names)
+
+
+@backends
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 65), (7, 33), (33, 7), (65, 65), (65, 1), (33, 33)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_odd_lengths(backend, device, L, S, causal):
+    check(backend, functools.partial(plain, is_causal=causal), qkv((2, 2, L, 16), (2, 2, S, 16), (2, 2, S, 24)))
+
+
+@backends
+@pytest.mark.parametrize("L,S", [(5, 0), (0, 5), (0, 0)], ids=lambda x: str(x))
+def test_empty_lengths(backend, device, L, S):
+    """torch takes L == 0 or S == 0 (a row with no keys gives 0): so do we."""
+    t = qkv((2, 2, L, 16), (2, 2, S, 16), (2, 2, S, 8))
+    t["attn_mask"] = torch.randn(L, S)
+    check(backend, plain, t, grad_names=("q", "k", "v", "attn_mask"))
+
+
+@backends
+@pytest.mark.parametrize("E,Ev", [(8, 8), (16, 40), (64, 32), (40, 64), (128, 128)], ids=lambda x: str(x))
+def test_head_dims(backend, device, E, Ev):
+    check(backend, plain, qkv((1, 2, 33, E), (1, 2, 17, E), (1, 2, 17, Ev)))
+
+
+@backends
+@pytest.mark.parametrize("shapes", [
+    pytest.param(((33, 16), (17, 16), (17, 8)), id="2d"),
+    pytest.param(((3, 33, 16), (3, 17, 16), (3, 17, 8)), id="3d"),
+    pytest.param(((2, 3, 33, 16), (2, 3, 17, 16), (2, 3, 17, 8)), id="4d"),
+    pytest.param(((2, 2, 3, 9, 16), (2, 2, 3, 17, 16), (2, 2, 3, 17, 16)), id="5d"),
+    pytest.param(((2, 3, 33, 16), (1, 3, 17, 16), (1, 3, 17, 16)), id="bcast-kv-batch"),
+    pytest.param(((2, 3, 33, 16), (2, 1, 17, 16), (2, 1, 17, 16)), id="bcast-kv-heads"),
+    pytest.param(((1, 3, 33, 16), (2, 3, 17, 16), (2, 3, 17, 16)), id="bcast-q-batch"),
+    pytest.param(((2, 2, 3, 9, 16), (1, 2, 1, 17, 16), (2, 1, 3, 17, 8)), id="bcast-5d-mixed"),
+    pytest.param(((3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 16)), id="bcast-rank-3-vs-4"),
+])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ranks_and_broadcast(backend, device, shapes, causal):
+    check(backend, functools.partial(plain, is_causal=causal), qkv(*shapes))
+
+
+def _transposed(sdpa, q, k, v, **kw):  # (B, L, H, E) storage, viewed as (B, H, L, E)
+    return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
+
+
+def _strided(sdpa, q, k, v, **kw):  # last-dim stride 2
+    return sdpa(q[..., ::2], k[..., ::2], v[..., 1::2], **kw)
+
+
+def _expanded(sdpa, q, k, v, **kw):  # k, v (1, 1, S, E) expanded to (B, H, S, E): stride 0
+    return sdpa(q, k.expand(q.shape[0], q.shape[1], -1, -1), v.expand(q.shape[0], q.shape[1], -1, -1), **kw)
+
+
+def _sliced(sdpa, q, k, v, **kw):  # a window of a longer buffer (kv cache style), and every other head
+    return sdpa(q[:, ::2], k[:, ::2, 3:20], v[:, ::2, 3:20], **kw)
+
+
+@backends
+@pytest.mark.parametrize("fn,shapes", [
+    pytest.param(_transposed, ((2, 33, 3, 16), (2, 17, 3, 16), (2, 17, 3, 16)), id="transpose12"),
+    pytest.param(_strided, ((2, 3, 33, 32), (2, 3, 17, 32), (2, 3, 17, 16)), id="lastdim-stride2"),
+    pytest.param(_expanded, ((2, 3, 33, 16), (1, 1, 17, 16), (1, 1, 17, 16)), id="expand"),
+    pytest.param(_sliced, ((2, 4, 33, 16), (2, 4, 40, 16), (2, 4, 40, 16)), id="slice-heads-and-cache"),
+])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_noncontiguous(backend, device, fn, shapes, causal):
+    check(backend, functools.partial(fn, is_causal=causal), qkv(*shapes))
+
+
+MASK_SHAPES = [(33, 17), (1, 1, 33, 17), (2, 1, 33, 17), (3, 33, 17), (2, 3, 33, 17), (2, 3, 1, 17)]
+
+
+@backends
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "mask" + "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["bool", "float", "float-grad"])
+def test_masks(backend, device, shape, kind):
+    t = qkv((2, 3, 33, 16), (2, 3, 17, 16), (2, 3, 17, 16))
+    t["attn_mask"] = torch.rand(shape) > 0.3 if kind == "bool" else torch.randn(shape)
+    grads = ("q", "k", "v", "attn_mask") if kind == "float-grad" else ("q", "k", "v")
+    check(backend, plain, t, grad_names=grads)
+
+
+@backends
+@pytest.mark.parametrize("kind", ["bool", "float", "float-grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_fully_masked_rows(backend, device, kind, dtype):
+    """Rows with no allowed key give 0 and zero grads, never NaN (torch does the same)."""
+    t = qkv((2, 2, 9, 16), (2, 2, 17, 16), (2, 2, 17, 16))
+    allowed = torch.rand(2, 1, 9, 17) > 0.3
+    allowed[:, :, 3] = False
+    allowed[1, :, 0] = False
+    t["attn_mask"] = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    grads = ("q", "k", "v", "attn_mask") if kind == "float-grad" else ("q", "k", "v")
+    (out,), g = check(backend, plain, t, dtype, grad_names=grads)
+    assert torch.all(out[:, :, 3] == 0) and torch.all(out[1, :, 0] == 0)
+    assert torch.all(g[0][:, :, 3] == 0), "grad of q for a fully masked row must be 0"
+    for name, gi in zip(grads, g):
+        assert not gi.isnan().any(), f"NaN in grad of {name}"
+
+
+@backends
+@pytest.mark.parametrize("L,S", [(33, 33), (17, 33), (33, 17)], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_causal_with_bool_mask(backend, device, L, S, dtype):
+    """torch's CPU path combines is_causal with a bool mask (both must allow); we match it."""
+    t = qkv((2, 2, L, 16), (2, 2, S, 16), (2, 2, S, 16))
+    t["attn_mask"] = torch.rand(2, 1, L, S) > 0.3
+    check(backend, functools.partial(plain, is_causal=True), t, dtype)
+
+
+@backends
+@pytest.mark.parametrize("L,S", [(33, 33), (17, 33), (33, 17)], ids=lambda x: str(x))
+def test_causal_with_float_mask(backend, device, L, S):
+    """causal + float mask = the mask plus -inf above the diagonal. Forward against torch as is; with a mask that
+    requires grad torch refuses the pair, so compare against torch on the combined mask."""
+    t = qkv((2, 2, L, 16), (2, 2, S, 16), (2, 2, S, 16))
+    t["attn_mask"] = torch.randn(1, 2, L, S)
+    check(backend, functools.partial(plain, is_causal=True), t, grad_names=())
+
+    def combined(sdpa, q, k, v, attn_mask):
+        tril = torch.ones(L, S, dtype=torch.bool).tril()
+        return sdpa(q, k, v, attn_mask=attn_mask.masked_fill(~tril, float("-inf")))
+
+    check(backend, functools.partial(plain, is_causal=True), t, grad_names=("q", "k", "v", "attn_mask"),
+          torch_fn=combined)
+
+
+@backends
+@pytest.mark.parametrize("scale", [0.05, 0.3, 1.0, 2.5])
+def test_explicit_scale(backend, device, scale):
+    check(backend, functools.partial(plain, scale=scale, is_causal=scale == 1.0),
+          qkv((2, 2, 33, 16), (2, 2, 33, 16), (2, 2, 33, 16)))
+
+
+@backends
+@pytest.mark.parametrize("shapes", [
+    pytest.param(((2, 8, 33, 16), (2, 2, 17, 16), (2, 2, 17, 16)), id="gqa-8-2"),
+    pytest.param(((2, 4, 33, 16), (2, 1, 33, 16), (2, 1, 33, 24)), id="mqa-4-1"),
+    pytest.param(((6, 17, 16), (3, 33, 16), (3, 33, 16)), id="gqa-3d-6-3"),
+    pytest.param(((2, 6, 17, 16), (1, 2, 33, 16), (1, 2, 33, 16)), id="gqa-bcast-batch"),
+    pytest.param(((2, 2, 4, 9, 16), (2, 2, 2, 17, 16), (2, 2, 2, 17, 16)), id="gqa-5d"),
+])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa(backend, device, shapes, causal):
+    check(backend, functools.partial(plain, enable_gqa=True, is_causal=causal), qkv(*shapes))
+
+
+@backends
+def test_gqa_with_mask(backend, device):
+    t = qkv((2, 6, 17, 16), (2, 2, 33, 16), (2, 2, 33, 16))
+    t["attn_mask"] = torch.randn(2, 6, 17, 33)
+    check(backend, functools.partial(plain, enable_gqa=True), t, grad_names=("q", "k", "v", "attn_mask"))
+
+
+@backends
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("setup", ["plain-L65-S33", "causal-L33-S65", "boolmask", "floatmask-grad", "gqa",
+                                   "E64-L70"])
+def test_dtypes(backend, device, dtype, setup):
+    L, S, E = {"plain-L65-S33": (65, 33, 32), "causal-L33-S65": (33, 65, 32), "E64-L70": (70, 70, 64)}.get(
+        setup, (33, 33, 32))
+    hkv = 2 if setup == "gqa" else 4
+    t = qkv((2, 4, L, E), (2, hkv, S, E), (2, hkv, S, E))
+    grads = ("q", "k", "v")
+    if setup == "boolmask":
+        t["attn_mask"] = torch.rand(L, S) > 0.3
+    if setup == "floatmask-grad":
+        t["attn_mask"] = torch.randn(2, 1, L, S)
+        grads += ("attn_mask",)
+    check(backend, functools.partial(plain, is_causal=setup.startswith("causal"), enable_gqa=setup == "gqa"), t,
+          dtype, grad_names=grads)
+
+
+@backends
+def test_one_bigger_case(backend, device):
+    """Several key blocks and query blocks in every direction, bf16, causal, GQA."""
+    check(backend, functools.partial(plain, is_causal=True, enable_gqa=True),
+          qkv((1, 4, 300, 64), (1, 2, 333, 64), (1, 2, 333, 64)), torch.bfloat16)
+
+
+@backends
+def test_output_layout(backend, device):
+    """Same shape and dtype as torch, on the input's device; inputs are not modified."""
+    t = qkv((2, 3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 8))
+    before = {n: x.clone() for n, x in t.items()}
+    out = sdpa_of(backend)(t["q"], t["k"], t["v"])
+    ref = F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
+    for n in t:
+        assert torch.equal(t[n], before[n]), f"{n} was modified"
