@@ -18,14 +18,16 @@ from .impls import implementations
 from .memory import measure_in_child
 from .plots import plot_memory, plot_speed
 from .report import markdown_table, summary
-from .sweep import DTYPES, decode_points, default_points, order_interleaved, run_point, target_points
+from .sweep import (DTYPES, decode_points, default_points, memory_wall, order_interleaved, run_point,
+                    skipped_record, target_points)
 
 
 def parse_args():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer lengths and passes")
-    ap.add_argument("--preset", choices=["default", "targets"], default="default")
+    ap.add_argument("--preset", choices=["default", "targets", "decode"], default="default",
+                    help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
@@ -33,6 +35,9 @@ def parse_args():
     ap.add_argument("--pass", dest="passes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"])
     ap.add_argument("--decode", action="store_true", help="add decode points (L=1, long S, GQA)")
     ap.add_argument("--decode-seqlens", nargs="+", type=int)
+    ap.add_argument("--max-call-seconds", type=float,
+                    help="skip a point whose time per call, extrapolated from the previous length, exceeds this "
+                         "(default 4 for the sweep; no limit for the targets and decode presets)")
     ap.add_argument("--memory", action="store_true", help="measure CPU peak memory per point in a child process")
     return ap.parse_args()
 
@@ -64,6 +69,8 @@ def _memory_point(p, points):
 
 def main():
     args = parse_args()
+    if args.max_call_seconds is None:
+        args.max_call_seconds = 4.0 if args.preset == "default" else float("inf")
     impls = implementations(args.device)
     if args.impl:
         unknown = set(args.impl) - set(impls)
@@ -72,24 +79,36 @@ def main():
         impls = {k: impls[k] for k in args.impl}
     if args.preset == "targets":
         points = target_points(impls)
+    elif args.preset == "decode":
+        points = []
     else:
         points = default_points(args.device, impls, args.quick, args.seqlens, args.dtype, args.passes)
-    if args.decode:
+    if args.decode or args.preset == "decode":
         points += decode_points(args.device, impls, args.decode_seqlens, args.dtype)
     peak = measure.peaks(args.device, DTYPES)
-    records = []
+    records, last_ms, last_len = [], {}, {}
     bar = progress(order_interleaved(points))
     for p in bar:
         if hasattr(bar, "set_description"):
             bar.set_description(f"{p.impl} {p.dtype} L={p.L} {'causal' if p.causal else ''} {p.pass_}")
+        series = (p.impl, p.dtype, p.D, p.causal, p.pass_, p.decode)
+        # work grows with B*H*L*S: extrapolate from the last length this series ran
+        predicted_s = last_ms.get(series, 0) / 1e3 * (p.B * p.H * p.L * p.S) / last_len.get(series, 1)
+        wall = memory_wall(p, args.device, impls[p.impl][0])
+        if wall or predicted_s > args.max_call_seconds:
+            records.append(wall or skipped_record(p, args.device, impls[p.impl][0],
+                                                  f"time budget: predicted {predicted_s:.1f} s per call"))
+            continue
         rec = run_point(p, impls[p.impl][1], args.device, peak)
         rec["backend"] = impls[p.impl][0]
+        if rec["ms"] is not None:
+            last_ms[series], last_len[series] = rec["ms"], p.B * p.H * p.L * p.S
         if args.device == "cpu" and rec["status"] == "ok" and (args.memory or _memory_point(p, points)):
             rec["peak_mem_bytes"] = measure_in_child(p)
         records.append(rec)
     out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", args.device)
     os.makedirs(out_dir, exist_ok=True)
-    stem = "targets" if args.preset == "targets" else ("quick" if args.quick else "sweep")
+    stem = args.preset if args.preset != "default" else ("quick" if args.quick else "sweep")
     meta = metadata(args.device)
     meta["peaks"] = peak
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:

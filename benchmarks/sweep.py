@@ -33,7 +33,7 @@ class Point:
 def default_points(device, impls, quick=False, seqlens=None, dtypes=None, passes=None):
     """L = S doubling from 512; B*H scaled so every point holds the same number of tokens."""
     if device == "cpu":
-        seqlens = seqlens or ([512, 1024, 2048, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+        seqlens = seqlens or [512 * 2**i for i in range(4 if quick else 8)]
         dtypes, dims = dtypes or ["fp32", "bf16"], [64]
         passes, tokens = passes or (["fwd"] if quick else ["fwd", "fwd+bwd"]), 16384
     else:
@@ -92,14 +92,28 @@ def _check_rows(out, q, k, v, causal, rows=32):
 TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 5e-3}
 
 
+def _record(p: Point, device):
+    return dict(impl=p.impl, device=device, dtype=p.dtype, B=p.B, H=p.H, Hkv=p.kv_heads, L=p.L, S=p.S, D=p.D,
+                causal=p.causal, **{"pass": p.pass_}, ms=None, tflops=None, peak_mem_bytes=None, status="ok",
+                note="")
+
+
+def skipped_record(p: Point, device, backend, note):
+    return {**_record(p, device), "status": "skipped", "note": note, "backend": backend}
+
+
+def memory_wall(p: Point, device, backend):
+    """A skipped record with the predicted bytes if the point cannot fit in memory, else None."""
+    need = measure.predicted_bytes(p.impl, p.B, p.H, p.L, p.S, p.D, DTYPES[p.dtype], p.pass_)
+    if need <= 0.8 * measure.available_bytes(device):
+        return None
+    return {**skipped_record(p, device, backend, f"predicted {need / 2**30:.1f} GiB does not fit"),
+            "peak_mem_bytes": need}
+
+
 def run_point(p: Point, fn, device, peak):
     """-> a record dict (DESIGN.md's fields). peak: {dtype name: matmul GFLOP/s, "copy_gbps": GB/s}."""
-    rec = dict(impl=p.impl, device=device, dtype=p.dtype, B=p.B, H=p.H, Hkv=p.kv_heads, L=p.L, S=p.S, D=p.D, causal=p.causal,
-               **{"pass": p.pass_}, ms=None, tflops=None, peak_mem_bytes=None, status="ok", note="")
-    need = measure.predicted_bytes(p.impl, p.B, p.H, p.L, p.S, p.D, DTYPES[p.dtype], p.pass_)
-    if need > 0.8 * measure.available_bytes(device):
-        rec.update(status="skipped", peak_mem_bytes=need, note=f"predicted {need / 2**30:.1f} GiB does not fit")
-        return rec
+    rec = _record(p, device)
     torch.manual_seed(0)
     dtype = DTYPES[p.dtype]
     q = torch.randn(p.B, p.H, p.L, p.D, device=device, dtype=dtype)
