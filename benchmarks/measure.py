@@ -14,13 +14,15 @@ def attention_flops(B, H, L, S, D, causal, pass_):
     return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_]
 
 
-def predicted_bytes(impl, B, H, L, S, D, dtype, pass_):
-    """Memory the point needs beyond nothing: inputs, outputs, grads, and for naive the L x S scores."""
-    elt = BYTES[dtype]
-    io = (2 * B * H * L * D + 2 * B * H * S * D) * elt * (2 if pass_ != "fwd" else 1)
+def predicted_bytes(impl, B, H, L, S, D, dtype, pass_, Hkv=None):
+    """Memory the point needs: inputs, outputs, grads, and for naive the L x S scores and K/V repeated
+    to every query head (GQA)."""
+    elt, Hkv = BYTES[dtype], Hkv or H
+    io = (2 * B * H * L * D + 2 * B * Hkv * S * D) * elt * (2 if pass_ != "fwd" else 1)
     if impl == "naive" or impl.startswith("torch-sdpa-math"):
         # scores, softmax and its float32 copy (and their grads in backward) are all L x S
-        return io + B * H * L * S * (elt + 4 + elt) * (3 if pass_ != "fwd" else 1)
+        repeated_kv = 2 * B * H * S * D * elt if Hkv != H else 0
+        return io + repeated_kv + B * H * L * S * (elt + 4 + elt) * (3 if pass_ != "fwd" else 1)
     return io + B * H * L * 4 * 4
 
 

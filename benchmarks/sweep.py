@@ -55,7 +55,7 @@ def default_points(device, impls, quick=False, seqlens=None, dtypes=None, passes
 
 def decode_points(device, impls, seqlens=None, dtypes=None):
     """One new token against a long KV cache, GQA 32:8 heads, D=128: bandwidth-bound."""
-    seqlens = seqlens or ([4096 * 4**i for i in range(4)] if device == "cpu" else [4096 * 4**i for i in range(6)])
+    seqlens = seqlens or [4096 * 4**i for i in range(5 if device == "cpu" else 6)]  # up to 1M (4M on GPU)
     dtypes = dtypes or ["bf16"]
     return [Point(impl, dtype, 1, 32, 1, S, 128, False, "fwd", Hkv=8)
             for dtype in dtypes for S in seqlens for impl in impls]
@@ -104,7 +104,7 @@ def skipped_record(p: Point, device, backend, note):
 
 def memory_wall(p: Point, device, backend):
     """A skipped record with the predicted bytes if the point cannot fit in memory, else None."""
-    need = measure.predicted_bytes(p.impl, p.B, p.H, p.L, p.S, p.D, DTYPES[p.dtype], p.pass_)
+    need = measure.predicted_bytes(p.impl, p.B, p.H, p.L, p.S, p.D, DTYPES[p.dtype], p.pass_, p.kv_heads)
     if need <= 0.8 * measure.available_bytes(device):
         return None
     return {**skipped_record(p, device, backend, f"predicted {need / 2**30:.1f} GiB does not fit"),

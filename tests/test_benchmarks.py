@@ -1,0 +1,31 @@
+"""The benchmark CLI end to end on a tiny sweep: records, table and plots are written and hold up."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("preset", ["default", "decode"])
+def test_benchmark_cli_writes_records(tmp_path, preset):
+    args = ["--device", "cpu", "--preset", preset, "--impl", "naive", "torch-sdpa", "pyattn-cpu", "--dtype", "fp32",
+            "--out", str(tmp_path)]
+    args += ["--seqlens", "64", "128", "--pass", "fwd", "fwd+bwd"] if preset == "default" else \
+        ["--decode-seqlens", "256"]
+    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stem = "sweep" if preset == "default" else "decode"
+    records = json.loads((tmp_path / f"{stem}.json").read_text())["records"]
+    assert {r["impl"] for r in records} == {"naive", "torch-sdpa", "pyattn-cpu"}
+    fields = {"impl", "backend", "device", "dtype", "B", "H", "L", "S", "D", "causal", "pass", "ms", "tflops",
+              "peak_mem_bytes", "status", "note"}
+    for r in records:
+        assert fields <= set(r), sorted(fields - set(r))
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["tflops"] > 0
+    assert "| pyattn-cpu |" in (tmp_path / f"{stem}.md").read_text()
+    if preset == "default":
+        assert (tmp_path / "sweep.png").stat().st_size > 0
+        assert any(r["peak_mem_bytes"] for r in records)  # measured in a child process
+    else:
+        assert all(r["gbps"] > 0 for r in records)
