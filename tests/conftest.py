@@ -230,7 +230,17 @@ CASES = [
     _dense("combo-window-softcap-alibi-gqa-mask", 2, 4, 2, 33, 65, 32, mask=(33, 65), mask_dtype="float",
            mask_grad=True, alibi=(4,), kwargs={"window_size": (16, 8), "softcap": 10.0, "enable_gqa": True,
                                                "causal_alignment": "bottom_right", "return_lse": True}),
+    # decode-shaped (short q, GQA 8:2): the kernel's split-KV path, S > 1024 merges several key chunks
+    _dense("decode-L1-S1100-gqa-floatmask", 2, 8, 2, 1, 1100, 32, mask=(2, 8, 1, 1100), mask_dtype="float",
+           kwargs={"enable_gqa": True, "return_lse": True}),
+    _dense("decode-L3-S777-gqa-alibi-window-br", 1, 8, 2, 3, 777, 32, alibi=(8,),
+           kwargs={"window_size": (300, 0), "causal_alignment": "bottom_right", "enable_gqa": True,
+                   "return_lse": True}),
+    _dense("decode-L3-S300-gqa-boolmask-causal", 1, 8, 2, 3, 300, 16, mask=(3, 300), mask_dtype="bool",
+           kwargs={"is_causal": True, "enable_gqa": True}),
     # varlen
+    _varlen("decode-varlen-gqa-br-lse", (1, 3, 0), (300, 1100, 5), 8, 2, 16,
+            kwargs={"is_causal": True, "causal_alignment": "bottom_right", "return_lse": True}),
     _varlen("varlen-3seq-incl0", (5, 0, 33), (9, 0, 17), 2, 2, 16),
     _varlen("varlen-causal-br-gqa", (7, 33, 1), (33, 7, 5), 4, 2, 16,
             kwargs={"is_causal": True, "causal_alignment": "bottom_right"}),

@@ -1,6 +1,12 @@
-// Forward kernel: one task per (sequence, q head, q block); online softmax over the key blocks that
-// the block's band can see. K^T and V are packed once per (sequence, kv head) up front, in the layout
-// the matmul wants (see operands.h), and shared by the q heads of a GQA group.
+// Forward kernel: online softmax over the key blocks that a tile of query rows can see. Two task
+// shapes share the tile math (attend_block) and the epilogue (store_rows):
+//   prefill: one task per (sequence, q head, q block). K^T and V are packed once per (sequence, kv
+//            head) up front, in the layout the matmul wants (see operands.h), and shared by the q heads
+//            of a GQA group.
+//   decode (group * L <= kBlockQ): one task per (sequence, kv head, chunk of keys), whose tile stacks
+//            all rows of the group's q heads, so each key is read once per group. K^T and V are packed
+//            per key block into scratch (no copy of the cache); the chunks' partial (o, m, l) are then
+//            merged in key order, which keeps the result independent of the thread count.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -21,6 +27,8 @@ namespace {
 // N=4096 D=64: 128 x 256 was best for causal and within 5% of the best (256 x 512) otherwise.
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 256;
+// Decode: key blocks per task. Fixed (not derived from the thread count) so results are reproducible.
+constexpr int64_t kChunkBlocks = 4;
 
 template <typename T, typename acc>
 struct FwdScratch {
@@ -30,32 +38,115 @@ struct FwdScratch {
   std::unique_ptr<acc[]> o;  // (kBlockQ, Ev) unnormalized output
   std::unique_ptr<acc[]> m, l;  // (kBlockQ,) running max (log2 domain) and sum
   std::unique_ptr<uint8_t[]> keep;  // (kBlockK,) dropout
-  FwdScratch(int64_t E, int64_t Ev)
+  std::unique_ptr<T[]> kt, v;  // decode: one key block of K^T (kpad(E), kBlockK) and V (kpad(kBlockK), Ev)
+  FwdScratch(int64_t E, int64_t Ev, bool decode)
       : q(new T[kBlockQ * kpad<T>(E)]), s(new acc[kBlockQ * kBlockK]),
         p(std::is_same_v<T, acc> ? nullptr : new T[kBlockQ * kpad<T>(kBlockK)]), o(new acc[kBlockQ * Ev]),
-        m(new acc[kBlockQ]), l(new acc[kBlockQ]), keep(new uint8_t[kBlockK]) {}
+        m(new acc[kBlockQ]), l(new acc[kBlockQ]), keep(new uint8_t[kBlockK]),
+        kt(decode ? new T[kpad<T>(E) * kBlockK] : nullptr), v(decode ? new T[kpad<T>(kBlockK) * Ev] : nullptr) {}
   ~FwdScratch() { matmul_release<T>(); }
 };
 
-}  // namespace
+// Rows of a tile: query rows [i0, i0 + n) of each of the q heads [h0, h0 + heads), stacked head by head.
+struct Rows {
+  int64_t h0, heads, i0, n;
+  int64_t size() const { return heads * n; }
+};
+
+template <typename acc>
+void init_rows(int64_t M, int64_t Ev, acc* o, acc* m, acc* l) {
+  std::fill(o, o + M * Ev, acc(0));
+  std::fill(m, m + M, neg_inf<acc>());
+  std::fill(l, l + M, acc(0));
+}
+
+// One key block [j0, j0 + nj) for the tile's rows (q already in w.q): scores, online softmax update of
+// o (M, Ev), m, l (M,), then o += P V. kt: K^T block (column 0 = key j0), ld ldk; vb: V from key j0, ld Ev.
+template <typename scalar_t, typename T, typename acc>
+void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
+                  const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
+  const int64_t ldp = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
+  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p_f64)) : acc(1);
+  matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), kBlockK, false);
+  for (int64_t g = 0; g < rows.heads; ++g) {
+    // per-head score math: ALiBi slope and mask differ per head
+    const int64_t h = rows.h0 + g;
+    const Scores<scalar_t, acc> sc(p, seq, b, h);
+    acc* s = w.s.get() + g * rows.n * kBlockK;
+    const acc cf = sc.template apply<false>(s, kBlockK, rows.i0, rows.n, j0, nj, nullptr);
+    for (int64_t r = g * rows.n; r < (g + 1) * rows.n; ++r) {
+      acc* x = w.s.get() + r * kBlockK;
+      const acc m_new = std::max(m[r], row_max(x, nj) * cf);
+      if (m_new == neg_inf<acc>()) {
+        std::fill(x, x + nj, acc(0));  // nothing allowed so far: p = 0, o and l stay 0
+      } else {
+        const acc alpha = std::exp2(m[r] - m_new);
+        l[r] = l[r] * alpha + exp2_row(x, nj, cf, m_new);
+        m[r] = m_new;
+        if (alpha != 1) scale_row(o + r * Ev, Ev, alpha);
+        if (p.dropout_p > 0) {
+          uint8_t* keep = w.keep.get();
+          dropout_keep_row(p.seed, p.offset, b * p.heads_q + h, rows.i0 + r - g * rows.n, j0, nj, p.dropout_p, keep);
+          for (int64_t c = 0; c < nj; ++c) x[c] = keep[c] ? x[c] * inv_keep : acc(0);
+        }
+      }
+      if constexpr (!std::is_same_v<T, acc>) {
+        T* pr = w.p.get() + r * ldp;
+        convert_row(x, pr, nj);
+        if (kpad<T>(nj) > nj) pr[nj] = T(0);
+      }
+    }
+  }
+  const T* pa = nullptr;
+  if constexpr (std::is_same_v<T, acc>) pa = w.s.get();
+  else pa = w.p.get();
+  matmul(M, Ev, nj, pa, ldp, vb, Ev, o, Ev, true);
+}
+
+// q rows of the tile -> w.q as the A operand.
+template <typename scalar_t, typename T, typename acc>
+void load_q(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T, acc>& w) {
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const Strides4 qs = p.q_strides;
+  const int64_t Ep = kpad<T>(p.head_dim);
+  for (int64_t g = 0; g < rows.heads; ++g)
+    pack_a(q + seq.tb * qs.batch + (rows.h0 + g) * qs.head + (seq.q0 + rows.i0) * qs.row, qs.row, qs.col, rows.n,
+           p.head_dim, w.q.get() + g * rows.n * Ep);
+}
+
+// Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf.
+template <typename scalar_t, typename acc>
+void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, const acc* o, const acc* m, const acc* l) {
+  auto* out = static_cast<scalar_t*>(p.out);
+  const Strides4 os = p.out_strides, ls = p.lse_strides;
+  const int64_t Ev = p.head_dim_v;
+  for (int64_t g = 0; g < rows.heads; ++g) {
+    const int64_t h = rows.h0 + g;
+    for (int64_t i = 0; i < rows.n; ++i) {
+      const int64_t r = g * rows.n + i, row = seq.q0 + rows.i0 + i;
+      scalar_t* dst = out + seq.tb * os.batch + h * os.head + row * os.row;
+      const acc inv = l[r] > 0 ? 1 / l[r] : acc(0);
+      for (int64_t c = 0; c < Ev; ++c) dst[c * os.col] = static_cast<scalar_t>(o[r * Ev + c] * inv);
+      p.lse[seq.tb * ls.batch + h * ls.head + row * ls.row] =
+          l[r] > 0 ? float(m[r] * acc(kLn2) + std::log(l[r])) : neg_inf<float>();
+    }
+  }
+}
 
 template <typename scalar_t>
-void run_fwd(const AttnParams& p) {
+void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   using T = typename Compute<scalar_t>::T;
   using acc = typename Compute<scalar_t>::acc;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, group = Hq / Hkv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E);
-  const auto* q = static_cast<const scalar_t*>(p.q);
   const auto* k = static_cast<const scalar_t*>(p.k);
   const auto* v = static_cast<const scalar_t*>(p.v);
-  auto* out = static_cast<scalar_t*>(p.out);
-  const Strides4 qs = p.q_strides, ks = p.k_strides, vs = p.v_strides, os = p.out_strides, ls = p.lse_strides;
+  const Strides4 ks = p.k_strides, vs = p.v_strides;
 
-  std::vector<Seq> seqs(B);
   std::vector<int64_t> kv_off(B * Hkv + 1, 0);
   int64_t max_blocks = 0;
   for (int64_t b = 0; b < B; ++b) {
-    seqs[b] = get_seq(p, b);
     max_blocks = std::max(max_blocks, (seqs[b].L + kBlockQ - 1) / kBlockQ);
     for (int64_t hk = 0; hk < Hkv; ++hk)
       kv_off[b * Hkv + hk + 1] = kv_off[b * Hkv + hk] + Ep * seqs[b].S + kpad<T>(seqs[b].S) * Ev;
@@ -79,69 +170,108 @@ void run_fwd(const AttnParams& p) {
       if (qb * kBlockQ < seqs[b].L)
         for (int64_t h = 0; h < Hq; ++h) tasks.push_back((qb * B + b) * Hq + h);
 
-  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p_f64)) : acc(1);
-  const int64_t ldp = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
-
-  parallel_tasks(int64_t(tasks.size()), [&] { return FwdScratch<T, acc>(E, Ev); },
+  parallel_tasks(int64_t(tasks.size()), [&] { return FwdScratch<T, acc>(E, Ev, false); },
                  [&](int64_t t, FwdScratch<T, acc>& w) {
     const int64_t h = tasks[t] % Hq, b = tasks[t] / Hq % B, qb = tasks[t] / Hq / B;
     const Seq& seq = seqs[b];
-    const Scores<scalar_t, acc> sc(p, seq, b, h);
-    const int64_t i0 = qb * kBlockQ, mi = std::min(kBlockQ, seq.L - i0);
-    pack_a(q + seq.tb * qs.batch + h * qs.head + (seq.q0 + i0) * qs.row, qs.row, qs.col, mi, E, w.q.get());
+    const Rows rows{h, 1, qb * kBlockQ, std::min(kBlockQ, seq.L - qb * kBlockQ)};
+    load_q<scalar_t>(p, seq, rows, w);
     const T* kt = kv + kv_off[b * Hkv + h / group];
     const T* vp = kt + Ep * seq.S;
-    acc* s = w.s.get();
-    acc* o = w.o.get();
-    acc* m = w.m.get();
-    acc* l = w.l.get();
-    const T* pa = nullptr;
-    if constexpr (std::is_same_v<T, acc>) pa = s;
-    else pa = w.p.get();
-    std::fill(o, o + mi * Ev, acc(0));
-    std::fill(m, m + mi, neg_inf<acc>());
-    std::fill(l, l + mi, acc(0));
-
-    const auto [klo, khi] = sc.band.keys(i0, i0 + mi);
+    init_rows(rows.n, Ev, w.o.get(), w.m.get(), w.l.get());
+    const auto [klo, khi] = make_band(p, seq).keys(rows.i0, rows.i0 + rows.n);
     // Even block starts: V's VNNI pairs keys.
     for (int64_t j0 = klo & ~int64_t(1); j0 < khi; j0 += kBlockK) {
       const int64_t nj = std::min(kBlockK, khi - j0);
-      matmul(mi, nj, E, w.q.get(), Ep, kt + b_col<T>(j0), seq.S, s, kBlockK, false);
-      const acc cf = sc.template apply<false>(s, kBlockK, i0, mi, j0, nj, nullptr);
-      for (int64_t r = 0; r < mi; ++r) {
-        acc* x = s + r * kBlockK;
-        const acc m_new = std::max(m[r], row_max(x, nj) * cf);
-        if (m_new == neg_inf<acc>()) {
-          std::fill(x, x + nj, acc(0));  // nothing allowed so far: p = 0, o and l stay 0
-        } else {
-          const acc alpha = std::exp2(m[r] - m_new);
-          l[r] = l[r] * alpha + exp2_row(x, nj, cf, m_new);
-          m[r] = m_new;
-          if (alpha != 1) scale_row(o + r * Ev, Ev, alpha);
-          if (p.dropout_p > 0) {
-            uint8_t* keep = w.keep.get();
-            dropout_keep_row(p.seed, p.offset, b * Hq + h, i0 + r, j0, nj, p.dropout_p, keep);
-            for (int64_t c = 0; c < nj; ++c) x[c] = keep[c] ? x[c] * inv_keep : acc(0);
-          }
-        }
-        if constexpr (!std::is_same_v<T, acc>) {
-          T* pr = w.p.get() + r * ldp;
-          convert_row(x, pr, nj);
-          if (kpad<T>(nj) > nj) pr[nj] = T(0);
-        }
-      }
-      matmul(mi, Ev, nj, pa, ldp, vp + j0 * Ev, Ev, o, Ev, true);
+      attend_block<scalar_t>(p, seq, b, rows, j0, nj, kt + b_col<T>(j0), seq.S, vp + j0 * Ev, w, w.o.get(),
+                             w.m.get(), w.l.get());
     }
+    store_rows<scalar_t>(p, seq, rows, w.o.get(), w.m.get(), w.l.get());
+  });
+}
 
-    for (int64_t r = 0; r < mi; ++r) {
-      const int64_t row = seq.q0 + i0 + r;
-      scalar_t* dst = out + seq.tb * os.batch + h * os.head + row * os.row;
-      const acc inv = l[r] > 0 ? 1 / l[r] : acc(0);
-      for (int64_t c = 0; c < Ev; ++c) dst[c * os.col] = static_cast<scalar_t>(o[r * Ev + c] * inv);
-      p.lse[seq.tb * ls.batch + h * ls.head + row * ls.row] =
-          l[r] > 0 ? float(m[r] * acc(kLn2) + std::log(l[r])) : neg_inf<float>();
+template <typename scalar_t>
+void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
+  using T = typename Compute<scalar_t>::T;
+  using acc = typename Compute<scalar_t>::acc;
+  const int64_t B = p.batch, Hkv = p.heads_kv, group = p.heads_q / Hkv;
+  const int64_t E = p.head_dim, Ev = p.head_dim_v;
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const Strides4 ks = p.k_strides, vs = p.v_strides;
+  const int64_t M = group * p.seqlen_q;  // rows per tile, >= any sequence's group * L
+  const int64_t part = M * (Ev + 2);  // one task's partial: o (M, Ev), m (M,), l (M,)
+
+  // Keys [lo, hi) that some query of the sequence sees, from an even start (V's VNNI pairs keys);
+  // tasks (sequence, kv head, chunk), the chunks of (b, hk) at first[b * Hkv + hk] onwards.
+  std::vector<std::pair<int64_t, int64_t>> keys(B);
+  std::vector<int64_t> first(B * Hkv + 1, 0), chunks(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto [klo, khi] = make_band(p, seqs[b]).keys(0, seqs[b].L);
+    keys[b] = {klo & ~int64_t(1), khi};
+    const int64_t blocks = seqs[b].L > 0 && khi > klo ? (khi - keys[b].first + kBlockK - 1) / kBlockK : 0;
+    chunks[b] = std::max<int64_t>(1, (blocks + kChunkBlocks - 1) / kChunkBlocks);
+    for (int64_t hk = 0; hk < Hkv; ++hk) first[b * Hkv + hk + 1] = first[b * Hkv + hk] + chunks[b];
+  }
+  const int64_t n_tasks = first.back();
+  std::vector<acc> parts(n_tasks * part);
+
+  parallel_tasks(n_tasks, [&] { return FwdScratch<T, acc>(E, Ev, true); }, [&](int64_t t, FwdScratch<T, acc>& w) {
+    const int64_t bh = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    const int64_t b = bh / Hkv, hk = bh % Hkv, c = t - first[bh];
+    const Seq& seq = seqs[b];
+    const Rows rows{hk * group, group, 0, seq.L};
+    acc* o = parts.data() + t * part;
+    acc* m = o + M * Ev;
+    acc* l = m + M;
+    init_rows(rows.size(), Ev, o, m, l);
+    if (rows.size() == 0) return;
+    load_q<scalar_t>(p, seq, rows, w);
+    const int64_t j_end = std::min(keys[b].second, keys[b].first + (c + 1) * kChunkBlocks * kBlockK);
+    for (int64_t j0 = keys[b].first + c * kChunkBlocks * kBlockK; j0 < j_end; j0 += kBlockK) {
+      // K^T and V of this key block -> scratch B operands
+      const int64_t nj = std::min(kBlockK, j_end - j0);
+      const int64_t j = seq.k0 + j0;
+      pack_b(k + seq.tb * ks.batch + hk * ks.head + j * ks.row, ks.col, ks.row, E, nj, w.kt.get());
+      pack_b(v + seq.tb * vs.batch + hk * vs.head + j * vs.row, vs.row, vs.col, nj, Ev, w.v.get());
+      attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
     }
   });
+
+  // Merge the chunks of each (sequence, kv head) in key order: o, l rescaled to the common max.
+  parallel_tasks(B * Hkv, [&] { return FwdScratch<T, acc>(E, Ev, false); }, [&](int64_t bh, FwdScratch<T, acc>& w) {
+    const Seq& seq = seqs[bh / Hkv];
+    const Rows rows{bh % Hkv * group, group, 0, seq.L};
+    acc* o = w.o.get();
+    acc* m = w.m.get();
+    acc* l = w.l.get();
+    init_rows(rows.size(), Ev, o, m, l);
+    for (int64_t t = first[bh]; t < first[bh + 1]; ++t) {
+      const acc* oc = parts.data() + t * part;
+      const acc* mc = oc + M * Ev;
+      const acc* lc = mc + M;
+      for (int64_t r = 0; r < rows.size(); ++r) {
+        const acc m_new = std::max(m[r], mc[r]);
+        if (m_new == neg_inf<acc>()) continue;
+        const acc alpha = std::exp2(m[r] - m_new), beta = std::exp2(mc[r] - m_new);
+        l[r] = l[r] * alpha + lc[r] * beta;
+        m[r] = m_new;
+        for (int64_t e = 0; e < Ev; ++e) o[r * Ev + e] = o[r * Ev + e] * alpha + oc[r * Ev + e] * beta;
+      }
+    }
+    store_rows<scalar_t>(p, seq, rows, o, m, l);
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void run_fwd(const AttnParams& p) {
+  std::vector<Seq> seqs(p.batch);
+  for (int64_t b = 0; b < p.batch; ++b) seqs[b] = get_seq(p, b);
+  // Short queries: a tile holds every row of a GQA group, so each key block is read once per group.
+  if (p.heads_q / p.heads_kv * p.seqlen_q <= kBlockQ) fwd_decode<scalar_t>(p, seqs);
+  else fwd_prefill<scalar_t>(p, seqs);
 }
 
 template void run_fwd<float>(const AttnParams&);

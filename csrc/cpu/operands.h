@@ -8,6 +8,7 @@
 // (Bv[k / 2][n][k % 2], K padded to even with zeros). In both, row k of a B operand starts at k * ld_b
 // elements, so a block of B starting at an even row is B + k0 * ld_b.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -61,34 +62,62 @@ void pack_a(const S* src, int64_t sm, int64_t sk, int64_t M, int64_t K, T* dst) 
   }
 }
 
-// dst = B operand (K, N) with ld_b = N, from src[k * sk + n * sn].
+// dst = B operand (K, N) with ld_b = N, from src[k * sk + n * sn]. A transposing pack (sn != 1) goes
+// 32 columns at a time, so the source rows it reads stay in L1 while the destination is written in runs.
 template <typename T, typename S>
 void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst) {
-  if constexpr (kVnni<T>) {
-    for (int64_t k = 0; k < K; k += 2) {
-      const S* s0 = src + k * sk;
-      const S* s1 = s0 + sk;
-      T* d = dst + k * N;
-      if (k + 1 < K) {
-        for (int64_t n = 0; n < N; ++n) {
-          d[2 * n] = static_cast<T>(s0[n * sn]);
-          d[2 * n + 1] = static_cast<T>(s1[n * sn]);
-        }
-      } else {
-        for (int64_t n = 0; n < N; ++n) {
-          d[2 * n] = static_cast<T>(s0[n * sn]);
-          d[2 * n + 1] = T(0);
+  const int64_t step = sn == 1 ? N : 32;
+  for (int64_t n0 = 0; n0 < N; n0 += step) {
+    const int64_t n1 = std::min(N, n0 + step);
+    if constexpr (kVnni<T> && std::is_same_v<S, T>) {
+      // Same 16-bit type: move bits, a VNNI pair (k, k + 1) of column n as one 32-bit word.
+      for (int64_t k = 0; k < K; k += 2) {
+        uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * N);
+        const bool pair = k + 1 < K;
+        if (sk == 1 && pair) {
+          // prefetch the next columns' source rows: reads in column order hide them from the hardware
+          if (k == 0)
+            for (int64_t n = n1; n < std::min(N, n1 + step); ++n)
+              for (int64_t c = 0; c < K * int64_t(sizeof(S)); c += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(src + n * sn) + c);
+          for (int64_t n = n0; n < n1; ++n) std::memcpy(d + n, src + n * sn + k, 4);
+        } else {
+          const uint16_t* s0 = reinterpret_cast<const uint16_t*>(src + k * sk);
+          const uint16_t* s1 = reinterpret_cast<const uint16_t*>(src + (pair ? k + 1 : k) * sk);
+          const uint32_t hi = pair ? 0xffffu : 0u;
+          if (sn == 1) {
+            for (int64_t n = n0; n < n1; ++n) d[n] = s0[n] | (s1[n] & hi) << 16;
+          } else {
+            for (int64_t n = n0; n < n1; ++n) d[n] = s0[n * sn] | (s1[n * sn] & hi) << 16;
+          }
         }
       }
-    }
-  } else {
-    for (int64_t k = 0; k < K; ++k) {
-      const S* s = src + k * sk;
-      T* d = dst + k * N;
-      if (sn == 1) {
-        for (int64_t n = 0; n < N; ++n) d[n] = static_cast<T>(s[n]);
-      } else {
-        for (int64_t n = 0; n < N; ++n) d[n] = static_cast<T>(s[n * sn]);
+    } else if constexpr (kVnni<T>) {
+      for (int64_t k = 0; k < K; k += 2) {
+        const S* s0 = src + k * sk;
+        const S* s1 = s0 + sk;
+        T* d = dst + k * N;
+        if (k + 1 < K) {
+          for (int64_t n = n0; n < n1; ++n) {
+            d[2 * n] = static_cast<T>(s0[n * sn]);
+            d[2 * n + 1] = static_cast<T>(s1[n * sn]);
+          }
+        } else {
+          for (int64_t n = n0; n < n1; ++n) {
+            d[2 * n] = static_cast<T>(s0[n * sn]);
+            d[2 * n + 1] = T(0);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const S* s = src + k * sk;
+        T* d = dst + k * N;
+        if (sn == 1) {
+          for (int64_t n = n0; n < n1; ++n) d[n] = static_cast<T>(s[n]);
+        } else {
+          for (int64_t n = n0; n < n1; ++n) d[n] = static_cast<T>(s[n * sn]);
+        }
       }
     }
   }
