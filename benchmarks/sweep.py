@@ -94,17 +94,21 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 5e-3}
 
 def _record(p: Point, device):
     return dict(impl=p.impl, device=device, dtype=p.dtype, B=p.B, H=p.H, Hkv=p.kv_heads, L=p.L, S=p.S, D=p.D,
-                causal=p.causal, **{"pass": p.pass_}, ms=None, tflops=None, peak_mem_bytes=None, status="ok",
-                note="")
+                causal=p.causal, **{"pass": p.pass_}, ms=None, tflops=None, peak_mem_bytes=None,
+                predicted_mem_bytes=predicted_bytes(p), status="ok", note="")
 
 
 def skipped_record(p: Point, device, backend, note):
     return {**_record(p, device), "status": "skipped", "note": note, "backend": backend}
 
 
+def predicted_bytes(p: Point):
+    return measure.predicted_bytes(p.impl, p.B, p.H, p.L, p.S, p.D, DTYPES[p.dtype], p.pass_, p.kv_heads)
+
+
 def memory_wall(p: Point, device, backend):
     """A skipped record with the predicted bytes if the point cannot fit in memory, else None."""
-    need = measure.predicted_bytes(p.impl, p.B, p.H, p.L, p.S, p.D, DTYPES[p.dtype], p.pass_, p.kv_heads)
+    need = predicted_bytes(p)
     if need <= 0.8 * measure.available_bytes(device):
         return None
     return {**skipped_record(p, device, backend, f"predicted {need / 2**30:.1f} GiB does not fit"),
