@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -38,6 +39,7 @@ def parse_args():
     ap.add_argument("--max-call-seconds", type=float,
                     help="skip a point whose time per call, extrapolated from the previous length, exceeds this "
                          "(default 4 for the sweep; no limit for the targets and decode presets)")
+    ap.add_argument("--time-limit", type=float, help="seconds; past it, remaining points are recorded as skipped")
     ap.add_argument("--memory", action="store_true", help="measure CPU peak memory per point in a child process")
     return ap.parse_args()
 
@@ -86,7 +88,7 @@ def main():
     if args.decode or args.preset == "decode":
         points += decode_points(args.device, impls, args.decode_seqlens, args.dtype)
     peak = measure.peaks(args.device, DTYPES)
-    records, last_ms, last_len = [], {}, {}
+    records, last_ms, last_len, start = [], {}, {}, time.time()
     bar = progress(order_interleaved(points))
     for p in bar:
         if hasattr(bar, "set_description"):
@@ -95,6 +97,8 @@ def main():
         # work grows with B*H*L*S: extrapolate from the last length this series ran
         predicted_s = last_ms.get(series, 0) / 1e3 * (p.B * p.H * p.L * p.S) / last_len.get(series, 1)
         wall = memory_wall(p, args.device, impls[p.impl][0])
+        if args.time_limit and time.time() - start > args.time_limit:
+            wall = skipped_record(p, args.device, impls[p.impl][0], f"run time limit {args.time_limit:.0f} s reached")
         if wall or predicted_s > args.max_call_seconds:
             records.append(wall or skipped_record(p, args.device, impls[p.impl][0],
                                                   f"time budget: predicted {predicted_s:.1f} s per call"))

@@ -66,8 +66,8 @@ def main():
                        left() - 150)
     tests = _counts(out)
     log.write(f"== tests rc={rc} {dt:.0f}s\n{out[-50000:]}\n")
-    rc, out, dt = _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", out_dir],
-                       left() - 10)
+    rc, out, dt = _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", out_dir,
+                        "--time-limit", str(int(left() - 60))], left() - 10)
     log.write(f"== bench rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
     try:
         import triton

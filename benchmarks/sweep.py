@@ -37,9 +37,10 @@ def default_points(device, impls, quick=False, seqlens=None, dtypes=None, passes
         dtypes, dims = dtypes or ["fp32", "bf16"], [64]
         passes, tokens = passes or (["fwd"] if quick else ["fwd", "fwd+bwd"]), 16384
     else:
-        seqlens = seqlens or [512 * 2**i for i in range(9 if quick else 10)]
-        dtypes, dims = dtypes or ["bf16", "fp16"], [64, 128]
-        passes, tokens = passes or ["fwd", "bwd", "fwd+bwd"], 262144
+        seqlens = seqlens or ([1024 * 2**i for i in range(5)] if quick else [512 * 2**i for i in range(10)])
+        dtypes, dims = dtypes or (["bf16"] if quick else ["bf16", "fp16"]), [64, 128]
+        passes = passes or (["fwd", "bwd"] if quick else ["fwd", "bwd", "fwd+bwd"])
+        tokens = 262144
     points = []
     for D in dims:
         for dtype in dtypes:
