@@ -134,7 +134,7 @@ def run_point(p: Point, fn, device, peak):
             torch.cuda.reset_peak_memory_stats()
         ms = measure.time_ms(measure.make_step(fn, q, k, v, p.causal, p.pass_), device)
     except torch.OutOfMemoryError:
-        rec.update(status="oom", peak_mem_bytes=need)
+        rec.update(status="oom", peak_mem_bytes=rec["predicted_mem_bytes"])
         return rec
     except (RuntimeError, NotImplementedError) as e:
         rec.update(status="skipped", note=str(e).splitlines()[0][:200])

@@ -79,7 +79,7 @@ def test_reference_matches_explicit_math(case):
 
 
 def test_reference_varlen_matches_explicit_math():
-    lens_q, lens_k = (5, 0, 9, 3), (7, 4, 9, 0)
+    # lengths q (5, 0, 9, 3), k (7, 4, 9, 0)
     q, k, v = torch.randn(17, 4, 16).double(), torch.randn(20, 2, 16).double(), torch.randn(20, 2, 8).double()
     cq = torch.tensor([0, 5, 5, 14, 17], dtype=torch.int32)
     ck = torch.tensor([0, 7, 11, 20, 20], dtype=torch.int32)
