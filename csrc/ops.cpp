@@ -6,11 +6,13 @@
 TORCH_LIBRARY(pyattn, m) {
   // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides -> out (B, Hq, L, Ev), lse (B, Hq, L)
   // float32. mask: (B, Hq, L, S) view (stride 0 where broadcast), bool or float. Varlen: B == 1 holds
-  // packed rows split by cu_seqlens. window_right == 0 is causal. Semantics: csrc/params.h.
+  // packed rows split by cu_seqlens. window_right == 0 is causal. rng_state: int64 (seed, offset), needed
+  // when dropout_p > 0; a tensor, not ints, so that drawing it stays inside a traced graph (torch.compile).
+  // Semantics: csrc/params.h.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, "
-      "int window_right, bool bottom_right, float softcap, float dropout_p, int seed, int offset) "
+      "int window_right, bool bottom_right, float softcap, float dropout_p, Tensor? rng_state) "
       "-> (Tensor out, Tensor lse)");
   // Gradients of fwd. dlse: optional gradient of lse. dmask (B, Hq, L, S) float32 when mask_grad,
   // else an empty tensor.
@@ -18,7 +20,7 @@ TORCH_LIBRARY(pyattn, m) {
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? mask, "
       "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
-      "float dropout_p, int seed, int offset, bool mask_grad) "
+      "float dropout_p, Tensor? rng_state, bool mask_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // The keep-mask (B, H, L, S) bool that the CPU kernels draw for (seed, offset): for tests and debugging.
   m.def(

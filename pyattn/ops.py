@@ -26,24 +26,23 @@ def build_info():
     return _C.build_info() if _C is not None else {"version": None, "backends": [], "error": _LOAD_ERROR}
 
 
-def _options(inp: AttnInputs, seed, offset):
+def _options(inp: AttnInputs):
     return (inp.max_seqlen_q, inp.max_seqlen_k, inp.scale, inp.window_left, inp.window_right, inp.bottom_right,
-            inp.softcap, inp.dropout_p, seed, offset)
+            inp.softcap, inp.dropout_p)
 
 
-def draw_seed(inp: AttnInputs):
-    """(seed, offset) from torch's default generator of the input's device: torch.manual_seed reproduces it."""
+def draw_rng_state(inp: AttnInputs):
+    """int64 (seed, offset) from torch's default generator of the input's device (torch.manual_seed
+    reproduces it), or None without dropout. A tensor, never Python ints: no sync, and it traces."""
     if inp.dropout_p == 0:
-        return 0, 0
-    seed, offset = torch.randint(0, 2**62, (2,), device=inp.device).tolist()
-    return seed, offset
+        return None
+    return torch.randint(0, 2**62, (2,), device=inp.device, dtype=torch.int64)
 
 
 def fused_forward(inp: AttnInputs):
     """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32, differentiable in q, k, v and a float mask."""
-    seed, offset = draw_seed(inp)
     return torch.ops.pyattn.fwd(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q,
-                                inp.cu_seqlens_k, *_options(inp, seed, offset))
+                                inp.cu_seqlens_k, *_options(inp), draw_rng_state(inp))
 
 
 if _C is not None:
@@ -55,7 +54,7 @@ if _C is not None:
 
     @torch.library.register_fake("pyattn::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, seed, offset,
+                  max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state,
                   mask_grad):
         dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
@@ -65,17 +64,17 @@ if _C is not None:
         return torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
 
     def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options = inputs
+        q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options, rng_state = inputs
         out, lse = output
         ctx.options = options
         ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
-        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
 
     def _fwd_backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
         dq, dk, dv, dmask = torch.ops.pyattn.bwd(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q,
-                                                 cu_seqlens_k, *ctx.options, ctx.mask_grad)
+                                                 cu_seqlens_k, *ctx.options, rng_state, ctx.mask_grad)
         dmask = dmask.to(mask.dtype) if ctx.mask_grad else None
-        return (dq, dk, dv, dmask) + (None,) * (3 + len(ctx.options))
+        return (dq, dk, dv, dmask) + (None,) * (4 + len(ctx.options))
 
     torch.library.register_autograd("pyattn::fwd", _fwd_backward, setup_context=_fwd_setup_context)

@@ -24,7 +24,7 @@ def seed_offset(q, k, v, seed, **kw):
     inp = dense_inputs(q, k, v, kw.pop("attn_mask", None), kw.pop("dropout_p"), kw.pop("is_causal", False), None,
                        kw.pop("enable_gqa", False), None, None, None, "top_left", False)
     torch.manual_seed(seed)
-    return inp, ops.draw_seed(inp)
+    return inp, ops.draw_rng_state(inp).tolist()
 
 
 def keep_mask(inp, seed, offset):
@@ -183,7 +183,7 @@ def test_varlen_uses_the_reported_mask(backend, device):
     torch.manual_seed(5)
     out = pyattn.varlen_attention(q, k, v, cu_q, cu_k, 33, 20, dropout_p=p, is_causal=True, backend=backend)
     torch.manual_seed(5)
-    seed, offset = torch.randint(0, 2**62, (2,)).tolist()  # what ops.draw_seed does
+    seed, offset = torch.randint(0, 2**62, (2,)).tolist()  # what ops.draw_rng_state does
     keep = torch.ops.pyattn.cpu_dropout_mask(3, 4, 33, 20, p, seed, offset)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)

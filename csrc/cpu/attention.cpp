@@ -28,7 +28,7 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                 double dropout_p, int64_t seed, int64_t offset) {
+                 double dropout_p, const std::optional<at::Tensor>& rng_state) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
     check_cpu(*t, name);
     TORCH_CHECK(t->dim() == 4, "pyattn cpu: ", name, " must be 4-D (B, H, seq, dim), got shape ", t->sizes());
@@ -72,8 +72,17 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.scale_f64 = scale;
   p.softcap_f64 = softcap;
   p.dropout_p_f64 = dropout_p;
-  p.seed = uint64_t(seed);
-  p.offset = uint64_t(offset);
+  if (dropout_p > 0) {
+    TORCH_CHECK(rng_state.has_value(), "pyattn cpu: dropout_p > 0 needs rng_state (seed, offset)");
+    const at::Tensor& rng = *rng_state;
+    check_cpu(rng, "rng_state");
+    TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2,
+                "pyattn cpu: rng_state must be int64 (seed, offset) of 2 elements, got ", rng.scalar_type(),
+                " of shape ", rng.sizes());
+    const at::Tensor r = rng.contiguous();
+    p.seed = uint64_t(r.data_ptr<int64_t>()[0]);
+    p.offset = uint64_t(r.data_ptr<int64_t>()[1]);
+  }
 
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
               "pyattn cpu: cu_seqlens_q and cu_seqlens_k must be given together");
@@ -151,10 +160,10 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, double scale, int64_t window_left,
                                        int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-                                       int64_t seed, int64_t offset) {
+                                       const std::optional<at::Tensor>& rng_state) {
   AttnParams p;
   fill_params(p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-              bottom_right, softcap, dropout_p, seed, offset);
+              bottom_right, softcap, dropout_p, rng_state);
   const bool varlen = cu_seqlens_q.has_value();
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2);
   // Varlen rows past the last sequence are never visited: give them the empty-row result.
@@ -175,11 +184,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double dropout_p, int64_t seed,
-    int64_t offset, bool mask_grad) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, bool mask_grad) {
   AttnBwdParams p;
   fill_params(p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right,
-              bottom_right, softcap, dropout_p, seed, offset);
+              bottom_right, softcap, dropout_p, rng_state);
   const bool varlen = cu_seqlens_q.has_value();
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), S = k.size(2), Ev = v.size(3);
   check_like(dout, "dout", {B, Hq, L, Ev}, q.scalar_type());
