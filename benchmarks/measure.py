@@ -94,13 +94,15 @@ def make_step(fn, q, k, v, causal, pass_):
     return step
 
 
-def time_ms(step, device, min_time=0.25, max_reps=20):
-    """Median milliseconds of step after a warm-up; CUDA events on GPU, perf_counter on CPU."""
+def time_ms(step, device, min_time=0.25, max_reps=20, warm=False):
+    """Median milliseconds of step after a warm-up (skipped on CPU when the caller's correctness check
+    already ran this exact step); CUDA events on GPU, perf_counter on CPU."""
     if device == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-    step()
+    if not warm:
+        step()
     times = []
     start = time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
