@@ -41,20 +41,18 @@ struct AttnParams {
   int64_t head_dim = 0;    // E
   int64_t head_dim_v = 0;  // Ev
 
-  float scale = 1.f;  // applied to q.k before softcap
-  float softcap = 0.f;  // 0 = off; else scores = softcap * tanh(scores / softcap)
+  // scale, softcap and dropout_p in double, as the op received them: float64 kernels need them unrounded
+  // to match float64 math; float kernels round them once.
+  double scale = 1;  // applied to q.k before softcap
+  double softcap = 0;  // 0 = off; else scores = softcap * tanh(scores / softcap)
   // Query i may attend key j iff i' - window_left <= j <= i' + window_right (-1 = unbounded),
   // with i' = i + (S - L) when bottom_right, else i. Causal is window_right = 0.
   int64_t window_left = -1;
   int64_t window_right = -1;
   bool bottom_right = false;
 
-  float dropout_p = 0.f;  // probability of dropping; kept values are scaled by 1 / (1 - p)
+  double dropout_p = 0;  // probability of dropping; kept values are scaled by 1 / (1 - p)
   uint64_t seed = 0, offset = 0;  // counter-based RNG: the same (seed, offset) gives the same mask
-
-  // scale, softcap and dropout_p in double, as the op received them: float64 kernels (CPU) need them
-  // unrounded to match float64 math; float kernels use the float copies above.
-  double scale_f64 = 1, softcap_f64 = 0, dropout_p_f64 = 0;
 };
 
 // Gradients, for the backward kernels. Shapes match q, k, v (dq, dk, dv) and the dense mask (dmask).

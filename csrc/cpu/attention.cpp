@@ -63,15 +63,12 @@ void fill_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.seqlen_k = S;
   p.head_dim = E;
   p.head_dim_v = Ev;
-  p.scale = float(scale);
-  p.softcap = float(softcap);
+  p.scale = scale;
+  p.softcap = softcap;
   p.window_left = window_left;
   p.window_right = window_right;
   p.bottom_right = bottom_right;
-  p.dropout_p = float(dropout_p);
-  p.scale_f64 = scale;
-  p.softcap_f64 = softcap;
-  p.dropout_p_f64 = dropout_p;
+  p.dropout_p = dropout_p;
   if (dropout_p > 0) {
     TORCH_CHECK(rng_state.has_value(), "pyattn cpu: dropout_p > 0 needs rng_state (seed, offset)");
     const at::Tensor& rng = *rng_state;

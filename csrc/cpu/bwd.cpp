@@ -159,8 +159,8 @@ void run_bwd(const AttnBwdParams& p) {
   at::Tensor part_buf = at::empty({int64_t(n_chunks * part_stride * sizeof(acc))}, at::kByte);
   acc* part = reinterpret_cast<acc*>(part_buf.data_ptr());
 
-  const acc scale = acc(p.scale_f64);
-  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p_f64)) : acc(1);
+  const acc scale = acc(p.scale);
+  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
   static_assert(kBlockQ % 2 == 0 && kBlockK % 2 == 0 && kLd % 2 == 0, "VNNI pairs need even blocks");
   auto* dk_out = static_cast<scalar_t*>(p.dk);
   auto* dv_out = static_cast<scalar_t*>(p.dv);

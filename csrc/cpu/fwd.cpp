@@ -67,7 +67,7 @@ void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& ro
                   const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
   const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
   const int64_t ldp = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
-  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p_f64)) : acc(1);
+  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
   matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), kBlockK, false);
   for (int64_t g = 0; g < rows.heads; ++g) {
     // per-head score math: ALiBi slope and mask differ per head

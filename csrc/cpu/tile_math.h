@@ -55,7 +55,7 @@ struct Scores {
   bool plain;  // no softcap, ALiBi or mask, scale > 0: an unmasked tile needs only the scale
 
   Scores(const AttnParams& p, const Seq& s, int64_t b, int64_t h)
-      : band(make_band(p, s)), scale(acc(p.scale_f64)), softcap(acc(p.softcap_f64)), slope(0), alibi(p.alibi_slopes != nullptr),
+      : band(make_band(p, s)), scale(acc(p.scale)), softcap(acc(p.softcap)), slope(0), alibi(p.alibi_slopes != nullptr),
         mask(nullptr), mask_kind(p.mask_kind), mask_rs(p.mask_strides.row), mask_cs(p.mask_strides.col) {
     if (alibi) slope = p.alibi_slopes[b * p.alibi_batch_stride + h * p.alibi_head_stride];
     if (p.mask != nullptr) {
