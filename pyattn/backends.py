@@ -3,6 +3,9 @@
 `choose()` walks the backends in order of measured speed (benchmarks/results) and takes the first that
 accepts the inputs; `explain()` reports every backend's verdict.
 """
+import functools
+import os
+
 import torch
 
 from . import ops, reference
@@ -51,14 +54,9 @@ ALL_FEATURES = frozenset({"bool mask", "float mask", "sliding window", "causal",
                           "softcap", "alibi", "dropout", "varlen", "return_lse", "gqa"})
 
 
-class CPUBackend(Backend):
-    """The fused C++ kernel (csrc/cpu): tiled online softmax, brgemm on bf16 units."""
-    name = "cpu"
-    devices = ("cpu",)
-    features = ALL_FEATURES
-
-    def unavailable_reason(self):
-        return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
+class FusedBackend(Backend):
+    """A backend whose kernels implement the fwd/bwd op pair of csrc/ops.cpp."""
+    op_name = "fwd"
 
     def extra_reasons(self, inp):
         if inp.dropout_p >= 1.0:
@@ -66,7 +64,54 @@ class CPUBackend(Backend):
         return []
 
     def forward(self, inp):
-        return ops.fused_forward(inp)
+        return ops.fused_forward(inp, self.op_name)
+
+
+@functools.cache
+def _triton_import_error():
+    try:
+        from . import triton_ops  # noqa: F401  (registers pyattn::triton_fwd / triton_bwd)
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+class TritonBackend(FusedBackend):
+    """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
+    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
+    name = "triton"
+    features = ALL_FEATURES
+    max_head_dim = 256
+    op_name = "triton_fwd"
+
+    def __init__(self):
+        self.interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        self.devices = ("cuda", "cpu") if self.interpreting else ("cuda",)
+        self.dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def unavailable_reason(self):
+        why = _triton_import_error()
+        if why:
+            return f"triton is not importable ({why})"
+        if not self.interpreting and not torch.cuda.is_available():
+            return "no CUDA GPU (TRITON_INTERPRET=1 runs it on CPU tensors, for tests)"
+        return None
+
+    def extra_reasons(self, inp):
+        reasons = super().extra_reasons(inp)
+        if inp.device.type == "cpu" and inp.dtype == torch.bfloat16:
+            reasons.append("the Triton interpreter's bfloat16 dot is wrong, so bfloat16 runs on CUDA only")
+        return reasons
+
+
+class CPUBackend(FusedBackend):
+    """The fused C++ kernel (csrc/cpu): tiled online softmax, brgemm on bf16 units."""
+    name = "cpu"
+    devices = ("cpu",)
+    features = ALL_FEATURES
+
+    def unavailable_reason(self):
+        return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
 
 
 class TorchBackend(Backend):
@@ -101,10 +146,15 @@ class ReferenceBackend(Backend):
         return reference.attention(inp)
 
 
-BACKENDS = {b.name: b for b in (CPUBackend(), TorchBackend(), ReferenceBackend())}
-# auto's order, fastest first, from benchmarks/results/cpu (the fused CPU kernel beats torch's SDPA there)
-AUTO_ORDER = ("cpu", "torch", "reference")
+BACKENDS = {b.name: b for b in (TritonBackend(), CPUBackend(), TorchBackend(), ReferenceBackend())}
+# auto's order per device, fastest first. CPU: benchmarks/results/cpu (the fused kernel beats torch's SDPA).
+# CUDA: the fused backends before torch's SDPA, as DESIGN.md asks; no GPU record exists yet to rank them.
+AUTO_ORDER = {"cpu": ("cpu", "torch", "reference"), "cuda": ("triton", "torch", "reference")}
 PUBLIC_NAMES = ("triton", "cuda", "cpu", "reference")
+
+
+def auto_order(device_type):
+    return AUTO_ORDER.get(device_type, ("reference",))
 
 
 def available_backends():
@@ -113,7 +163,7 @@ def available_backends():
 
 def choose(inp: AttnInputs, requested=None):
     if requested in (None, "auto"):
-        for name in AUTO_ORDER:
+        for name in auto_order(inp.device.type):
             if not BACKENDS[name].not_supported_reasons(inp):
                 return BACKENDS[name]
         raise RuntimeError("no backend can run these inputs:\n" + explain_inputs(inp))
@@ -136,7 +186,8 @@ def explain_inputs(inp: AttnInputs, requested=None):
         chosen = choose(inp, requested).name
     except (RuntimeError, ValueError):
         chosen = None
-    for name in AUTO_ORDER:
+    order = auto_order(inp.device.type)
+    for name in order + tuple(n for n in BACKENDS if n not in order):
         reasons = BACKENDS[name].not_supported_reasons(inp)
         verdict = "chosen" if name == chosen else ("can run" if not reasons else "cannot: " + "; ".join(reasons))
         lines.append(f"  {name:<10} {verdict}")

@@ -39,42 +39,51 @@ def draw_rng_state(inp: AttnInputs):
     return torch.randint(0, 2**62, (2,), device=inp.device, dtype=torch.int64)
 
 
-def fused_forward(inp: AttnInputs):
+def fused_forward(inp: AttnInputs, op_name="fwd"):
     """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32, differentiable in q, k, v and a float mask."""
-    return torch.ops.pyattn.fwd(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q,
+    return getattr(torch.ops.pyattn, op_name)(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q,
                                 inp.cu_seqlens_k, *_options(inp), draw_rng_state(inp))
 
 
+def _fwd_fake(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options):
+    B, Hq, L, _ = q.shape
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+              max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state, mask_grad):
+    dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options, rng_state = inputs
+    out, lse = output
+    ctx.options = options
+    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
+
+
+def register_attention_op(fwd_name, bwd_name):
+    """Fake impls and autograd for a (fwd, bwd) pair with the schemas of csrc/ops.cpp: every backend's ops
+    share them, so they differentiate the same way."""
+    torch.library.register_fake(fwd_name)(_fwd_fake)
+    torch.library.register_fake(bwd_name)(_bwd_fake)
+    bwd_op = getattr(torch.ops.pyattn, bwd_name.split("::")[1])
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
+        dq, dk, dv, dmask = bwd_op(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                                   *ctx.options, rng_state, ctx.mask_grad)
+        dmask = dmask.to(mask.dtype) if ctx.mask_grad else None
+        return (dq, dk, dv, dmask) + (None,) * (4 + len(ctx.options))
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=_fwd_setup_context)
+
+
 if _C is not None:
-
-    @torch.library.register_fake("pyattn::fwd")
-    def _fwd_fake(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options):
-        B, Hq, L, _ = q.shape
-        return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
-
-    @torch.library.register_fake("pyattn::bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state,
-                  mask_grad):
-        dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    register_attention_op("pyattn::fwd", "pyattn::bwd")
 
     @torch.library.register_fake("pyattn::cpu_dropout_mask")
     def _dropout_mask_fake(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, offset):
         return torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
-
-    def _fwd_setup_context(ctx, inputs, output):
-        q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options, rng_state = inputs
-        out, lse = output
-        ctx.options = options
-        ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
-        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
-
-    def _fwd_backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-        dq, dk, dv, dmask = torch.ops.pyattn.bwd(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q,
-                                                 cu_seqlens_k, *ctx.options, rng_state, ctx.mask_grad)
-        dmask = dmask.to(mask.dtype) if ctx.mask_grad else None
-        return (dq, dk, dv, dmask) + (None,) * (4 + len(ctx.options))
-
-    torch.library.register_autograd("pyattn::fwd", _fwd_backward, setup_context=_fwd_setup_context)

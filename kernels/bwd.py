@@ -1,0 +1,244 @@
+"""Backward: delta = rowsum(dO * O) prepass, then a dK/dV kernel (one program per key block, looping over the
+query blocks that see it) and a dQ kernel (one program per packed row block, looping over key blocks).
+Each output element is written by exactly one program: no atomics, deterministic.
+
+Scores are recomputed exactly as the forward computed them (scores.py); P = exp2(s2 - lse2).
+"""
+import triton
+import triton.language as tl
+
+from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep
+from .tiles import key_blocks, packed_rows, query_blocks, seq_span
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DOut, DLse, Delta,
+                         stride_ob, stride_oh, stride_om, stride_od,  # out (B, Hq, L, Ev)
+                         stride_db, stride_dh, stride_dm, stride_dd,  # dout (B, Hq, L, Ev)
+                         stride_lb, stride_lh, stride_lm,  # dlse (B, Hq, L) float32
+                         H_Q, seqlen_q, head_dim_v,
+                         BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta (B, Hq, L) = rowsum(dO * O) - dLSE: with an lse gradient, dS = P * (dP - delta) still holds."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(1) // H_Q
+    h = tl.program_id(1) % H_Q
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    m_ok = offs_m < seqlen_q
+    ok = m_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b.to(tl.int64) * stride_db + h * stride_dh + rows * stride_dm
+                 + offs_dv[None, :] * stride_dd, mask=ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m * stride_lm, mask=m_ok,
+                         other=0.0)
+    tl.store(Delta + (b * H_Q + h).to(tl.int64) * seqlen_q + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _probs_and_dscore(q, k, v, do, lse2, delta, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows,
+                      seqlen_k, scale, softcap, window_left, window_right, dropout_p,
+                      BANDED: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                      DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile: -> (P as dropped in the forward, dS w.r.t. the biased score,
+    dS w.r.t. q.k). lse2 is +inf for rows that saw no key, so their P is 0."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s_cap = capped(qk, scale, softcap, HAS_SOFTCAP)
+    s = biased(s_cap, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k, MASK_KIND, HAS_ALIBI)
+    if BANDED:
+        s = tl.where(band_and_bounds(ip, offs_n, row_ok, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                     s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    p_used = p
+    if DROPOUT:  # O = (P * keep / (1 - p)) V, so dP = dP_used * keep / (1 - p)
+        keep = dropout_keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
+        p_used = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:  # d softcap(u)/du = 1 - tanh^2
+        t = s_cap * (1.0 / (softcap * LOG2E))
+        ds_qk = ds * (scale * (1.0 - t * t))
+    else:
+        ds_qk = ds * scale
+    return p_used, ds, ds_qk
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
+                   stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
+                   stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E)
+                   stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
+                   stride_db, stride_dh, stride_dm, stride_dd,  # dout (B, Hq, L, Ev)
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dk like k
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # dv like v
+                   stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S)
+                   stride_ab, stride_ah,  # alibi slopes (B, Hq)
+                   stride_lb, stride_lh,  # lse, delta (B, Hq, L) float32, contiguous
+                   H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                   scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1) // H_KV
+    kv_head = tl.program_id(1) % H_KV
+    group = H_Q // H_KV
+    q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
+    k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
+    if start_n >= len_k:
+        return
+    shift = (len_k - len_q) * bottom_right
+    b64 = tl.full([], 0 if VARLEN else b, tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    n_ok = offs_n < len_k
+    key_rows = (k_start + offs_n).to(tl.int64)
+
+    # load k, v: they stay in SRAM while every query block that sees them streams by
+    k = tl.load(K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + key_rows[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    v = tl.load(V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + key_rows[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], tl.float32)
+    key_last = tl.minimum(start_n + BLOCK_N, len_k) - 1
+    lo, full_lo, full_hi, hi = query_blocks(start_n, key_last, len_q, shift, window_left, window_right,
+                                            HAS_LEFT, HAS_RIGHT, BLOCK_M)
+    seed = 0
+    rng_base = 0
+    if DROPOUT:
+        seed = tl.load(Rng)
+        rng_base = tl.load(Rng + 1)
+    for g in range(0, group):
+        head = kv_head * group + g
+        slopes = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_ALIBI:
+            slopes += tl.load(Alibi + b * stride_ab + head * stride_ah)
+        q_head = Q + b64 * stride_qb + head.to(tl.int64) * stride_qh
+        do_head = DOut + b64 * stride_db + head.to(tl.int64) * stride_dh
+        stat_head = b64 * stride_lb + head.to(tl.int64) * stride_lh
+        for seg in tl.static_range(3):
+            if seg == 0:
+                seg_lo, seg_hi = lo, full_lo
+            elif seg == 1:
+                seg_lo, seg_hi = full_lo, full_hi
+            else:
+                seg_lo, seg_hi = full_hi, hi
+            for start_m in range(seg_lo, seg_hi, BLOCK_M):
+                offs_i = start_m + tl.arange(0, BLOCK_M)
+                row_ok = offs_i < len_q
+                rows = (q_start + offs_i).to(tl.int64)
+                q = tl.load(q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+                do = tl.load(do_head + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+                lse = tl.load(Lse + stat_head + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + stat_head + rows, mask=row_ok, other=0.0)
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+                mask_rows = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + offs_i.to(tl.int64) * stride_mm
+                rng_rows = rng_base + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
+                p, ds, ds_qk = _probs_and_dscore(
+                    q, k, v, do, lse2, delta, offs_i + shift, offs_n, row_ok, mask_rows, stride_mn, slopes, seed,
+                    rng_rows, len_k, scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND,
+                    HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+                dk = tl.dot(tl.trans(ds_qk.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+
+    tl.store(DK + b64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + key_rows[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(DV + b64 * stride_dvb + kv_head.to(tl.int64) * stride_dvh + key_rows[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
+                 stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
+                 stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E)
+                 stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
+                 stride_db, stride_dh, stride_dm, stride_dd,  # dout (B, Hq, L, Ev)
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # dq like q
+                 stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S)
+                 stride_ab, stride_ah,  # alibi slopes (B, Hq)
+                 stride_lb, stride_lh,  # lse, delta (B, Hq, L) float32, contiguous
+                 H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,  # dmask: (B, Hq, L, S) contiguous
+                 scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASK_GRAD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H_KV
+    kv_head = tl.program_id(1) % H_KV
+    group = H_Q // H_KV
+    q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
+    k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
+    if pid_m * BLOCK_M >= group * len_q:
+        return
+    shift = (len_k - len_q) * bottom_right
+    offs_r, row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, shift, BLOCK_M)
+    b64 = tl.full([], 0 if VARLEN else b, tl.int64)
+    head64 = head.to(tl.int64)
+    rows = (q_start + offs_i).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+
+    # load q, dO, lse, delta: they stay in SRAM while the key blocks stream by
+    q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    do = tl.load(DOut + b64 * stride_db + head64[:, None] * stride_dh + rows[:, None] * stride_dm
+                 + offs_dv[None, :] * stride_dd, mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    stat_rows = b64 * stride_lb + head64 * stride_lh + rows
+    lse = tl.load(Lse + stat_rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + stat_rows, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    mask_rows = Mask + b64 * stride_mb + head64 * stride_mh + offs_i.to(tl.int64) * stride_mm
+    dmask_rows = DMask + ((b64 * H_Q + head64) * seqlen_q + offs_i) * seqlen_k
+    slopes = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(Alibi + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0)
+    seed = 0
+    rng_rows = offs_i.to(tl.int64)
+    if DROPOUT:
+        seed = tl.load(Rng)
+        rng_rows = tl.load(Rng + 1) + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
+    k_base = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    lo, full_lo, full_hi, hi = key_blocks(ip, row_ok, len_k, window_left, window_right, 0, len_k,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, full_lo
+        elif seg == 1:
+            seg_lo, seg_hi = full_lo, full_hi
+        else:
+            seg_lo, seg_hi = full_hi, hi
+        for start_n in range(seg_lo, seg_hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < len_k
+            key_rows = (k_start + offs_n).to(tl.int64)
+            k = tl.load(k_base + key_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+            v = tl.load(v_base + key_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            p, ds, ds_qk = _probs_and_dscore(
+                q, k, v, do, lse2, delta, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, len_k,
+                scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
+                HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+            dq = tl.dot(ds_qk.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+            if MASK_GRAD:  # d out / d (float mask) is dS itself
+                tl.store(dmask_rows[:, None] + offs_n[None, :], ds, mask=row_ok[:, None] & n_ok[None, :])
+
+    tl.store(DQ + b64 * stride_dqb + head64[:, None] * stride_dqh + rows[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < head_dim))

@@ -1,0 +1,135 @@
+"""Tile choice: block sizes, warps and stages per head dim, sequence bucket, causal and architecture.
+
+Small problems (and every test shape) get one fixed config, so they compile once and never autotune; long
+sequences autotune over a pruned list. The starting points are FlashAttention-2's and the Triton fused
+attention tutorial's tiles for A100/H100 (d64: 128x64, d128: 128x64/128x128, d256: 64x32); the lists span
+one step around them. Re-measure with `python -m benchmarks --device cuda` before changing them.
+"""
+import functools
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TMA_IN_INTERPRETER = False  # tests flip it to run the tensor-descriptor path under the interpreter
+AUTOTUNE_FROM = 2048  # max(L, S) from which the forward and backward autotune
+
+
+def padded(head_dim):
+    """Head dim rounded up to a power of two >= 16 (tl.dot's minimum); loads mask the padding."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def seq_bucket(n):
+    """Autotune key: 2k, 4k, 8k, >=16k."""
+    return min(max(triton.next_power_of_2(n), AUTOTUNE_FROM), 16384)
+
+
+@functools.cache
+def arch(device_index=0):
+    """Compute capability as an int (80, 90, ...); 0 when interpreting."""
+    if INTERPRET:
+        return 0
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+@functools.cache
+def num_sms(device_index=0):
+    return 4 if INTERPRET else torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def has_tensor_descriptors():
+    import triton.language as tl
+    return hasattr(tl, "make_tensor_descriptor")
+
+
+def has_warp_specialize():
+    import triton.language as tl
+    import inspect
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def fwd_default(head_dim, cc):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning."""
+    if INTERPRET:
+        return 16, 32, 1, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    if head_dim <= 128:
+        return 128, (128 if cc >= 90 else 64), 8, (2 if cc >= 90 else 3)
+    return 64, 32, 4, 2
+
+
+def decode_tiles(rows, head_dim):
+    """Split-KV forward for few packed rows: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if INTERPRET:
+        return 16, 32, 1, 1
+    return max(16, min(64, triton.next_power_of_2(rows))), (64 if head_dim > 128 else 128), 4, 3
+
+
+def bwd_default(head_dim):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dK/dV and dQ kernels."""
+    if INTERPRET:
+        return 16, 32, 1, 1
+    if head_dim <= 64:
+        return 64, 128, 8, 3
+    if head_dim <= 128:
+        return 64, 128, 8, 2
+    return 32, 64, 4, 1
+
+
+def fwd_autotune_configs():
+    configs = []
+    for bm in (64, 128):
+        for bn in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    for ws in ((False, True) if has_warp_specialize() else (False,)):
+                        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws},
+                                                     num_warps=warps, num_stages=stages))
+    return configs
+
+
+def prune_fwd(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit or cannot help: shared memory by head dim, warp specialization off Hopper."""
+    d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+    cc = arch(torch.cuda.current_device())
+    kept = []
+    for c in configs:
+        bm, bn, ws = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["WARP_SPECIALIZE"]
+        smem = 2 * (bm * d + c.num_stages * bn * 2 * d)
+        if smem > (227 if cc >= 90 else 163) * 1024 or (ws and cc < 90):
+            continue
+        if d >= 256 and (bm > 64 or bn > 64):
+            continue
+        if bm == 128 and c.num_warps == 4 and d >= 128:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+def bwd_autotune_configs():
+    configs = []
+    for bm, bn in ((32, 128), (64, 128), (64, 64), (128, 128)):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def prune_bwd(configs, named_args, **kwargs):
+    d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+    cc = arch(torch.cuda.current_device())
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # K, V, dK, dV tiles stay resident; Q, dO (and their stages) stream
+        smem = 2 * (2 * bn * d + c.num_stages * 2 * bm * d) + 4 * bm * bn
+        if smem > (227 if cc >= 90 else 163) * 1024:
+            continue
+        if d >= 256 and bm * bn > 32 * 64:
+            continue
+        kept.append(c)
+    return kept or configs[:1]

@@ -1,0 +1,183 @@
+"""Forward: online softmax in the exp2 domain over the key blocks a row block can see, LSE out.
+
+One program = BLOCK_M packed rows (GQA heads sharing K/V, see tiles.py) x one split of the keys. With
+NUM_SPLITS > 1 (decoding: few rows, many keys) each split writes a partial (out, lse) and _attn_fwd_combine
+merges them.
+"""
+import triton
+import triton.language as tl
+
+from .scores import band_and_bounds, biased, capped, dropout_keep
+from .tiles import key_blocks, packed_rows, seq_span
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base,
+               stride_kn, stride_kd, stride_vn, stride_vd, lo, hi,
+               ip, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, seqlen_k, head_dim, head_dim_v,
+               scale, softcap, window_left, window_right, dropout_p,
+               BANDED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """Key blocks [lo, hi): BANDED ones check the window and the key length per element."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # load k, v: TMA zero-fills past the sequence; pointer loads mask it
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            n_ok = offs_n < seqlen_k
+            k = tl.load(K + k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+            v = tl.load(V + v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+        s = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        s = biased(s, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k, MASK_KIND, HAS_ALIBI)
+        if BANDED:
+            s = tl.where(band_and_bounds(ip, offs_n, row_ok, seqlen_k, window_left, window_right,
+                                         HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        # online softmax; a row with nothing visible yet keeps m = -inf, so subtract a safe 0 instead
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:  # softmax first, then drop: l_i keeps every weight
+            p = tl.where(dropout_keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p), p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
+              stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
+              stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E)
+              stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
+              stride_os, stride_ob, stride_oh, stride_om, stride_od,  # out (splits, B, Hq, L, Ev)
+              stride_ls, stride_lb, stride_lh, stride_lm,  # lse (splits, B, Hq, L) float32
+              stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S), stride 0 where broadcast
+              stride_ab, stride_ah,  # alibi slopes (B, Hq) float32
+              H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
+              scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+              NUM_SPLITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              WARP_SPECIALIZE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2) // H_KV
+    kv_head = tl.program_id(2) % H_KV
+    group = H_Q // H_KV
+    q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
+    k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
+    if pid_m * BLOCK_M >= group * len_q:
+        return
+    shift = (len_k - len_q) * bottom_right
+    offs_r, row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, shift, BLOCK_M)
+    b_ptr = 0 if VARLEN else b  # varlen tensors are one packed batch
+    b64 = tl.full([], b_ptr, tl.int64)
+    head64 = head.to(tl.int64)
+    row64 = (q_start + offs_i).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+
+    # load q: it stays in SRAM for the whole key loop
+    q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + row64[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    mask_rows = Mask + b64 * stride_mb + head64 * stride_mh + offs_i.to(tl.int64) * stride_mm
+    slopes = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(Alibi + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0)
+    seed = 0
+    rng_rows = offs_i.to(tl.int64)
+    if DROPOUT:  # each (batch, head, i, j) has its own Philox counter; backward regenerates the same ones
+        seed = tl.load(Rng)
+        rng_rows = tl.load(Rng + 1) + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
+
+    k_base = b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    k_desc = None
+    v_desc = None
+    if USE_TMA:  # zero-filled past len_k and head_dim, so no load masks
+        k_desc = tl.make_tensor_descriptor(K + k_base, shape=[len_k, head_dim], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(V + v_base, shape=[len_k, head_dim_v], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_V])
+
+    # this split's keys, cut to the blocks some row can see
+    split_len = tl.cdiv(tl.cdiv(len_k, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo, full_lo, full_hi, hi = key_blocks(ip, row_ok, len_k, window_left, window_right, split * split_len,
+                                          (split + 1) * split_len, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    # three runs of key blocks: band edge, interior (no per-element checks), band edge / sequence end
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_lo, seg_hi = lo, full_lo
+        elif seg == 1:
+            seg_lo, seg_hi = full_lo, full_hi
+        else:
+            seg_lo, seg_hi = full_hi, hi
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, seg_lo, seg_hi, ip, row_ok, mask_rows, stride_mn, slopes,
+                                   seed, rng_rows, len_k, head_dim, head_dim_v, scale, softcap, window_left,
+                                   window_right, dropout_p, seg != 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
+                                   HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PRECISION,
+                                   WARP_SPECIALIZE and seg == 1)
+
+    # rows that saw no key: out 0, lse -inf (torch gives 0 for fully masked rows)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_rows = split.to(tl.int64) * stride_os + b64 * stride_ob + head64 * stride_oh + row64 * stride_om
+    tl.store(Out + o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    l_rows = split.to(tl.int64) * stride_ls + b64 * stride_lb + head64 * stride_lh + row64 * stride_lm
+    tl.store(Lse + l_rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_combine(OutPart, LsePart, Out, Lse, num_rows, num_splits, head_dim_v,
+                      stride_ps, stride_pr, stride_pd,  # partial out (splits, rows, Ev) float32
+                      stride_qs, stride_qr,  # partial lse (splits, rows) float32
+                      stride_or, stride_od,  # out (rows, Ev)
+                      stride_lr,  # lse (rows,) float32
+                      BLOCK_R: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLITS: tl.constexpr):
+    """Merges per-split (out, lse) of split-KV decoding: out = sum_s exp(lse_s - lse) out_s."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, SPLITS)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    r_ok = offs_r < num_rows
+    lse_s = tl.load(LsePart + offs_s[:, None] * stride_qs + offs_r.to(tl.int64)[None, :] * stride_qr,
+                    mask=(offs_s[:, None] < num_splits) & r_ok[None, :], other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe[None, :])  # (SPLITS, BLOCK_R)
+    total = tl.sum(w, 0)
+    empty = total == 0.0
+    w_sum = tl.where(empty, 1.0, total)
+    w = w / w_sum[None, :]
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_V], tl.float32)
+    for s in range(0, num_splits):
+        part = tl.load(OutPart + s * stride_ps + offs_r.to(tl.int64)[:, None] * stride_pr
+                       + offs_dv[None, :] * stride_pd, mask=r_ok[:, None] & (offs_dv[None, :] < head_dim_v),
+                       other=0.0)
+        w_s = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
+        acc += part * w_s[:, None]
+    tl.store(Out + offs_r.to(tl.int64)[:, None] * stride_or + offs_dv[None, :] * stride_od,
+             acc.to(Out.dtype.element_ty), mask=r_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    tl.store(Lse + offs_r.to(tl.int64) * stride_lr, tl.where(empty, float("-inf"), m_safe + tl.log(w_sum)),
+             mask=r_ok)

@@ -1,0 +1,173 @@
+"""Launchers: allocate outputs, pick tiles and grids, and call the kernels. Inputs arrive validated and
+normalized (pyattn.inputs): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides."""
+import torch
+import triton
+
+from . import configs
+from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .fwd import _attn_fwd, _attn_fwd_combine
+
+MASK_KINDS = {None: 0, torch.bool: 1}  # anything else is a float mask (2)
+DOT_PRECISION = {True: "tf32", False: "ieee"}
+
+_fwd_tuned = triton.autotune(configs.fwd_autotune_configs(), key=["seq_bucket", "HEAD_DIM", "HEAD_DIM_V",
+                                                                   "HAS_RIGHT", "HAS_LEFT"],
+                             prune_configs_by={"early_config_prune": configs.prune_fwd})(_attn_fwd)
+# the backward accumulates nothing across launches, so autotuning may rerun it freely
+_dkdv_tuned = triton.autotune(configs.bwd_autotune_configs(), key=["seq_bucket", "HEAD_DIM", "HEAD_DIM_V",
+                                                                    "HAS_RIGHT", "HAS_LEFT"],
+                              prune_configs_by={"early_config_prune": configs.prune_bwd})(_attn_bwd_dkdv)
+_dq_tuned = triton.autotune(configs.bwd_autotune_configs(), key=["seq_bucket", "HEAD_DIM", "HEAD_DIM_V",
+                                                                  "HAS_RIGHT", "HAS_LEFT"],
+                            prune_configs_by={"early_config_prune": configs.prune_bwd})(_attn_bwd_dq)
+
+
+def _strides(t, n=4):
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def _dot_precision(dtype):
+    return DOT_PRECISION[torch.backends.cuda.matmul.allow_tf32] if dtype == torch.float32 else "ieee"
+
+
+def _tma_ok(*tensors):
+    """TMA needs unit inner strides and 16-byte aligned bases and strides (fp16/bf16 on sm_90+)."""
+    if configs.INTERPRET and not configs.TMA_IN_INTERPRETER:
+        return False
+    if not configs.INTERPRET and configs.arch(tensors[0].device.index or 0) < 90:
+        return False
+    if not configs.has_tensor_descriptors():
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1 or t.data_ptr() % 16 \
+                or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _set_tma_allocator(device):
+    # device-side tensor descriptors need a little global scratch per program
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
+class _Problem:
+    """Sizes and flags shared by the forward and backward launches."""
+
+    def __init__(self, q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
+                 window_right, softcap, dropout_p):
+        self.B, self.Hq, self.L, self.E = q.shape
+        self.Hkv, self.S, self.Ev = k.shape[1], k.shape[2], v.shape[3]
+        self.varlen = cu_seqlens_q is not None
+        self.batches = cu_seqlens_q.shape[0] - 1 if self.varlen else self.B
+        self.max_q = max_seqlen_q if self.varlen else self.L
+        self.max_k = max_seqlen_k if self.varlen else self.S
+        self.flags = dict(HEAD_DIM=configs.padded(self.E), HEAD_DIM_V=configs.padded(self.Ev),
+                          MASK_KIND=MASK_KINDS.get(mask.dtype if mask is not None else None, 2),
+                          HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0,
+                          HAS_RIGHT=window_right >= 0, VARLEN=self.varlen, DROPOUT=dropout_p > 0,
+                          DOT_PRECISION=_dot_precision(q.dtype))
+        self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
+        self.tuned = not configs.INTERPRET and max(self.max_q, self.max_k) >= configs.AUTOTUNE_FROM
+        self.group = self.Hq // self.Hkv
+
+    def num_splits(self, block_m, block_n):
+        """Split the keys when the row blocks alone cannot fill the GPU (decoding), never below 2 blocks each."""
+        programs = triton.cdiv(self.group * self.max_q, block_m) * self.batches * self.Hkv
+        want = triton.cdiv(2 * configs.num_sms(), programs)
+        return max(1, min(want, triton.cdiv(self.max_k, 2 * block_n), 128))
+
+
+def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            window_left, window_right, bottom_right, softcap, dropout_p, rng_state):
+    """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
+    pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
+                  window_right, softcap, dropout_p)
+    out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=q.dtype, device=q.device)
+    lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
+        return out, lse
+    use_tma = _tma_ok(k, v)
+    if use_tma:
+        _set_tma_allocator(q.device)
+    dummy = q  # pointer for absent optional tensors; their constexpr flags keep it unread
+    common = (q, k, v)
+    tail = (mask if mask is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+            cu_seqlens_q if pb.varlen else dummy, cu_seqlens_k if pb.varlen else dummy,
+            rng_state if rng_state is not None else dummy)
+    sizes = (*q.stride(), *k.stride(), *v.stride())
+    extras = (*_strides(mask), *_strides(alibi_slopes, 2), pb.Hq, pb.Hkv, pb.max_q, pb.max_k, pb.E, pb.Ev,
+              scale, softcap, window_left, window_right, int(bottom_right), dropout_p, pb.seq_bucket)
+    rows = pb.group * pb.max_q
+    block_m, block_n, warps, stages = configs.decode_tiles(rows, pb.E) if rows <= 64 else \
+        configs.fwd_default(pb.E, configs.arch(q.device.index or 0) if not configs.INTERPRET else 0)
+    splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
+    if splits == 1:
+        dst_out, dst_lse = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        # splits that own no rows (varlen padding) write nothing: leave them empty (0, -inf)
+        dst_out = torch.zeros(splits, pb.B, pb.Hq, pb.L, pb.Ev, dtype=torch.float32, device=q.device)
+        dst_lse = torch.full((splits, pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
+    args = (*common, dst_out, dst_lse, *tail, *sizes, *dst_out.stride(), *dst_lse.stride(), *extras)
+    if pb.tuned and splits == 1:
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
+        _fwd_tuned[grid](*args, **pb.flags, NUM_SPLITS=1, USE_TMA=use_tma)
+    else:
+        grid = (triton.cdiv(rows, block_m), splits, pb.batches * pb.Hkv)
+        _attn_fwd[grid](*args, **pb.flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, USE_TMA=use_tma,
+                        WARP_SPECIALIZE=False, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        n = pb.B * pb.Hq * pb.L
+        part_out, part_lse = dst_out.view(splits, n, pb.Ev), dst_lse.view(splits, n)
+        out_rows, lse_rows = out.view(n, pb.Ev), lse.view(n)
+        block_r = 16
+        _attn_fwd_combine[(triton.cdiv(n, block_r),)](
+            part_out, part_lse, out_rows, lse_rows, n, splits, pb.Ev, *part_out.stride(), *part_lse.stride(),
+            *out_rows.stride(), *lse_rows.stride(), BLOCK_R=block_r, HEAD_DIM_V=pb.flags["HEAD_DIM_V"],
+            SPLITS=triton.next_power_of_2(splits))
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+             max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state,
+             mask_grad):
+    """-> dq, dk, dv (like q, k, v, contiguous), dmask (B, Hq, L, S) float32 if mask_grad else empty."""
+    pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
+                  window_right, softcap, dropout_p)
+    alloc = torch.zeros if pb.varlen else torch.empty  # varlen rows past the last sequence get no gradient
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dmask = torch.zeros((pb.B, pb.Hq, pb.L, pb.S) if mask_grad else (0,), dtype=torch.float32, device=q.device)
+    if pb.batches == 0 or pb.max_q == 0 or pb.max_k == 0 or q.numel() == 0 or k.numel() == 0:
+        if not pb.varlen:
+            dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, dmask
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block = 16 if configs.INTERPRET else 64
+    _attn_bwd_preprocess[(triton.cdiv(pb.L, block), pb.B * pb.Hq)](
+        out, dout, dlse if dlse is not None else lse, delta, *out.stride(), *dout.stride(), *_strides(dlse, 3),
+        pb.Hq, pb.L, pb.Ev, BLOCK_M=block, HEAD_DIM_V=pb.flags["HEAD_DIM_V"], HAS_DLSE=dlse is not None)
+
+    dummy = q
+    tail = (mask if mask is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
+            cu_seqlens_q if pb.varlen else dummy, cu_seqlens_k if pb.varlen else dummy,
+            rng_state if rng_state is not None else dummy)
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    extras = (*_strides(mask), *_strides(alibi_slopes, 2), *lse.stride()[:2], pb.Hq, pb.Hkv, pb.max_q,
+              pb.max_k, pb.E, pb.Ev, scale, softcap, window_left, window_right, int(bottom_right), dropout_p,
+              pb.seq_bucket)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, *tail, *inputs, *dk.stride(), *dv.stride(), *extras)
+    dq_args = (q, k, v, dout, lse, delta, dq, dmask, *tail, *inputs, *dq.stride(), *extras)
+    rows = pb.group * pb.max_q
+    if pb.tuned:
+        _dkdv_tuned[lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv)](
+            *dkdv_args, **pb.flags)
+        _dq_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv)](
+            *dq_args, **pb.flags, MASK_GRAD=mask_grad)
+    else:
+        block_m, block_n, warps, stages = configs.bwd_default(max(pb.E, pb.Ev))
+        launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        _attn_bwd_dkdv[(triton.cdiv(pb.max_k, block_n), pb.batches * pb.Hkv)](*dkdv_args, **pb.flags, **launch)
+        _attn_bwd_dq[(triton.cdiv(rows, block_m), pb.batches * pb.Hkv)](*dq_args, **pb.flags, MASK_GRAD=mask_grad,
+                                                                         **launch)
+    return dq, dk, dv, dmask

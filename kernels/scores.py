@@ -1,0 +1,62 @@
+"""Score math shared by the forward and both backward kernels, so all three see the same scores.
+
+Scores live in the log2 domain, s2 = log2(e) * (softcap(scale * q.k) + bias), so softmax is exp2 and the
+scale folds into one multiply; masked entries are -inf.
+Rows are (query head, query index) pairs and columns key indices; `ip` is the query index shifted for
+bottom-right alignment, the index the band rule and ALiBi use.
+"""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2 / (e^2x + 1): saturates to +-1 without overflow, and the interpreter runs it
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def capped(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """q.k -> log2(e) * softcap(scale * q.k)."""
+    if HAS_SOFTCAP:
+        return (softcap * LOG2E) * tanh(qk * (scale / softcap))
+    return qk * (scale * LOG2E)
+
+
+@triton.jit
+def band_and_bounds(ip, offs_n, row_ok, seqlen_k, window_left, window_right,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) True where key offs_n exists and lies in row ip's window (causal: right == 0)."""
+    ok = row_ok[:, None] & (offs_n[None, :] < seqlen_k)
+    if HAS_LEFT:
+        ok = ok & (offs_n[None, :] >= ip[:, None] - window_left)
+    if HAS_RIGHT:
+        ok = ok & (offs_n[None, :] <= ip[:, None] + window_right)
+    return ok
+
+
+@triton.jit
+def biased(s, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k,
+           MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Adds ALiBi and a float mask to s2 (log2 units) and applies a bool mask (-inf where False).
+
+    mask_rows: (BLOCK_M,) pointers to each row's mask row; slopes: (BLOCK_M,) float32 ALiBi slopes."""
+    if HAS_ALIBI:
+        s = s - (slopes * LOG2E)[:, None] * tl.abs(ip[:, None] - offs_n[None, :]).to(tl.float32)
+    if MASK_KIND != 0:
+        m_ptrs = mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_mn
+        in_bounds = row_ok[:, None] & (offs_n[None, :] < seqlen_k)
+        if MASK_KIND == 1:
+            keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            s = s + tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    return s
+
+
+@triton.jit
+def dropout_keep(seed, rng_offsets, dropout_p):
+    """(BLOCK_M, BLOCK_N) True where the weight survives; rng_offsets are unique per (batch, head, i, j)."""
+    return tl.rand(seed, rng_offsets) >= dropout_p

@@ -1,0 +1,74 @@
+"""Which rows a program owns and which key blocks it must visit: shared by every kernel.
+
+Forward and dQ programs own BLOCK_M "packed rows" of one KV head: row r is query i = r % L of query head
+kv_head * GROUP + r // L, so the GROUP query heads that share K/V tiles read them once (GQA without copies,
+and decode shapes with L = 1 still fill a tensor-core tile).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def seq_span(CuSeq, b, seqlen, VARLEN: tl.constexpr):
+    """-> (first row of sequence b in the packed tensor, its length); dense inputs start at 0."""
+    if VARLEN:
+        start = tl.load(CuSeq + b)
+        return start, tl.load(CuSeq + b + 1) - start
+    return tl.full([], 0, tl.int32), seqlen
+
+
+@triton.jit
+def packed_rows(pid_m, kv_head, group, seqlen_q, shift, BLOCK_M: tl.constexpr):
+    """-> offs_r (packed row), row_ok, head (query head), offs_i (query index), ip (band index): (BLOCK_M,)."""
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < group * seqlen_q
+    r = tl.where(row_ok, offs_r, 0)
+    head = kv_head * group + r // seqlen_q
+    offs_i = r % seqlen_q
+    return offs_r, row_ok, head, offs_i, offs_i + shift
+
+
+@triton.jit
+def key_blocks(ip, row_ok, seqlen_k, window_left, window_right, key_lo, key_hi,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks for rows ip within keys [key_lo, key_hi) (key_lo a multiple of BLOCK_N):
+    -> (lo, full_lo, full_hi, hi). Blocks in [full_lo, full_hi) need no band or length check; those in
+    [lo, full_lo) and [full_hi, hi) do. Blocks wholly outside every row's window are never visited."""
+    ip_first = tl.min(tl.where(row_ok, ip, 2147483647), 0)
+    ip_last = tl.max(tl.where(row_ok, ip, -2147483647), 0)
+    lo = key_lo
+    hi = tl.minimum(seqlen_k, key_hi)
+    full_lo = lo
+    full_hi = tl.minimum(hi, seqlen_k // BLOCK_N * BLOCK_N)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, tl.maximum(ip_first - window_left, 0) // BLOCK_N * BLOCK_N)
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(ip_last - window_left, 0), BLOCK_N) * BLOCK_N)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, ip_last + window_right + 1)
+        full_hi = tl.minimum(full_hi, tl.maximum(ip_first + window_right + 1, 0) // BLOCK_N * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def query_blocks(key_first, key_last, seqlen_q, shift, window_left, window_right,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query blocks (of one head) whose window meets keys [key_first, key_last]: -> (lo, full_lo, full_hi, hi),
+    as in key_blocks: blocks in [full_lo, full_hi) see every key of the block with no band check."""
+    lo = 0
+    hi = seqlen_q
+    full_lo = 0
+    full_hi = seqlen_q // BLOCK_M * BLOCK_M
+    if HAS_RIGHT:  # key j needs ip >= j - right
+        lo = tl.maximum(lo, tl.maximum(key_first - window_right - shift, 0) // BLOCK_M * BLOCK_M)
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(key_last - window_right - shift, 0), BLOCK_M) * BLOCK_M)
+    if HAS_LEFT:  # key j needs ip <= j + left
+        hi = tl.minimum(hi, key_last + window_left - shift + 1)
+        full_hi = tl.minimum(full_hi, tl.maximum(key_first + window_left - shift + 1, 0) // BLOCK_M * BLOCK_M)
+    lo = tl.maximum(lo, 0)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
