@@ -45,39 +45,48 @@ def has_tensor_descriptors():
     return hasattr(tl, "make_tensor_descriptor")
 
 
-def has_warp_specialize():
-    import triton.language as tl
+def has_warp_specialize(cc):
+    """Triton's automatic warp specialization, where it helps. Offered on Hopper since Triton 3.4, but the
+    sm_90 AOT checks with 3.7 found it failing to compile for d64 and changing nothing for d128 (same
+    registers, shared memory and SASS), so it is used on Blackwell only, as Triton's own tutorial does."""
     import inspect
-    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+    import triton.language as tl
+    return cc >= 100 and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (arch, padded head dim), chosen with `python -m pyattn.inspect`
+# to compile without spills (sm_80: pointer loads; sm_90: TMA + wgmma) near FlashAttention-2's tile shapes.
+FWD_TILES = {(80, 64): (128, 64, 8, 3), (80, 128): (128, 32, 8, 3), (80, 256): (64, 32, 4, 2),
+             (90, 64): (128, 64, 4, 3), (90, 128): (128, 128, 8, 2), (90, 256): (64, 64, 4, 2)}
+DKDV_TILES = {(80, 64): (64, 32, 8, 2), (80, 128): (32, 64, 8, 2), (80, 256): (16, 32, 4, 1),
+              (90, 64): (32, 128, 8, 2), (90, 128): (32, 64, 8, 2), (90, 256): (16, 64, 4, 1)}
+DQ_TILES = {(80, 64): (128, 32, 8, 2), (80, 128): (64, 32, 4, 3), (80, 256): (32, 32, 4, 1),
+            (90, 64): (128, 64, 8, 2), (90, 128): (128, 64, 8, 2), (90, 256): (32, 64, 4, 1)}
+INTERPRETER_TILES = (16, 32, 1, 1)  # several blocks even for the tests' small shapes
+
+
+def _pick(table, head_dim, cc):
+    if INTERPRET:
+        return INTERPRETER_TILES
+    return table[(90 if cc >= 90 else 80, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)]
 
 
 def fwd_default(head_dim, cc):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning."""
-    if INTERPRET:
-        return 16, 32, 1, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, (128 if cc >= 90 else 64), 8, (2 if cc >= 90 else 3)
-    return 64, 32, 4, 2
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward without autotuning."""
+    return _pick(FWD_TILES, head_dim, cc)
 
 
 def decode_tiles(rows, head_dim):
     """Split-KV forward for few packed rows: (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if INTERPRET:
-        return 16, 32, 1, 1
-    return max(16, min(64, triton.next_power_of_2(rows))), (64 if head_dim > 128 else 128), 4, 3
+        return INTERPRETER_TILES
+    return max(16, min(64, triton.next_power_of_2(rows))), (64 if head_dim > 64 else 128), 4, 3
 
 
-def bwd_default(head_dim):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dK/dV and dQ kernels."""
-    if INTERPRET:
-        return 16, 32, 1, 1
-    if head_dim <= 64:
-        return 64, 128, 8, 3
-    if head_dim <= 128:
-        return 64, 128, 8, 2
-    return 32, 64, 4, 1
+def bwd_default(head_dim, cc):
+    """Tiles of the dK/dV kernel and of the dQ kernel."""
+    return _pick(DKDV_TILES, head_dim, cc), _pick(DQ_TILES, head_dim, cc)
 
 
 def fwd_autotune_configs():
@@ -86,7 +95,7 @@ def fwd_autotune_configs():
         for bn in (64, 128):
             for warps in (4, 8):
                 for stages in (2, 3, 4):
-                    for ws in ((False, True) if has_warp_specialize() else (False,)):
+                    for ws in (False, True):
                         configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws},
                                                      num_warps=warps, num_stages=stages))
     return configs
@@ -100,7 +109,7 @@ def prune_fwd(configs, named_args, **kwargs):
     for c in configs:
         bm, bn, ws = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["WARP_SPECIALIZE"]
         smem = 2 * (bm * d + c.num_stages * bn * 2 * d)
-        if smem > (227 if cc >= 90 else 163) * 1024 or (ws and cc < 90):
+        if smem > (227 if cc >= 90 else 163) * 1024 or (ws and not has_warp_specialize(cc)):
             continue
         if d >= 256 and (bm > 64 or bn > 64):
             continue

@@ -70,6 +70,7 @@ class _Problem:
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
         self.tuned = not configs.INTERPRET and max(self.max_q, self.max_k) >= configs.AUTOTUNE_FROM
         self.group = self.Hq // self.Hkv
+        self.cc = 0 if configs.INTERPRET else configs.arch(q.device.index or 0)
 
     def num_splits(self, block_m, block_n):
         """Split the keys when the row blocks alone cannot fill the GPU (decoding), never below 2 blocks each."""
@@ -99,8 +100,8 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     extras = (*_strides(mask), *_strides(alibi_slopes, 2), pb.Hq, pb.Hkv, pb.max_q, pb.max_k, pb.E, pb.Ev,
               scale, softcap, window_left, window_right, int(bottom_right), dropout_p, pb.seq_bucket)
     rows = pb.group * pb.max_q
-    block_m, block_n, warps, stages = configs.decode_tiles(rows, pb.E) if rows <= 64 else \
-        configs.fwd_default(pb.E, configs.arch(q.device.index or 0) if not configs.INTERPRET else 0)
+    block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
+        configs.fwd_default(max(pb.E, pb.Ev), pb.cc)
     splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
     if splits == 1:
         dst_out, dst_lse = out.unsqueeze(0), lse.unsqueeze(0)
@@ -138,9 +139,7 @@ def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu
     dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dmask = torch.zeros((pb.B, pb.Hq, pb.L, pb.S) if mask_grad else (0,), dtype=torch.float32, device=q.device)
     if pb.batches == 0 or pb.max_q == 0 or pb.max_k == 0 or q.numel() == 0 or k.numel() == 0:
-        if not pb.varlen:
-            dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, dmask
+        return tuple(torch.zeros_like(t) for t in (q, k, v)) + (dmask,)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block = 16 if configs.INTERPRET else 64
@@ -165,9 +164,10 @@ def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu
         _dq_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv)](
             *dq_args, **pb.flags, MASK_GRAD=mask_grad)
     else:
-        block_m, block_n, warps, stages = configs.bwd_default(max(pb.E, pb.Ev))
-        launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-        _attn_bwd_dkdv[(triton.cdiv(pb.max_k, block_n), pb.batches * pb.Hkv)](*dkdv_args, **pb.flags, **launch)
-        _attn_bwd_dq[(triton.cdiv(rows, block_m), pb.batches * pb.Hkv)](*dq_args, **pb.flags, MASK_GRAD=mask_grad,
-                                                                         **launch)
+        (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)
+        _attn_bwd_dkdv[(triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv)](
+            *dkdv_args, **pb.flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        _attn_bwd_dq[(triton.cdiv(rows, bm2), pb.batches * pb.Hkv)](
+            *dq_args, **pb.flags, MASK_GRAD=mask_grad, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2,
+            num_stages=stages2)
     return dq, dk, dv, dmask

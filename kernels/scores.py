@@ -8,7 +8,7 @@ bottom-right alignment, the index the band rule and ALiBi use.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Shared test helpers: seeds, the backend parametrization, the tolerance rule, and the one sample_inputs list.
 
-Nothing here probes a device at import time except torch.cuda.is_available() (for skip marks).
+Nothing here probes a device at import time except torch.cuda.is_available() (for skip marks, and to run
+the Triton kernels under the interpreter where no GPU exists).
 """
 import os
 from dataclasses import dataclass
@@ -10,12 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pyattn
+# before triton is imported: no GPU -> the Triton kernels run on CPU tensors under the interpreter
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-# Backends under test. "cpu" is required: `make test` always builds pyattn._C, so a missing kernel fails.
-# Later: "triton" (CUDA, or the interpreter with TRITON_INTERPRET=1) and "cuda".
-BACKENDS = ["cpu", "reference"]
+import pyattn  # noqa: E402
+
+# Backends under test. "cpu" and "triton" are required: `make test` always builds pyattn._C and installs
+# triton, so a missing one fails. Later: "cuda".
+BACKENDS = ["cpu", "triton", "reference"]
+INTERPRETED_DTYPES = (torch.float32, torch.float16)  # the interpreter's bf16 dot is wrong; triton has no fp64
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED = ("cpu", "triton", "cuda")
+
+
+def half_dtype(backend, device):
+    """bf16, except fp16 for the Triton interpreter (whose bf16 dot is wrong)."""
+    return torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
 
 
 def backend_device(backend):
@@ -45,9 +56,15 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _backend_must_exist(request):
-    """A parametrized backend whose device exists must be available: fail (never skip) when it is not built."""
+    """A parametrized backend whose device exists must be available: fail (never skip) when it is not built.
+    Dtypes a backend declares it cannot take are skipped, saying why."""
     callspec = getattr(request.node, "callspec", None)
     backend = callspec.params.get("backend") if callspec else None
+    dtype = callspec.params.get("dtype") if callspec else None
+    if backend == "triton" and isinstance(dtype, torch.dtype):
+        interpreted = callspec.params.get("device") == "cpu"
+        if dtype not in (INTERPRETED_DTYPES if interpreted else TRITON_DTYPES):
+            pytest.skip(f"triton {'under the interpreter ' if interpreted else ''}does not take {dtype}")
     if backend in FUSED and backend not in pyattn.available_backends():
         from pyattn import ops
         pytest.fail(f"backend {backend!r} is required but not available (build pyattn._C: `make build`): "

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import backend_params, check_fwd_bwd, dtype_id, sample_inputs
+from conftest import backend_params, check_fwd_bwd, dtype_id, half_dtype, sample_inputs
 
 LOW = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -224,7 +224,7 @@ def test_dtypes(backend, device, dtype, setup):
 def test_one_bigger_case(backend, device):
     """Several key blocks and query blocks in every direction, bf16, causal, GQA."""
     check(backend, functools.partial(plain, is_causal=True, enable_gqa=True),
-          qkv((1, 4, 300, 64), (1, 2, 333, 64), (1, 2, 333, 64)), torch.bfloat16)
+          qkv((1, 4, 300, 64), (1, 2, 333, 64), (1, 2, 333, 64)), half_dtype(backend, device))
 
 
 @backends

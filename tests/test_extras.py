@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import CASES, backend_params, check_fwd_bwd, dtype_id, sample_inputs
+from conftest import CASES, backend_params, check_fwd_bwd, dtype_id, half_dtype, sample_inputs
 
 fused = pytest.mark.parametrize("backend,device", backend_params(fused_only=True))
 
@@ -315,7 +315,7 @@ def test_combo_bigger(backend, device):
     """Many blocks: long enough that every block-skipping rule is exercised."""
     t = qkv((1, 4, 200, 64), (1, 2, 300, 64), (1, 2, 300, 64))
     t["alibi_slopes"] = torch.rand(4) * 0.1
-    check(backend, t, torch.bfloat16, window_size=(64, 16), softcap=20.0, enable_gqa=True, is_causal=True,
+    check(backend, t, half_dtype(backend, device), window_size=(64, 16), softcap=20.0, enable_gqa=True, is_causal=True,
           causal_alignment="bottom_right")
 
 

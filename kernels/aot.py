@@ -1,0 +1,102 @@
+"""Ahead-of-time compilation of every kernel variant for sm_80 / sm_90, no GPU needed (pyattn.inspect).
+
+Each variant is compiled exactly as the launcher would run it on that architecture (configs.py tiles, TMA on
+sm_90) and read back from its cubin: registers, spills, shared memory and tensor-core opcodes.
+"""
+import functools
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import configs
+from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .fwd import _attn_fwd, _attn_fwd_combine
+
+FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
+# as a launch with contiguous tensors specializes them: unit inner strides are constants, and pointers and
+# the other strides are multiples of 16 (head dims and sequence lengths that are)
+UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd", "stride_dvd",
+                "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr", "stride_lr"}
+DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
+
+
+def _source(fn, pointers, constexprs):
+    """Triton source: pointers as given, the float options fp32, every other runtime argument i32."""
+    sig, attrs = {}, {}
+    constexprs = dict(constexprs, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES})
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+        if name in pointers or (name.startswith("stride_") and name not in constexprs):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+
+
+def _flags(head_dim, causal, **overrides):
+    flags = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, MASK_KIND=0, HAS_ALIBI=False, HAS_SOFTCAP=False,
+                 HAS_LEFT=False, HAS_RIGHT=causal, VARLEN=False, DROPOUT=False, DOT_PRECISION="ieee")
+    flags.update(overrides)
+    return flags
+
+
+def variants(cc):
+    """(name, kernel, pointer types, constexprs, num_warps, num_stages) for architecture cc (80, 90)."""
+    out = []
+    for dt, ptr in DTYPES.items():
+        qkv = {"Q": ptr, "K": ptr, "V": ptr}
+        for d in (64, 128):
+            for causal in (False, True):
+                tag = f"{dt}_d{d}{'_causal' if causal else ''}"
+                bm, bn, warps, stages = configs.fwd_default(d, cc)
+                fwd_ptrs = {**qkv, "Out": ptr, "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",
+                            "CuSeqK": "*i32", "Rng": "*i64"}
+                out.append((f"fwd_{tag}", _attn_fwd, fwd_ptrs,
+                            dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, USE_TMA=cc >= 90,
+                                 WARP_SPECIALIZE=False), warps, stages))
+                dkdv_tiles, dq_tiles = configs.bwd_default(d, cc)
+                bwd_ptrs = {**qkv, "DOut": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, "DQ": ptr,
+                            "DMask": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
+                            "Rng": "*i64"}
+                bm, bn, warps, stages = dkdv_tiles
+                out.append((f"bwd_dkdv_{tag}", _attn_bwd_dkdv, bwd_ptrs,
+                            dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+                bm, bn, warps, stages = dq_tiles
+                out.append((f"bwd_dq_{tag}", _attn_bwd_dq, bwd_ptrs,
+                            dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, MASK_GRAD=False), warps, stages))
+        bm, bn, warps, stages = configs.decode_tiles(4, 128)
+        out.append((f"fwd_decode_split_{dt}_d128", _attn_fwd,
+                    {**qkv, "Out": "*fp32", "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",
+                     "CuSeqK": "*i32", "Rng": "*i64"},
+                    dict(_flags(128, True), BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=16, USE_TMA=cc >= 90,
+                         WARP_SPECIALIZE=False), warps, stages))
+        out.append((f"fwd_decode_combine_{dt}_d128", _attn_fwd_combine,
+                    {"OutPart": "*fp32", "LsePart": "*fp32", "Out": ptr, "Lse": "*fp32"},
+                    dict(BLOCK_R=16, HEAD_DIM_V=128, SPLITS=16), 4, 1))
+        out.append((f"bwd_preprocess_{dt}_d128", _attn_bwd_preprocess,
+                    {"Out": ptr, "DOut": ptr, "DLse": "*fp32", "Delta": "*fp32"},
+                    dict(BLOCK_M=64, HEAD_DIM_V=128, HAS_DLSE=False), 4, 1))
+    return out
+
+
+@functools.cache
+def compile_variant(name, cc):
+    """-> (cubin bytes, kernel function name, dynamic shared memory bytes)."""
+    (_, fn, pointers, constexprs, warps, stages), = [v for v in variants(cc) if v[0] == name]
+    compiled = triton.compile(_source(fn, pointers, constexprs), target=GPUTarget("cuda", cc, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return compiled.asm["cubin"], compiled.metadata.name, compiled.metadata.shared
+
+
+def aot_reports(cc):
+    """pyattn.inspect's per-kernel records for architecture cc."""
+    from pyattn import sass
+    reports = []
+    for name, *_ in variants(cc):
+        cubin, function, shared = compile_variant(name, cc)
+        reports.append({"name": name, "backend": "triton", "arch": f"sm_{cc}", **sass.report(cubin, function, shared)})
+    return reports
