@@ -6,6 +6,8 @@ name, backend, arch, registers, spill_bytes, shared_bytes, sass, sass_forms (see
 import argparse
 import importlib
 import json
+import os
+import subprocess
 import sys
 
 # backend -> module with aot_reports(); each compiles its kernels its own way (Triton / nvcc)
@@ -16,6 +18,15 @@ ARCHS = {"sm_80": 80, "sm_90": 90}
 def kernel_reports(arch: str, backends=tuple(SOURCES)) -> list[dict]:
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # kernels defined under the interpreter cannot be compiled: report from a process that compiles them
+        cmd = [sys.executable, "-m", "pyattn.inspect", "--arch", arch, "--json"]
+        for backend in backends:
+            cmd += ["--backend", backend]
+        child = subprocess.run(cmd, env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f"pyattn.inspect --arch {arch} failed:\n{child.stderr[-4000:]}")
+        return json.loads(child.stdout)
     reports = []
     for backend in backends:
         reports += importlib.import_module(SOURCES[backend]).aot_reports(ARCHS[arch])
