@@ -7,7 +7,7 @@ Scores are recomputed exactly as the forward computed them (scores.py); P = exp2
 import triton
 import triton.language as tl
 
-from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep
+from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
 from .tiles import key_blocks, packed_rows, query_blocks, seq_span
 
 
@@ -35,6 +35,24 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta,
         delta -= tl.load(DLse + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m * stride_lm, mask=m_ok,
                          other=0.0)
     tl.store(Delta + (b * H_Q + h).to(tl.int64) * seqlen_q + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _query_rows(Q, DOut, Lse, Delta, b64, head, rows, row_ok, stride_qb, stride_qh, stride_qm, stride_qd,
+                stride_db, stride_dh, stride_dm, stride_dd, stride_lb, stride_lh, head_dim, head_dim_v,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """q, dO, lse (log2 units, +inf where the row saw no key) and delta of rows (head, rows)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    head64 = head.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + rows[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    do = tl.load(DOut + b64 * stride_db + head64[:, None] * stride_dh + rows[:, None] * stride_dm
+                 + offs_dv[None, :] * stride_dd, mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    stat_rows = b64 * stride_lb + head64 * stride_lh + rows
+    lse = tl.load(Lse + stat_rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + stat_rows, mask=row_ok, other=0.0)
+    return q, do, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), delta
 
 
 @triton.jit
@@ -110,19 +128,8 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
     key_last = tl.minimum(start_n + BLOCK_N, len_k) - 1
     lo, full_lo, full_hi, hi = query_blocks(start_n, key_last, len_q, shift, window_left, window_right,
                                             HAS_LEFT, HAS_RIGHT, BLOCK_M)
-    seed = 0
-    rng_base = 0
-    if DROPOUT:
-        seed = tl.load(Rng)
-        rng_base = tl.load(Rng + 1)
     for g in range(0, group):
-        head = kv_head * group + g
-        slopes = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_ALIBI:
-            slopes += tl.load(Alibi + b * stride_ab + head * stride_ah)
-        q_head = Q + b64 * stride_qb + head.to(tl.int64) * stride_qh
-        do_head = DOut + b64 * stride_db + head.to(tl.int64) * stride_dh
-        stat_head = b64 * stride_lb + head.to(tl.int64) * stride_lh
+        head = tl.zeros([BLOCK_M], tl.int32) + kv_head * group + g
         for seg in tl.static_range(3):
             if seg == 0:
                 seg_lo, seg_hi = lo, full_lo
@@ -133,16 +140,13 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
             for start_m in range(seg_lo, seg_hi, BLOCK_M):
                 offs_i = start_m + tl.arange(0, BLOCK_M)
                 row_ok = offs_i < len_q
-                rows = (q_start + offs_i).to(tl.int64)
-                q = tl.load(q_head + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-                do = tl.load(do_head + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-                lse = tl.load(Lse + stat_head + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + stat_head + rows, mask=row_ok, other=0.0)
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-                mask_rows = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + offs_i.to(tl.int64) * stride_mm
-                rng_rows = rng_base + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
+                q, do, lse2, delta = _query_rows(
+                    Q, DOut, Lse, Delta, b64, head, (q_start + offs_i).to(tl.int64), row_ok, stride_qb, stride_qh,
+                    stride_qm, stride_qd, stride_db, stride_dh, stride_dm, stride_dd, stride_lb, stride_lh,
+                    head_dim, head_dim_v, HEAD_DIM, HEAD_DIM_V)
+                mask_rows, slopes, seed, rng_rows = row_terms(
+                    Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q, seqlen_k, stride_mb, stride_mh,
+                    stride_mm, stride_ab, stride_ah, HAS_ALIBI, DROPOUT, BLOCK_M)
                 p, ds, ds_qk = _probs_and_dscore(
                     q, k, v, do, lse2, delta, offs_i + shift, offs_n, row_ok, mask_rows, stride_mn, slopes, seed,
                     rng_rows, len_k, scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND,
@@ -192,24 +196,13 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
     offs_dv = tl.arange(0, HEAD_DIM_V)
 
     # load q, dO, lse, delta: they stay in SRAM while the key blocks stream by
-    q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    do = tl.load(DOut + b64 * stride_db + head64[:, None] * stride_dh + rows[:, None] * stride_dm
-                 + offs_dv[None, :] * stride_dd, mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    stat_rows = b64 * stride_lb + head64 * stride_lh + rows
-    lse = tl.load(Lse + stat_rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + stat_rows, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    mask_rows = Mask + b64 * stride_mb + head64 * stride_mh + offs_i.to(tl.int64) * stride_mm
+    q, do, lse2, delta = _query_rows(Q, DOut, Lse, Delta, b64, head, rows, row_ok, stride_qb, stride_qh, stride_qm,
+                                     stride_qd, stride_db, stride_dh, stride_dm, stride_dd, stride_lb, stride_lh,
+                                     head_dim, head_dim_v, HEAD_DIM, HEAD_DIM_V)
+    mask_rows, slopes, seed, rng_rows = row_terms(Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q,
+                                                  seqlen_k, stride_mb, stride_mh, stride_mm, stride_ab, stride_ah,
+                                                  HAS_ALIBI, DROPOUT, BLOCK_M)
     dmask_rows = DMask + ((b64 * H_Q + head64) * seqlen_q + offs_i) * seqlen_k
-    slopes = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_ALIBI:
-        slopes = tl.load(Alibi + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0)
-    seed = 0
-    rng_rows = offs_i.to(tl.int64)
-    if DROPOUT:
-        seed = tl.load(Rng)
-        rng_rows = tl.load(Rng + 1) + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
     k_base = K + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
 

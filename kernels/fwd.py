@@ -7,7 +7,7 @@ merges them.
 import triton
 import triton.language as tl
 
-from .scores import band_and_bounds, biased, capped, dropout_keep
+from .scores import band_and_bounds, biased, capped, dropout_keep, row_terms
 from .tiles import key_blocks, packed_rows, seq_span
 
 
@@ -92,15 +92,9 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
     # load q: it stays in SRAM for the whole key loop
     q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + row64[:, None] * stride_qm
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-    mask_rows = Mask + b64 * stride_mb + head64 * stride_mh + offs_i.to(tl.int64) * stride_mm
-    slopes = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_ALIBI:
-        slopes = tl.load(Alibi + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0)
-    seed = 0
-    rng_rows = offs_i.to(tl.int64)
-    if DROPOUT:  # each (batch, head, i, j) has its own Philox counter; backward regenerates the same ones
-        seed = tl.load(Rng)
-        rng_rows = tl.load(Rng + 1) + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
+    mask_rows, slopes, seed, rng_rows = row_terms(Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q,
+                                                  seqlen_k, stride_mb, stride_mh, stride_mm, stride_ab, stride_ah,
+                                                  HAS_ALIBI, DROPOUT, BLOCK_M)
 
     k_base = b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     v_base = b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn

@@ -60,3 +60,21 @@ def biased(s, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k,
 def dropout_keep(seed, rng_offsets, dropout_p):
     """(BLOCK_M, BLOCK_N) True where the weight survives; rng_offsets are unique per (batch, head, i, j)."""
     return tl.rand(seed, rng_offsets) >= dropout_p
+
+
+@triton.jit
+def row_terms(Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q, seqlen_k,
+              stride_mb, stride_mh, stride_mm, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr,
+              DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per-row inputs of the score math for rows (head, offs_i) of batch b (b64: its index into the tensors):
+    -> (mask row pointers, ALiBi slopes, Philox seed, Philox counter of each row's key 0)."""
+    mask_rows = Mask + b64 * stride_mb + head.to(tl.int64) * stride_mh + offs_i.to(tl.int64) * stride_mm
+    slopes = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slopes += tl.load(Alibi + b * stride_ab + head * stride_ah, mask=row_ok, other=0.0)
+    seed = 0
+    rng_rows = offs_i.to(tl.int64)
+    if DROPOUT:  # each (batch, head, i, j) has its own Philox counter; backward regenerates the same ones
+        seed = tl.load(Rng)
+        rng_rows = tl.load(Rng + 1) + ((b * H_Q + head).to(tl.int64) * seqlen_q + offs_i) * seqlen_k
+    return mask_rows, slopes, seed, rng_rows
