@@ -1,0 +1,97 @@
+"""Hugging Face transformers: pyattn as an attention implementation.
+
+    import pyattn.integrations.transformers as pt
+    pt.register()                                   # once; then
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="pyattn")
+
+Two functions are registered under the name. The mask function keeps masks small: for the plain causal and
+sliding-window causal patterns, with the queries ending at the last key (no cache, or a dynamic cache while
+decoding or in chunked prefill), it returns only the (B, S) padding mask, or None without padding, and the
+attention function applies causality (bottom-right aligned), the module's window and softcap inside the
+kernel. Every other pattern (static caches, packed sequences, custom mask functions) gets transformers' own
+dense (B, 1, L, S) bool mask, which the attention function applies as it is. transformers is imported only
+inside these functions: `import pyattn` never needs it.
+"""
+import torch
+
+from ..functional import scaled_dot_product_attention
+
+
+def register(name="pyattn"):
+    """Register pyattn's attention and mask functions with transformers under name; returns name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, attention_mask)
+    return name
+
+
+def _band_window(mask_function):
+    """The pattern of a transformers mask function: 0 for plain causal, w for sliding-window causal of w keys,
+    None for anything else (which then gets a dense mask)."""
+    from transformers import masking_utils
+
+    if mask_function is masking_utils.causal_mask_function:
+        return 0
+    # sliding_window_causal_mask_function(w) is and_masks(sliding_window_overlay(w), causal_mask_function)
+    cells = {name: cell.cell_contents for name, cell in
+             zip(mask_function.__code__.co_freevars, mask_function.__closure__ or ())}
+    parts = cells.get("mask_functions", ())
+    if len(parts) == 2 and parts[1] is masking_utils.causal_mask_function \
+            and parts[0].__qualname__ == masking_utils.sliding_window_overlay.__qualname__ + ".<locals>.inner_mask":
+        overlay = dict(zip(parts[0].__code__.co_freevars, (c.cell_contents for c in parts[0].__closure__)))
+        return overlay.get("sliding_window")
+    return None
+
+
+def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    """transformers' mask interface. attention_mask: (B, >= kv_offset + kv_length) bool padding, True = token.
+
+    -> None or a (B, kv_length) bool padding mask where the kernel can apply the pattern itself, else the dense
+    (B, 1, q_length, kv_length) bool mask (True = attend)."""
+    from transformers import masking_utils
+
+    mask_function = mask_function or masking_utils.causal_mask_function
+    aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
+    window = _band_window(mask_function)
+    if allow_is_causal_skip and aligned and window is not None and window == (local_size or 0):
+        if attention_mask is None:
+            return None
+        padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        padding = padding[:, kv_offset:kv_offset + kv_length]
+        # reading the values would break a compiled graph: there the all-True mask is simply applied
+        if not torch.compiler.is_compiling() and bool(padding.all()):
+            return None
+        return padding
+    return masking_utils.sdpa_mask(
+        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+        attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False, **kwargs)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      sliding_window=None, softcap=None, **kwargs):
+    """transformers' attention interface: query (B, Hq, L, E), key, value (B, Hkv, S, E) -> ((B, L, Hq, E), None).
+
+    attention_mask is what attention_mask() returned (or a mask the caller prepared): None or (B, S) padding
+    means causality and window come from the module and run in the kernel; a 4-D mask is applied as given.
+    """
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("pyattn's transformers attention does not take position_bias (T5-style relative "
+                         "attention bias); use attn_implementation='eager' or 'sdpa' for such models")
+    opts = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1], softcap=softcap)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, **opts)
+    else:
+        B, S = key.shape[0], key.shape[2]
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"a 2-D attention_mask must be the (batch, keys) padding mask {(B, S)}, got "
+                             f"{tuple(attention_mask.shape)} (query {tuple(query.shape)}, key {tuple(key.shape)})")
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        window = None if sliding_window is None else (sliding_window - 1, sliding_window - 1)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :]  # (B, 1, 1, S) view
+        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=bool(causal),
+                                           window_size=window, causal_alignment="bottom_right", **opts)
+    return out.transpose(1, 2).contiguous(), None
