@@ -6,6 +6,7 @@ float64, baseline eager in the tested dtype. Padding is on the right there: eage
 float32, where a fully masked (left-padded) row of float64 min values turns into NaN. Left padding is
 checked by greedy generation, which must give the same tokens.
 """
+import functools
 import subprocess
 import sys
 
@@ -188,9 +189,10 @@ def _padding(S):
                    local_size=2), (2, 1, 5, 5)),
     (lambda: _mask(masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, k: k > 0),
                    allow_is_causal_skip=False), (2, 1, 5, 5)),
+    (lambda: _mask(functools.partial(masking_utils.causal_mask_function)), (2, 1, 5, 5)),
 ], ids=["causal", "causal-all-ones", "causal-padding", "decode-padding", "window-past-padding",
         "window-cache-padding",
-        "static-cache-dense", "chunked-dense", "custom-dense"])
+        "static-cache-dense", "chunked-dense", "custom-dense", "callable-object-dense"])
 def test_mask_is_small_for_bands(call, shape):
     """Causal and window patterns give at most a (B, S) padding mask; anything else transformers' dense mask."""
     mask = call()

@@ -35,14 +35,18 @@ def _band_window(mask_function):
     if mask_function is masking_utils.causal_mask_function:
         return 0
     # sliding_window_causal_mask_function(w) is and_masks(sliding_window_overlay(w), causal_mask_function)
-    cells = {name: cell.cell_contents for name, cell in
-             zip(mask_function.__code__.co_freevars, mask_function.__closure__ or ())}
-    parts = cells.get("mask_functions", ())
+    parts = _closure(mask_function).get("mask_functions", ())
+    overlay = masking_utils.sliding_window_overlay.__qualname__ + ".<locals>.inner_mask"
     if len(parts) == 2 and parts[1] is masking_utils.causal_mask_function \
-            and parts[0].__qualname__ == masking_utils.sliding_window_overlay.__qualname__ + ".<locals>.inner_mask":
-        overlay = dict(zip(parts[0].__code__.co_freevars, (c.cell_contents for c in parts[0].__closure__)))
-        return overlay.get("sliding_window")
+            and getattr(parts[0], "__qualname__", None) == overlay:
+        return _closure(parts[0]).get("sliding_window")
     return None
+
+
+def _closure(fn):
+    """The variables a nested function captured, by name ({} for other callables)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    return {} if code is None else {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
 
 
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -55,8 +59,7 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
 
     mask_function = mask_function or masking_utils.causal_mask_function
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
-    window = _band_window(mask_function)
-    if allow_is_causal_skip and aligned and window is not None and window == (local_size or 0):
+    if allow_is_causal_skip and aligned and _band_window(mask_function) == (local_size or 0):
         if attention_mask is None:
             return None
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
