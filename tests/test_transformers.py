@@ -9,6 +9,7 @@ checked by greedy generation, which must give the same tokens.
 import functools
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,6 +153,17 @@ def test_greedy_generation_left_padded(saved, family, device, seen_masks):
 
 
 @devices
+def test_compiled_model_fullgraph(saved, device):
+    """The attention and mask functions trace into one graph (no closure inspection, no value reads)."""
+    torch._dynamo.reset()
+    ids, mask = tokens(device, right_pad=5)
+    model = load(saved("gemma2-softcap-window"), "pyattn", torch.float32, device)
+    compiled = torch.compile(lambda i, m: model(i, attention_mask=m).logits, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask), model(ids, attention_mask=mask).logits)
+
+
+@devices
 def test_static_cache_generation(saved, device, seen_masks):
     """A static cache ends keys past the queries: the mask function falls back to the dense mask."""
     ids, mask = tokens(device, L=12)
@@ -169,6 +181,9 @@ def _mask(mask_function=masking_utils.causal_mask_function, padding=None, q_offs
                                     mask_function=mask_function, attention_mask=padding, **kw)
 
 
+WINDOW3 = SimpleNamespace(sliding_window=3)
+
+
 def _padding(S):
     padding = torch.ones(2, S, dtype=torch.bool)
     padding[1, :2] = False
@@ -181,12 +196,12 @@ def _padding(S):
     (lambda: _mask(padding=_padding(5)), (2, 5)),
     (lambda: _mask(padding=_padding(9), q_offset=8, q_length=1, kv_length=9), (2, 9)),
     (lambda: _mask(masking_utils.sliding_window_causal_mask_function(3), _padding(9), q_offset=8, q_length=1,
-                   kv_offset=6, kv_length=3, local_size=3), None),
+                   kv_offset=6, kv_length=3, local_size=3, config=WINDOW3), None),
     (lambda: _mask(masking_utils.sliding_window_causal_mask_function(3), _padding(4), q_offset=3, q_length=1,
-                   kv_offset=1, kv_length=3, local_size=3), (2, 3)),
+                   kv_offset=1, kv_length=3, local_size=3, config=WINDOW3), (2, 3)),
     (lambda: _mask(padding=_padding(5), q_offset=torch.tensor(3), q_length=2, kv_length=8), (2, 1, 2, 8)),
     (lambda: _mask(masking_utils.chunked_causal_mask_function(2, torch.zeros(2, dtype=torch.long)),
-                   local_size=2), (2, 1, 5, 5)),
+                   local_size=2, config=SimpleNamespace(sliding_window=3, attention_chunk_size=2)), (2, 1, 5, 5)),
     (lambda: _mask(masking_utils.and_masks(masking_utils.causal_mask_function, lambda b, h, q, k: k > 0),
                    allow_is_causal_skip=False), (2, 1, 5, 5)),
     (lambda: _mask(functools.partial(masking_utils.causal_mask_function)), (2, 1, 5, 5)),

@@ -27,30 +27,25 @@ def register(name="pyattn"):
     return name
 
 
-def _band_window(mask_function):
-    """The pattern of a transformers mask function: 0 for plain causal, w for sliding-window causal of w keys,
-    None for anything else (which then gets a dense mask)."""
+def _band_window(mask_function, local_size, config):
+    """0 for the plain causal pattern, w for sliding-window causal over w keys, None for anything else.
+
+    Asked only of masks that transformers lets skip (allow_is_causal_skip): those come from create_causal_mask
+    (causal_mask_function), create_sliding_window_causal_mask (local_size = config.sliding_window) or
+    create_chunked_causal_mask (local_size = config.attention_chunk_size). The window is told apart by the
+    config rather than by looking into mask_function's closure, which torch.compile cannot trace."""
     from transformers import masking_utils
 
     if mask_function is masking_utils.causal_mask_function:
-        return 0
-    # sliding_window_causal_mask_function(w) is and_masks(sliding_window_overlay(w), causal_mask_function)
-    parts = _closure(mask_function).get("mask_functions", ())
-    overlay = masking_utils.sliding_window_overlay.__qualname__ + ".<locals>.inner_mask"
-    if len(parts) == 2 and parts[1] is masking_utils.causal_mask_function \
-            and getattr(parts[0], "__qualname__", None) == overlay:
-        return _closure(parts[0]).get("sliding_window")
+        return 0 if local_size is None else None
+    if local_size is not None and local_size == getattr(config, "sliding_window", None) \
+            and local_size != getattr(config, "attention_chunk_size", None):
+        return local_size
     return None
 
 
-def _closure(fn):
-    """The variables a nested function captured, by name ({} for other callables)."""
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-    return {} if code is None else {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
-
-
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                   attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+                   attention_mask=None, local_size=None, allow_is_causal_skip=True, config=None, **kwargs):
     """transformers' mask interface. attention_mask: (B, >= kv_offset + kv_length) bool padding, True = token.
 
     -> None or a (B, kv_length) bool padding mask where the kernel can apply the pattern itself, else the dense
@@ -59,7 +54,7 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
 
     mask_function = mask_function or masking_utils.causal_mask_function
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
-    if allow_is_causal_skip and aligned and _band_window(mask_function) == (local_size or 0):
+    if allow_is_causal_skip and aligned and _band_window(mask_function, local_size, config) is not None:
         if attention_mask is None:
             return None
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
@@ -71,7 +66,7 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
     return masking_utils.sdpa_mask(
         batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
         attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,
-        allow_is_bidirectional_skip=False, **kwargs)
+        allow_is_bidirectional_skip=False, config=config, **kwargs)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
