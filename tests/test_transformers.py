@@ -214,7 +214,7 @@ def test_mask_is_small_for_bands(call, shape):
     assert (None if mask is None else tuple(mask.shape)) == shape
 
 
-def test_wrong_2d_mask_and_position_bias_raise():
+def test_wrong_2d_mask_and_unsupported_arguments_raise():
     class Module(torch.nn.Module):
         is_causal = True
 
@@ -223,6 +223,8 @@ def test_wrong_2d_mask_and_position_bias_raise():
         pyattn_hf.attention_forward(Module(), q, k, k, torch.ones(2, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="position_bias"):
         pyattn_hf.attention_forward(Module(), q, k, k, None, position_bias=torch.zeros(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="attention sinks"):
+        pyattn_hf.attention_forward(Module(), q, k, k, None, s_aux=torch.zeros(4))
 
 
 def test_import_pyattn_does_not_import_transformers():

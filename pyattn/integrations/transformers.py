@@ -69,6 +69,10 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
         allow_is_bidirectional_skip=False, config=config, **kwargs)
 
 
+# arguments of some models' attention that change its math and that pyattn's kernels do not compute
+UNSUPPORTED = {"position_bias": "T5-style relative attention bias", "s_aux": "attention sinks"}
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       sliding_window=None, softcap=None, **kwargs):
     """transformers' attention interface: query (B, Hq, L, E), key, value (B, Hkv, S, E) -> ((B, L, Hq, E), None).
@@ -76,9 +80,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     attention_mask is what attention_mask() returned (or a mask the caller prepared): None or (B, S) padding
     means causality and window come from the module and run in the kernel; a 4-D mask is applied as given.
     """
-    if kwargs.get("position_bias") is not None:
-        raise ValueError("pyattn's transformers attention does not take position_bias (T5-style relative "
-                         "attention bias); use attn_implementation='eager' or 'sdpa' for such models")
+    unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"pyattn's transformers attention does not take {', '.join(unsupported)} "
+                         f"({', '.join(UNSUPPORTED[n] for n in unsupported)}); use attn_implementation='eager'")
     opts = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1], softcap=softcap)
     if attention_mask is not None and attention_mask.dim() == 4:
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, **opts)
