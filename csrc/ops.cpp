@@ -11,15 +11,15 @@ TORCH_LIBRARY(pyattn, m) {
   // Semantics: csrc/params.h.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, "
-      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, "
+      "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, "
       "int window_right, bool bottom_right, float softcap, float dropout_p, Tensor? rng_state) "
       "-> (Tensor out, Tensor lse)");
   // Gradients of fwd. dlse: optional gradient of lse. dmask (B, Hq, L, S) float32 when mask_grad,
   // else an empty tensor.
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? mask, "
-      "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
+      "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
       "float dropout_p, Tensor? rng_state, bool mask_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
   // The keep-mask (B, H, L, S) bool that the CPU kernels draw for (seed, offset): for tests and debugging.

@@ -1,7 +1,9 @@
 """pyattn: fused attention for PyTorch."""
 from .backends import available_backends
 from .functional import explain, scaled_dot_product_attention, varlen_attention
+from .nn import MultiheadAttention, replace_attention
 from .ops import build_info
 
 __version__ = "0.1.0"
-__all__ = ["scaled_dot_product_attention", "varlen_attention", "explain", "available_backends", "build_info"]
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "MultiheadAttention", "replace_attention", "explain",
+           "available_backends", "build_info"]

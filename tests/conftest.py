@@ -278,3 +278,10 @@ def sample_inputs(dtypes=(torch.float32,), which=("torch", "extras", "varlen"), 
         for dtype in dtypes:
             params.append(pytest.param(c, dtype, id=f"{c.id}-{dtype_id(dtype)}"))
     return params
+
+
+def device_params():
+    """pytest.param(device) for "cpu" and "cuda"; the CUDA one skips where CUDA is absent."""
+    return [pytest.param("cpu", id="cpu"),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="CUDA is not available"))]
