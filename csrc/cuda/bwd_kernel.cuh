@@ -32,9 +32,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const AttnBwdParams p, float
   float acc = 0.f;
   for (int c = lane; c < p.head_dim_v; c += 32)
     acc += to_float<kBf16>(o[c * p.out_strides.col]) * to_float<kBf16>(dout[c * p.dout_strides.col]);
-  acc += __shfl_xor_sync(0xffffffffu, acc, 16);
-  acc += __shfl_xor_sync(0xffffffffu, acc, 8);
-  acc = quad_sum(acc);
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
   if (lane == 0) {
     const int64_t row = s.q_row0 + i;
     if (p.dlse) acc -= p.dlse[s.batch * p.dlse_strides.batch + h * p.dlse_strides.head + row * p.dlse_strides.row];

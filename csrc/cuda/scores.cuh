@@ -41,16 +41,20 @@ __device__ __forceinline__ int64_t row_offset(const Strides4& st, const Seq& s, 
 }
 
 // Keys a block of queries [i0, i1] can see: [lo, hi] (hi < lo when none), from the window and the length.
+// In 64-bit: a window may be wider than any int.
 __device__ __forceinline__ void key_range(const AttnParams& p, const Seq& s, int i0, int i1, int& lo, int& hi) {
-  lo = p.window_left < 0 ? 0 : max(0, static_cast<int>(i0 + s.shift - p.window_left));
-  hi = p.window_right < 0 ? s.len_k - 1 : min(s.len_k - 1, static_cast<int>(i1 + s.shift + p.window_right));
+  lo = p.window_left < 0 ? 0 : static_cast<int>(max(int64_t{0}, i0 + s.shift - p.window_left));
+  hi = p.window_right < 0 ? s.len_k - 1 : static_cast<int>(min(int64_t{s.len_k - 1}, i1 + s.shift + p.window_right));
 }
 
 // Queries a block of keys [j0, j1] is seen by: the inverse of key_range.
 __device__ __forceinline__ void query_range(const AttnParams& p, const Seq& s, int j0, int j1, int& lo, int& hi) {
-  lo = p.window_right < 0 ? 0 : max(0, static_cast<int>(j0 - p.window_right - s.shift));
-  hi = p.window_left < 0 ? s.len_q - 1 : min(s.len_q - 1, static_cast<int>(j1 + p.window_left - s.shift));
+  lo = p.window_right < 0 ? 0 : static_cast<int>(max(int64_t{0}, j0 - p.window_right - s.shift));
+  hi = p.window_left < 0 ? s.len_q - 1 : static_cast<int>(min(int64_t{s.len_q - 1}, j1 + p.window_left - s.shift));
 }
+
+// A window side as an int: -1 (unbounded) stays, anything wider than every sequence is clamped.
+__device__ __forceinline__ int window_side(int64_t w) { return w < 0 ? -1 : static_cast<int>(min(w, int64_t{1} << 30)); }
 
 template <bool kBf16, bool kWindow>
 struct ScoreMod {
@@ -81,8 +85,8 @@ struct ScoreMod {
       mask_col = ms.col;
       mask_kind = p.mask_kind;
     }
-    window_left = static_cast<int>(p.window_left);
-    window_right = static_cast<int>(p.window_right);
+    window_left = window_side(p.window_left);
+    window_right = window_side(p.window_right);
     shift = s.shift;
     len_q = s.len_q;
     len_k = s.len_k;

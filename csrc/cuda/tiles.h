@@ -15,7 +15,7 @@ template <int D>
 struct FwdTiles {
   static_assert(D % 64 == 0 && D <= 256, "padded head dim must be 64, 128, 192 or 256");
   static constexpr int kBlockM = 128;  // queries per CTA (FlashAttention-2's sm_80 choice for d <= 256)
-  static constexpr int kBlockN = D <= 192 ? 64 : 32;  // keys per step
+  static constexpr int kBlockN = D <= 192 ? 64 : 16;  // keys per step
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kSmem = (kBlockM + 2 * kBlockN) * D * kElemBytes;  // Q, K, V
 };
