@@ -13,8 +13,10 @@ import torch.nn.functional as F
 import pyattn
 
 # Backends under test. "cpu" is required: `make test` always builds pyattn._C, so a missing kernel fails.
-# Later: "triton" (CUDA, or the interpreter with TRITON_INTERPRET=1) and "cuda".
-BACKENDS = ["cpu", "reference"]
+# "cuda" runs where CUDA exists (skipped elsewhere). Later: "triton" (CUDA, or the interpreter).
+BACKENDS = ["cpu", "reference", "cuda"]
+# dtypes of the backends that do not take all four; tests whose dtype is fixed run these in their first one
+BACKEND_DTYPES = {"cuda": (torch.float16, torch.bfloat16)}
 FUSED = ("cpu", "triton", "cuda")
 
 
@@ -22,6 +24,23 @@ def backend_device(backend):
     if backend == "triton":
         return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     return "cuda" if backend == "cuda" else "cpu"
+
+
+def default_dtype(backend):
+    """The dtype a test without a dtype parameter runs in: float32, or the backend's first dtype."""
+    return BACKEND_DTYPES.get(backend, (torch.float32,))[0]
+
+
+def on_device(fn, device):
+    """fn with its tensor arguments moved to device and its outputs moved back to where the first tensor argument
+    was: the same CPU tensors, oracle and baseline then serve a GPU backend (the moves are differentiable)."""
+    def run(*args, **kwargs):
+        home = next((x.device for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        out = fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+        back = lambda x: x.to(home) if home is not None else x  # noqa: E731
+        return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
+    return run
 
 
 def backend_params(backends=None, fused_only=False):
@@ -52,6 +71,9 @@ def _backend_must_exist(request):
         from pyattn import ops
         pytest.fail(f"backend {backend!r} is required but not available (build pyattn._C: `make build`): "
                     f"{ops.load_error()}", pytrace=False)
+    dtype = callspec.params.get("dtype") if callspec else None
+    if isinstance(dtype, torch.dtype) and dtype not in BACKEND_DTYPES.get(backend, (dtype,)):
+        pytest.skip(f"backend {backend!r} does not take {dtype}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import backend_params, check_fwd_bwd, dtype_id, sample_inputs
+from conftest import backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, on_device, sample_inputs
 
 LOW = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -18,13 +18,14 @@ ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def sdpa_of(backend):
     if backend == "torch":
         return F.scaled_dot_product_attention
-    return functools.partial(pyattn.scaled_dot_product_attention, backend=backend)
+    return on_device(functools.partial(pyattn.scaled_dot_product_attention, backend=backend), backend_device(backend))
 
 
-def check(backend, fn, tensors, dtype=torch.float32, grad_names=("q", "k", "v"), torch_fn=None, **kw):
+def check(backend, fn, tensors, dtype=None, grad_names=("q", "k", "v"), torch_fn=None, **kw):
     """fn(sdpa, **tensors) -> output, run with ours, torch in dtype and torch in float64 (torch_fn replaces fn
-    for torch where torch needs the arguments spelled differently)."""
+    for torch where torch needs the arguments spelled differently). dtype: the backend's default if None."""
     torch_fn = torch_fn or fn
+    dtype = dtype or default_dtype(backend)
     return check_fwd_bwd(lambda **t: fn(sdpa_of(backend), **t), lambda **t: torch_fn(sdpa_of("torch"), **t),
                          lambda **t: torch_fn(sdpa_of("torch"), **t), tensors, dtype, grad_names, **kw)
 

@@ -10,18 +10,22 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import CASES, backend_params, check_fwd_bwd, dtype_id, sample_inputs
+from conftest import (CASES, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, on_device,
+                      sample_inputs)
 
 fused = pytest.mark.parametrize("backend,device", backend_params(fused_only=True))
 
 
 def attn(backend, q, k, v, attn_mask=None, alibi_slopes=None, **kw):
-    return pyattn.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
-                                               backend=backend, **kw)
+    """pyattn with this backend, run on the backend's device; results come back to the inputs' device."""
+    return on_device(pyattn.scaled_dot_product_attention, backend_device(backend))(
+        q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, backend=backend, **kw)
 
 
-def check(backend, tensors, dtype=torch.float32, grad_names=("q", "k", "v"), fn=attn, **kw):
-    """fn(backend, **tensors): ours vs the reference in float64, baseline = the reference in dtype."""
+def check(backend, tensors, dtype=None, grad_names=("q", "k", "v"), fn=attn, **kw):
+    """fn(backend, **tensors): ours vs the reference in float64, baseline = the reference in dtype (None: the
+    backend's default)."""
+    dtype = dtype or default_dtype(backend)
     out_names = kw.pop("out_names", ("out", "lse"))
     return check_fwd_bwd(lambda **t: fn(backend, **t, **kw), lambda **t: fn("reference", **t, **kw),
                          lambda **t: fn("reference", **t, **kw), tensors, dtype, grad_names, out_names=out_names)
@@ -216,8 +220,9 @@ def test_lse_of_fully_masked_rows(backend, device):
 # varlen
 
 def varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, lens=None, alibi_slopes=None, **kw):
-    return pyattn.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max(lens[0]), max(lens[1]),
-                                   alibi_slopes=alibi_slopes, backend=backend, **kw)
+    return on_device(pyattn.varlen_attention, backend_device(backend))(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max(lens[0]), max(lens[1]), alibi_slopes=alibi_slopes, backend=backend,
+        **kw)
 
 
 def packed(lens_q, lens_k, hq, hkv, e, ev=None):
