@@ -23,9 +23,9 @@ CACHE = os.path.join(ROOT, "build", "cuda_aot")
 FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
 GENCODE = {80: "arch=compute_80,code=sm_80", 90: "arch=compute_90a,code=sm_90a"}
 # kernel (part of the mangled name) -> the tiles.h constant holding its dynamic shared memory (None: static)
-KERNELS = {"fwd_kernel": "FwdTiles<{d}>::kSmem", "dkdv_kernel": "BwdTiles<{d}>::kDkvSmem",
+KERNELS = {"fwd_kernel": "FwdTiles<{d}>::kSmem", "fwd_sm90_kernel": "Sm90Tiles::kSmem", "dkdv_kernel": "BwdTiles<{d}>::kDkvSmem",
            "dq_kernel": "BwdTiles<{d}>::kDqSmem", "delta_kernel": None}
-INSTANCE = re.compile(r"(fwd|bwd)_(fp16|bf16)_d(\d+)(_causal)?$")
+INSTANCE = re.compile(r"(fwd|bwd|fwd_sm90)_(fp16|bf16)_d(\d+)(_causal)?$")
 
 
 def find_nvcc():
@@ -41,11 +41,12 @@ def nvcc():
     return found
 
 
-def instances():
-    """Names of the instantiation files (fwd_bf16_d128_causal, ...), sorted."""
+def instances(arch: int):
+    """Names of the instantiation files (fwd_bf16_d128_causal, ...) that hold code for sm_<arch>, sorted: the
+    fwd_sm90 ones compile to empty kernels below sm_90a."""
     if not os.path.isdir(INST):
         raise RuntimeError(f"pyattn.cuda_aot needs the sources in {INST} (a source checkout)")
-    return sorted(f[:-3] for f in os.listdir(INST) if f.endswith(".cu"))
+    return sorted(f[:-3] for f in os.listdir(INST) if f.endswith(".cu") and (arch >= 90 or "sm90" not in f))
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,11 +102,11 @@ def reports_of(instance: str, arch: int) -> list[dict]:
     binary = cubin(instance, arch)
     out = []
     for function in sorted(sass.resource_usage(binary)):
-        kernel = next((k for k in KERNELS if k in function), None)
+        kernel = next((k for k in KERNELS if f"{len(k)}{k}" in function), None)  # mangled: length, then name
         if kernel is None:
             continue
         smem = dynamic_smem()[KERNELS[kernel].format(d=d)] if KERNELS[kernel] else 0
-        part = "fwd" if kind == "fwd" else "bwd_" + kernel[:-len("_kernel")]
+        part = kind if kind.startswith("fwd") else "bwd_" + kernel[:-len("_kernel")]
         # the delta prepass does not depend on the head dim or the window
         name = f"cuda_{part}_{dtype}" + ("" if part == "bwd_delta" else f"_d{d}{causal or ''}")
         out.append({"name": name, "backend": "cuda", "arch": f"sm_{arch}", "function": function,
@@ -118,7 +119,7 @@ def aot_reports(arch: int, only=None) -> list[dict]:
     (90 means sm_90a). Compiles in parallel, one nvcc per core."""
     if arch not in GENCODE:
         raise ValueError(f"arch must be one of {sorted(GENCODE)}, got {arch}")
-    names = list(only) if only is not None else instances()
+    names = list(only) if only is not None else instances(arch)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1))) as pool:
         per_instance = list(pool.map(lambda n: reports_of(n, arch), names))
     seen, reports = set(), []

@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -32,13 +34,30 @@ at::Tensor aligned(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// Checks what only these kernels require; returns the padded head dim of the instantiation to run.
-int check_kernel_limits(const AttnParams& p, const at::Tensor& q, double dropout_p) {
+struct Choice {
+  int head_dim;  // padded: 64, 128, 192 or 256
+  bool sm90;     // the TMA + wgmma forward applies (it may still decline: run_fwd_sm90 returns false)
+};
+
+// The sm_90a forward runs on compute capability 9.0 when this build has an sm_90a image and head dims pad
+// to 128. PYATTN_CUDA_SM90=0 keeps Hopper on the sm_80 path (to compare the two).
+bool use_sm90(int major, int minor, int head_dim) {
+  static const bool built = std::string(PYATTN_CUDA_ARCHS).find("9.0a") != std::string::npos;
+  static const bool allowed = [] {
+    const char* env = std::getenv("PYATTN_CUDA_SM90");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return built && allowed && major == 9 && minor == 0 && head_dim == 128;
+}
+
+// Checks what only these kernels require; picks the instantiation to run.
+Choice check_kernel_limits(const AttnParams& p, const at::Tensor& q, double dropout_p) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "pyattn cuda: q must be float16 or bfloat16, got ", dt);
   TORCH_CHECK(dropout_p == 0, "pyattn cuda: dropout is not supported (dropout_p = ", dropout_p, ")");
-  int major = 0;
+  int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
   TORCH_CHECK(major >= 8, "pyattn cuda: needs compute capability 8.0 or newer (bf16 mma.sync), got ", major, ".x");
   const int64_t E = p.head_dim, Ev = p.head_dim_v;
   TORCH_CHECK(E % 8 == 0 && Ev % 8 == 0 && E > 0 && Ev > 0 && std::max(E, Ev) <= kMaxHeadDim,
@@ -46,7 +65,8 @@ int check_kernel_limits(const AttnParams& p, const at::Tensor& q, double dropout
               kMaxHeadDim, "]");
   TORCH_CHECK(p.heads_q <= 65535 && p.heads_kv <= 65535 && p.batch <= 65535, "pyattn cuda: q ", q.sizes(),
               ": at most 65535 heads and batch entries (grid y and z)");
-  return static_cast<int>((std::max(E, Ev) + 63) / 64 * 64);
+  const int d = static_cast<int>((std::max(E, Ev) + 63) / 64 * 64);
+  return {d, use_sm90(major, minor, d)};
 }
 
 // Calls f(bf16, D, window) with compile-time constants for the runtime choice.
@@ -83,12 +103,16 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   AttnParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
               window_left, window_right, bottom_right, softcap, dropout_p);
-  const int d = check_kernel_limits(p, q, dropout_p);
+  const Choice choice = check_kernel_limits(p, q, dropout_p);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_instantiation(q.scalar_type() == at::kBFloat16, d, uses_window(p), [&](auto b, auto dim, auto w) {
-    run_fwd<decltype(b)::value, decltype(dim)::value, decltype(w)::value>(p, stream);
+  with_instantiation(q.scalar_type() == at::kBFloat16, choice.head_dim, uses_window(p), [&](auto b, auto dim, auto w) {
+    constexpr bool kBf16 = decltype(b)::value, kWindow = decltype(w)::value;
+    if constexpr (decltype(dim)::value == 128) {
+      if (choice.sm90 && run_fwd_sm90<kBf16, kWindow>(p, q.size(2), k.size(2), q.size(0), stream)) return;
+    }
+    run_fwd<kBf16, decltype(dim)::value, kWindow>(p, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -109,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   AttnBwdParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
               window_left, window_right, bottom_right, softcap, dropout_p);
-  const int d = check_kernel_limits(p, q, dropout_p);
+  const int d = check_kernel_limits(p, q, dropout_p).head_dim;
   auto [dq, dk, dv, dmask] =
       prepare_bwd(host, p, dout, q, k, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);
   if (q.numel() + k.numel() + v.numel() == 0 || p.batch == 0) return {dq, dk, dv, dmask};

@@ -17,4 +17,9 @@ void run_fwd(const AttnParams& p, cudaStream_t stream);
 template <bool kBf16, int kD, bool kWindow>
 void run_bwd(const AttnBwdParams& p, float* delta, int64_t rows, cudaStream_t stream);
 
+// sm_90a forward for head dims padded to 128 (TMA + wgmma). q_rows, k_rows, q_batch: the tensors' row and
+// batch extents (packed rows when varlen). False when TMA cannot describe the tensors: use run_fwd then.
+template <bool kBf16, bool kWindow>
+bool run_fwd_sm90(const AttnParams& p, int64_t q_rows, int64_t k_rows, int64_t q_batch, cudaStream_t stream);
+
 }  // namespace pyattn::cuda

@@ -4,6 +4,7 @@
 #pragma once
 #include "cuda/scores.cuh"
 #include "cuda/smem_tile.cuh"
+#include "cuda/softmax.cuh"
 #include "cuda/tiles.h"
 #include "params.h"
 
@@ -25,7 +26,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
   const int m0 = m_block * kM;
   if (m0 >= s.len_q) return;  // varlen: this sequence is shorter than the longest
   const int hk = h / static_cast<int>(p.heads_q / p.heads_kv);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4;
   const ScoreMod<kBf16, kWindow> mod(p, s, b, h);
 
   const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, s, s.q_row0, h, m0);
@@ -44,8 +45,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
   cp_async_commit();
 
   float o[D / 8][4] = {};
-  float m_i[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g, g+8
-  float l_i[2] = {0.f, 0.f};              // this lane's part of the running sum
+  RowStats st;
   const int r_warp = warp * 16;
 
   for (int nb = n_first; nb <= n_last; ++nb) {
@@ -57,39 +57,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
 
     float sc[kN / 8][4] = {};
     gemm_abt<kBf16, D, kN / 8>(sc, sQ, r_warp, sK, 0);
-
-    // scores -> log2 units, masked; row max over the block
-    const bool full = !mod.elementwise && n0 + kN <= s.len_k;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kN / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = m0 + r_warp + g + (e / 2) * 8, j = n0 + n * 8 + 2 * t + (e & 1);
-        sc[n][e] = full ? sc[n][e] * mod.scale_log2 : mod(sc[n][e], i, j);
-        mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
-      }
-    float m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m_i[r], quad_max(mx[r]));
-      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a row masked so far: exp2(-inf - 0) = 0, never NaN
-      const float corr = exp2f(m_i[r] - m_use[r]);
-      m_i[r] = m_new;
-      l_i[r] *= corr;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][2 * r] *= corr;
-        o[n][2 * r + 1] *= corr;
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kN / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[n][e] = exp2f(sc[n][e] - m_use[e / 2]);
-        l_i[e / 2] += sc[n][e];
-      }
+    softmax_step(sc, o, st, mod, !mod.elementwise && n0 + kN <= s.len_k, m0 + r_warp + g, n0);
 
     cp_async_wait_all();
     __syncthreads();  // V(nb) landed; every warp finished reading K(nb)
@@ -100,20 +68,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
     gemm_pb<kBf16, D, kN / 16>(o, sc, sV, 0);
   }
   cp_async_wait_all();  // with no key block, Q's copy is still in flight
-
-  // out = o / l; lse = m + log(l) in natural units; rows that saw no key: out 0, lse -inf
-  float inv[2];
-  const int64_t lse_row0 = s.batch * p.lse_strides.batch + h * p.lse_strides.head + s.q_row0 * p.lse_strides.row;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(l_i[r]);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const int i = m0 + r_warp + g + 8 * r;
-    if (t == 0 && i < s.len_q)
-      p.lse[lse_row0 + i * p.lse_strides.row] = l > 0.f ? m_i[r] * kLn2 + logf(l) : -INFINITY;
-  }
-  T* out = static_cast<T*>(p.out) + row_offset(p.out_strides, s, s.q_row0, h, m0);
-  store_acc<kBf16, D>(out, p.out_strides.row, o, r_warp, s.len_q - m0, Ev, inv);
+  store_out_lse<kBf16, D>(p, s, h, m0, r_warp, st, o);
 }
 
 }  // namespace pyattn::cuda

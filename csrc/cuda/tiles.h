@@ -38,4 +38,15 @@ struct BwdTiles {
   static constexpr int kDeltaWarps = 8;  // delta prepass: one warp per query row
 };
 
+// sm_90a forward (fwd_sm90_kernel.cuh): head dims padded to 128, a producer warpgroup and two consumer
+// warpgroups of 64 query rows, K/V in a two-stage ring of TMA boxes (64 columns x 128 rows, 128-byte swizzle).
+struct Sm90Tiles {
+  static constexpr int kD = 128, kBlockM = 128, kBlockN = 128, kStages = 2;
+  static constexpr int kThreads = 3 * 128;
+  static constexpr int kBoxBytes = 64 * kElemBytes * 128;
+  static constexpr int kTileBytes = 2 * kBoxBytes;  // 128 columns
+  // Q, then K and V per stage, then the barriers; +1024 to align the tiles for the 128-byte swizzle
+  static constexpr int kSmem = (1 + 2 * kStages) * kTileBytes + 64 + 1024;
+};
+
 }  // namespace pyattn::cuda
