@@ -231,7 +231,7 @@ def test_one_bigger_case(backend, device):
 @backends
 def test_output_layout(backend, device):
     """Same shape and dtype as torch, on the input's device; inputs are not modified."""
-    t = qkv((2, 3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 8))
+    t = {n: x.to(default_dtype(backend)) for n, x in qkv((2, 3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 8)).items()}
     before = {n: x.clone() for n, x in t.items()}
     out = sdpa_of(backend)(t["q"], t["k"], t["v"])
     ref = F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
