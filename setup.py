@@ -3,7 +3,7 @@
 Hermetic: no downloads, no git. Environment switches:
   PYATTN_SKIP_CUDA_BUILD=1   never build CUDA sources
   PYATTN_FORCE_CUDA=1        build them even when no GPU is visible (needs nvcc and a CUDA torch)
-  TORCH_CUDA_ARCH_LIST       defaults to "8.0;9.0" when no GPU is visible
+  TORCH_CUDA_ARCH_LIST       defaults to the visible GPUs, else "8.0;9.0"; 9.0 is built as sm_90a
   PYATTN_CPU_ARCH            -march for the CPU kernel (default: native; the build machine's ISA)
   MAX_JOBS, NVCC_THREADS     build parallelism
 """
@@ -30,6 +30,17 @@ def want_cuda():
     return has_toolchain and bool(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
 
 
+def cuda_archs():
+    """TORCH_CUDA_ARCH_LIST, else the visible GPUs' archs, else "8.0;9.0"; 9.0 becomes 9.0a (Hopper-only
+    instructions). Every kernel also runs on its sm_80 path, so any sm_80+ arch works."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if not archs and torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        archs = ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    archs = archs or "8.0;9.0"
+    return ";".join("9.0a" if a.strip() == "9.0" else a.strip() for a in archs.replace(" ", ";").split(";") if a)
+
+
 def extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc/*.cpp")) + glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))
@@ -40,14 +51,13 @@ def extension():
     if not want_cuda():
         return CppExtension("pyattn._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    archs = cuda_archs()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     sources += rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cpp"), recursive=True))
     cuda_defines = ["-DPYATTN_WITH_CUDA", f'-DPYATTN_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
-            f"--threads={os.environ.get('NVCC_THREADS', '4')}", *defines, *cuda_defines]
+            f"--threads={os.environ.get('NVCC_THREADS', '4')}", *defines, *cuda_defines]  # as pyattn/cuda_aot.py
     return CUDAExtension("pyattn._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])

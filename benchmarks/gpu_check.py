@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,21 @@ def _counts(pytest_output):
     return counts
 
 
+def _sanitizer(deadline_s):
+    """compute-sanitizer memcheck and racecheck over benchmarks.sanitize: {tool: "ok" | "errors" | ...}."""
+    tool = shutil.which("compute-sanitizer") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                             "compute-sanitizer")
+    if not os.access(tool, os.X_OK):
+        return {"memcheck": "no compute-sanitizer", "racecheck": "no compute-sanitizer"}, ""
+    verdicts, logs = {}, ""
+    for check in ("memcheck", "racecheck"):
+        rc, out, dt = _run([tool, "--tool", check, "--error-exitcode", "3", sys.executable, "-m",
+                            "benchmarks.sanitize"], deadline_s / 2)
+        verdicts[check] = "ok" if rc == 0 else ("timeout" if rc == 124 else f"errors (rc={rc})")
+        logs += f"== sanitizer {check} rc={rc} {dt:.0f}s\n{out[-20000:]}\n"
+    return verdicts, logs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -63,9 +79,11 @@ def main():
                        env={"MAX_JOBS": str(os.cpu_count()), "NVCC_THREADS": "4"})
     log.write(f"== build rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
     rc, out, dt = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                       left() - 150)
+                       left() - 270)
     tests = _counts(out)
     log.write(f"== tests rc={rc} {dt:.0f}s\n{out[-50000:]}\n")
+    sanitizer, out = _sanitizer(min(120, left() - 150))
+    log.write(out)
     rc, out, dt = _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", out_dir,
                         "--time-limit", str(int(left() - 60))], left() - 10)
     log.write(f"== bench rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
@@ -77,6 +95,7 @@ def main():
         triton_version = None
     record = dict(commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=gpu, torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, tests=tests,
+                  sanitizer=sanitizer,
                   seconds=round(time.time() - start))
     with open(os.path.join(out_dir, "gpu-check.json"), "w") as f:
         json.dump(record, f, indent=1)

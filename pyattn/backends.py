@@ -114,6 +114,31 @@ class CPUBackend(FusedBackend):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
 
 
+class CUDABackend(FusedBackend):
+    """CUDA C++ tensor-core kernels (csrc/cuda): mma.sync m16n8k16 on sm_80 and newer, fwd + bwd."""
+    name = "cuda"
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    features = ALL_FEATURES - {"dropout"}
+    max_head_dim = 256  # padded to 64, 128, 192 or 256 (csrc/cuda/generate.py)
+
+    def unavailable_reason(self):
+        if not ops.has_op("fwd"):
+            return f"pyattn._C is not built ({ops.load_error()})"
+        if "cuda" not in ops.build_info()["backends"]:
+            return "pyattn._C was built without its CUDA kernels (needs nvcc and a CUDA torch at build time)"
+        return None
+
+    def extra_reasons(self, inp):
+        reasons = super().extra_reasons(inp)
+        E, Ev = inp.head_dims
+        if E % 8 or Ev % 8:
+            reasons.append(f"head dims must be multiples of 8 (16-byte rows), got E={E}, Ev={Ev}")
+        if inp.device.type == "cuda" and torch.cuda.get_device_capability(inp.device)[0] < 8:
+            reasons.append("needs compute capability 8.0 or newer")
+        return reasons
+
+
 class TorchBackend(Backend):
     """torch's own F.scaled_dot_product_attention: the fallback for what no fused backend takes."""
     name = "torch"
@@ -146,10 +171,14 @@ class ReferenceBackend(Backend):
         return reference.attention(inp)
 
 
-BACKENDS = {b.name: b for b in (TritonBackend(), CPUBackend(), TorchBackend(), ReferenceBackend())}
+# "cuda" is part of this build only when pyattn._C holds its kernels (build_info, no device probing)
+BACKENDS = {b.name: b for b in (TritonBackend(), CUDABackend(), CPUBackend(), TorchBackend(), ReferenceBackend())
+            if b.name != "cuda" or "cuda" in ops.build_info()["backends"]}
 # auto's order per device, fastest first. CPU: benchmarks/results/cpu (the fused kernel beats torch's SDPA).
-# CUDA: the fused backends before torch's SDPA, as DESIGN.md asks; no GPU record exists yet to rank them.
-AUTO_ORDER = {"cpu": ("cpu", "torch", "reference"), "cuda": ("triton", "torch", "reference")}
+# CUDA: the fused backends before torch's SDPA, as DESIGN.md asks; no GPU record exists yet to rank them, so
+# triton (every feature, wgmma on sm_90) leads the CUDA C++ kernels until one does.
+AUTO_ORDER = {"cpu": ("cpu", "torch", "reference"),
+              "cuda": tuple(n for n in ("triton", "cuda", "torch", "reference") if n in BACKENDS)}
 PUBLIC_NAMES = ("triton", "cuda", "cpu", "reference")
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 # backend -> module with aot_reports(); each compiles its kernels its own way (Triton / nvcc)
-SOURCES = {"triton": "pyattn.kernels.aot"}
+SOURCES = {"triton": "pyattn.kernels.aot", "cuda": "pyattn.cuda_aot"}
 ARCHS = {"sm_80": 80, "sm_90": 90}
 
 

@@ -17,22 +17,42 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 import pyattn  # noqa: E402
 
 # Backends under test. "cpu" and "triton" are required: `make test` always builds pyattn._C and installs
-# triton, so a missing one fails. Later: "cuda".
-BACKENDS = ["cpu", "triton", "reference"]
-INTERPRETED_DTYPES = (torch.float32, torch.float16)  # the interpreter's bf16 dot is wrong; triton has no fp64
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# triton, so a missing one fails. "cuda" runs where CUDA exists (skipped elsewhere).
+BACKENDS = ["cpu", "triton", "reference", "cuda"]
+# dtypes of the backends that do not take all four; tests whose dtype is fixed run these in their first one.
+# The Triton interpreter's bf16 dot is wrong, so under it triton is tested in fp32 and fp16 only.
+BACKEND_DTYPES = {"cuda": (torch.float16, torch.bfloat16),
+                  "triton": (torch.float32, torch.float16) + (
+                      () if os.environ["TRITON_INTERPRET"] == "1" else (torch.bfloat16,))}
 FUSED = ("cpu", "triton", "cuda")
 
 
-def half_dtype(backend, device):
-    """bf16, except fp16 for the Triton interpreter (whose bf16 dot is wrong)."""
-    return torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
+def half_dtype(backend):
+    """bf16 where the backend takes it, else fp16."""
+    return torch.bfloat16 if torch.bfloat16 in BACKEND_DTYPES.get(backend, (torch.bfloat16,)) else torch.float16
 
 
 def backend_device(backend):
     if backend == "triton":
         return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     return "cuda" if backend == "cuda" else "cpu"
+
+
+def default_dtype(backend):
+    """The dtype a test without a dtype parameter runs in: float32, or the backend's first dtype."""
+    return BACKEND_DTYPES.get(backend, (torch.float32,))[0]
+
+
+def on_device(fn, device):
+    """fn with its tensor arguments moved to device and its outputs moved back to where the first tensor argument
+    was: the same CPU tensors, oracle and baseline then serve a GPU backend (the moves are differentiable)."""
+    def run(*args, **kwargs):
+        home = next((x.device for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        out = fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+        back = lambda x: x.to(home) if home is not None else x  # noqa: E731
+        return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
+    return run
 
 
 def backend_params(backends=None, fused_only=False):
@@ -60,15 +80,14 @@ def _backend_must_exist(request):
     Dtypes a backend declares it cannot take are skipped, saying why."""
     callspec = getattr(request.node, "callspec", None)
     backend = callspec.params.get("backend") if callspec else None
-    dtype = callspec.params.get("dtype") if callspec else None
-    if backend == "triton" and isinstance(dtype, torch.dtype):
-        interpreted = callspec.params.get("device") == "cpu"
-        if dtype not in (INTERPRETED_DTYPES if interpreted else TRITON_DTYPES):
-            pytest.skip(f"triton {'under the interpreter ' if interpreted else ''}does not take {dtype}")
     if backend in FUSED and backend not in pyattn.available_backends():
         from pyattn import ops
         pytest.fail(f"backend {backend!r} is required but not available (build pyattn._C: `make build`): "
                     f"{ops.load_error()}", pytrace=False)
+    dtype = callspec.params.get("dtype") if callspec else None
+    if isinstance(dtype, torch.dtype) and dtype not in BACKEND_DTYPES.get(backend, (dtype,)):
+        why = " under the Triton interpreter" if backend == "triton" and backend_device(backend) == "cpu" else ""
+        pytest.skip(f"backend {backend!r} does not take {dtype}{why}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import backend_params, check_fwd_bwd, dtype_id, half_dtype, sample_inputs
+from conftest import (backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
+                      on_device, sample_inputs)
 
 LOW = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -18,13 +19,14 @@ ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def sdpa_of(backend):
     if backend == "torch":
         return F.scaled_dot_product_attention
-    return functools.partial(pyattn.scaled_dot_product_attention, backend=backend)
+    return on_device(functools.partial(pyattn.scaled_dot_product_attention, backend=backend), backend_device(backend))
 
 
-def check(backend, fn, tensors, dtype=torch.float32, grad_names=("q", "k", "v"), torch_fn=None, **kw):
+def check(backend, fn, tensors, dtype=None, grad_names=("q", "k", "v"), torch_fn=None, **kw):
     """fn(sdpa, **tensors) -> output, run with ours, torch in dtype and torch in float64 (torch_fn replaces fn
-    for torch where torch needs the arguments spelled differently)."""
+    for torch where torch needs the arguments spelled differently). dtype: the backend's default if None."""
     torch_fn = torch_fn or fn
+    dtype = dtype or default_dtype(backend)
     return check_fwd_bwd(lambda **t: fn(sdpa_of(backend), **t), lambda **t: torch_fn(sdpa_of("torch"), **t),
                          lambda **t: torch_fn(sdpa_of("torch"), **t), tensors, dtype, grad_names, **kw)
 
@@ -224,13 +226,13 @@ def test_dtypes(backend, device, dtype, setup):
 def test_one_bigger_case(backend, device):
     """Several key blocks and query blocks in every direction, bf16, causal, GQA."""
     check(backend, functools.partial(plain, is_causal=True, enable_gqa=True),
-          qkv((1, 4, 300, 64), (1, 2, 333, 64), (1, 2, 333, 64)), half_dtype(backend, device))
+          qkv((1, 4, 300, 64), (1, 2, 333, 64), (1, 2, 333, 64)), half_dtype(backend))
 
 
 @backends
 def test_output_layout(backend, device):
     """Same shape and dtype as torch, on the input's device; inputs are not modified."""
-    t = qkv((2, 3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 8))
+    t = {n: x.to(default_dtype(backend)) for n, x in qkv((2, 3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 8)).items()}
     before = {n: x.clone() for n, x in t.items()}
     out = sdpa_of(backend)(t["q"], t["k"], t["v"])
     ref = F.scaled_dot_product_attention(t["q"], t["k"], t["v"])

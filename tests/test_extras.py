@@ -10,18 +10,22 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import CASES, backend_params, check_fwd_bwd, dtype_id, half_dtype, sample_inputs
+from conftest import (CASES, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
+                      on_device, sample_inputs)
 
 fused = pytest.mark.parametrize("backend,device", backend_params(fused_only=True))
 
 
 def attn(backend, q, k, v, attn_mask=None, alibi_slopes=None, **kw):
-    return pyattn.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes,
-                                               backend=backend, **kw)
+    """pyattn with this backend, run on the backend's device; results come back to the inputs' device."""
+    return on_device(pyattn.scaled_dot_product_attention, backend_device(backend))(
+        q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, backend=backend, **kw)
 
 
-def check(backend, tensors, dtype=torch.float32, grad_names=("q", "k", "v"), fn=attn, **kw):
-    """fn(backend, **tensors): ours vs the reference in float64, baseline = the reference in dtype."""
+def check(backend, tensors, dtype=None, grad_names=("q", "k", "v"), fn=attn, **kw):
+    """fn(backend, **tensors): ours vs the reference in float64, baseline = the reference in dtype (None: the
+    backend's default)."""
+    dtype = dtype or default_dtype(backend)
     out_names = kw.pop("out_names", ("out", "lse"))
     return check_fwd_bwd(lambda **t: fn(backend, **t, **kw), lambda **t: fn("reference", **t, **kw),
                          lambda **t: fn("reference", **t, **kw), tensors, dtype, grad_names, out_names=out_names)
@@ -200,7 +204,7 @@ def test_grad_through_lse_only(backend, device, kw):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_lse_of_fully_masked_rows(backend, device):
     """lse is -inf where a row sees no key; out is 0 there and gradients stay finite, even through lse."""
-    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=default_dtype(backend), requires_grad=True) for _ in range(3))
     mask = torch.ones(9, 9, dtype=torch.bool)
     mask[4] = False
     out, lse = attn(backend, q, k, v, attn_mask=mask, return_lse=True)
@@ -216,8 +220,18 @@ def test_lse_of_fully_masked_rows(backend, device):
 # varlen
 
 def varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, lens=None, alibi_slopes=None, **kw):
-    return pyattn.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max(lens[0]), max(lens[1]),
-                                   alibi_slopes=alibi_slopes, backend=backend, **kw)
+    return on_device(pyattn.varlen_attention, backend_device(backend))(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max(lens[0]), max(lens[1]), alibi_slopes=alibi_slopes, backend=backend,
+        **kw)
+
+
+# same-backend comparisons: float32 to rounding, fp16/bf16 (backends without float32) to their precision
+TIGHT, LOOSE = {"atol": 2e-6, "rtol": 1e-5}, {"atol": 2e-2, "rtol": 2e-2}
+
+
+def low_precision(t, backend):
+    """t's q, k, v in the backend's default dtype (float32 unless it lacks it)."""
+    return {n: x.to(default_dtype(backend)) if n in ("q", "k", "v") else x for n, x in t.items()}
 
 
 def packed(lens_q, lens_k, hq, hkv, e, ev=None):
@@ -256,8 +270,9 @@ def test_varlen(backend, device, lens, kw, heads):
 def test_varlen_matches_dense_per_sequence(backend, device, kw):
     """Every sequence of a varlen call equals a dense call on its own slice (same backend)."""
     lens = ((5, 0, 33, 9), (9, 3, 17, 9))
-    t = packed(*lens, 4, 2, 16, 8)
+    t = low_precision(packed(*lens, 4, 2, 16, 8), backend)
     t["alibi_slopes"] = torch.rand(4, 4)
+    tol = TIGHT if t["q"].dtype == torch.float32 else LOOSE
     res = varlen(backend, **t, lens=lens, **kw)
     out, lse = res if kw.get("return_lse") else (res, None)
     cq, ck = t["cu_seqlens_q"].tolist(), t["cu_seqlens_k"].tolist()
@@ -268,9 +283,9 @@ def test_varlen_matches_dense_per_sequence(backend, device, kw):
         dense = attn(backend, t["q"][sq].transpose(0, 1), t["k"][sk].transpose(0, 1), t["v"][sk].transpose(0, 1),
                      alibi_slopes=t["alibi_slopes"][b], enable_gqa=True, **kw)
         d_out, d_lse = dense if kw.get("return_lse") else (dense, None)
-        torch.testing.assert_close(out[sq], d_out.transpose(0, 1), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(out[sq], d_out.transpose(0, 1), **tol)
         if lse is not None:
-            torch.testing.assert_close(lse[:, sq], d_lse, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(lse[:, sq], d_lse, **tol)
 
 
 @fused
@@ -278,11 +293,13 @@ def test_varlen_rows_past_the_last_sequence(backend, device):
     """total_q may exceed cu_seqlens_q[-1]: those rows belong to no sequence and come back as 0."""
     t = packed((5, 7), (6, 6), 2, 2, 16)
     t["q"] = torch.cat([t["q"], torch.randn(3, 2, 16)])
+    t = low_precision(t, backend)
     out = varlen(backend, **t, lens=((5, 7), (6, 6)))
     assert out.shape == (15, 2, 16)
     assert torch.all(out[12:] == 0)
-    ref = varlen("reference", **t, lens=((5, 7), (6, 6)))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref = varlen("reference", **{n: x.double() if x.is_floating_point() else x for n, x in t.items()},
+                 lens=((5, 7), (6, 6)))
+    torch.testing.assert_close(out.double(), ref, **(TIGHT if out.dtype == torch.float32 else LOOSE))
 
 
 @fused
@@ -315,7 +332,7 @@ def test_combo_bigger(backend, device):
     """Many blocks: long enough that every block-skipping rule is exercised."""
     t = qkv((1, 4, 200, 64), (1, 2, 300, 64), (1, 2, 300, 64))
     t["alibi_slopes"] = torch.rand(4) * 0.1
-    check(backend, t, half_dtype(backend, device), window_size=(64, 16), softcap=20.0, enable_gqa=True, is_causal=True,
+    check(backend, t, half_dtype(backend), window_size=(64, 16), softcap=20.0, enable_gqa=True, is_causal=True,
           causal_alignment="bottom_right")
 
 

@@ -1,0 +1,43 @@
+// Host-side checks and params filling shared by every device's host API (csrc/cpu, csrc/cuda): messages
+// name the argument and its shape and start with the caller's tag ("pyattn cpu", "pyattn cuda").
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "params.h"
+
+namespace pyattn {
+
+struct Host {
+  const char* tag;  // message prefix
+  c10::Device device;  // every tensor argument must live here
+};
+
+Strides4 strides4(const at::Tensor& t);
+
+void check_device(const Host& host, const at::Tensor& t, const char* name);
+
+// Validates the inputs shared by fwd and bwd and fills everything of p except the outputs and the dropout
+// RNG state. Varlen lengths: read from cu_seqlens on CPU (and checked); on a GPU the caller's
+// max_seqlen_q/k are trusted, as reading device memory here would synchronize.
+void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
+                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                 int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double softcap, double dropout_p);
+
+// out (B, Hq, L, Ev) like q, lse (B, Hq, L) float32; varlen rows past the last sequence are never visited,
+// so there they are allocated as the empty-row result (0, -inf). Sets p.out, p.lse.
+std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor& q, const at::Tensor& v,
+                                                 bool varlen);
+
+// Checks dout, out, lse, dlse against q/v, allocates dq, dk, dv (contiguous; zeros for varlen, whose
+// padding rows get no gradient) and dmask (B, Hq, L, S) float32 when mask_grad, and sets them in p.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_bwd(
+    const Host& host, AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    bool varlen, bool mask_grad);
+
+}  // namespace pyattn
