@@ -19,6 +19,7 @@ FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd", "stride_dvd",
                 "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr", "stride_lr"}
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
+HEAD_DIMS_CAUSAL = ((64, False), (64, True), (128, False), (128, True))  # and d256 causal, in bf16
 
 
 def _source(fn, pointers, constexprs):
@@ -49,25 +50,24 @@ def variants(cc):
     out = []
     for dt, ptr in DTYPES.items():
         qkv = {"Q": ptr, "K": ptr, "V": ptr}
-        for d in (64, 128):
-            for causal in (False, True):
-                tag = f"{dt}_d{d}{'_causal' if causal else ''}"
-                bm, bn, warps, stages = configs.fwd_default(d, cc)
-                fwd_ptrs = {**qkv, "Out": ptr, "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",
-                            "CuSeqK": "*i32", "Rng": "*i64"}
-                out.append((f"fwd_{tag}", _attn_fwd, fwd_ptrs,
-                            dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, USE_TMA=cc >= 90,
-                                 WARP_SPECIALIZE=False), warps, stages))
-                dkdv_tiles, dq_tiles = configs.bwd_default(d, cc)
-                bwd_ptrs = {**qkv, "DOut": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, "DQ": ptr,
-                            "DMask": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
-                            "Rng": "*i64"}
-                bm, bn, warps, stages = dkdv_tiles
-                out.append((f"bwd_dkdv_{tag}", _attn_bwd_dkdv, bwd_ptrs,
-                            dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn), warps, stages))
-                bm, bn, warps, stages = dq_tiles
-                out.append((f"bwd_dq_{tag}", _attn_bwd_dq, bwd_ptrs,
-                            dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, MASK_GRAD=False), warps, stages))
+        for d, causal in HEAD_DIMS_CAUSAL + (((256, True),) if dt == "bf16" else ()):
+            tag = f"{dt}_d{d}{'_causal' if causal else ''}"
+            bm, bn, warps, stages = configs.fwd_default(d, cc)
+            fwd_ptrs = {**qkv, "Out": ptr, "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",
+                        "CuSeqK": "*i32", "Rng": "*i64"}
+            out.append((f"fwd_{tag}", _attn_fwd, fwd_ptrs,
+                        dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, USE_TMA=cc >= 90,
+                             WARP_SPECIALIZE=False), warps, stages))
+            dkdv_tiles, dq_tiles = configs.bwd_default(d, cc)
+            bwd_ptrs = {**qkv, "DOut": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, "DQ": ptr,
+                        "DMask": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
+                        "Rng": "*i64"}
+            bm, bn, warps, stages = dkdv_tiles
+            out.append((f"bwd_dkdv_{tag}", _attn_bwd_dkdv, bwd_ptrs,
+                        dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+            bm, bn, warps, stages = dq_tiles
+            out.append((f"bwd_dq_{tag}", _attn_bwd_dq, bwd_ptrs,
+                        dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, MASK_GRAD=False), warps, stages))
         bm, bn, warps, stages = configs.decode_tiles(4, 128)
         out.append((f"fwd_decode_split_{dt}_d128", _attn_fwd,
                     {**qkv, "Out": "*fp32", "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",

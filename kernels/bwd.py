@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
-from .tiles import key_blocks, packed_rows, query_blocks, seq_span
+from .tiles import key_blocks, query_blocks, row_block, segment, seq_span
 
 
 @triton.jit
@@ -131,12 +131,7 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
     for g in range(0, group):
         head = tl.zeros([BLOCK_M], tl.int32) + kv_head * group + g
         for seg in tl.static_range(3):
-            if seg == 0:
-                seg_lo, seg_hi = lo, full_lo
-            elif seg == 1:
-                seg_lo, seg_hi = full_lo, full_hi
-            else:
-                seg_lo, seg_hi = full_hi, hi
+            seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
             for start_m in range(seg_lo, seg_hi, BLOCK_M):
                 offs_i = start_m + tl.arange(0, BLOCK_M)
                 row_ok = offs_i < len_q
@@ -180,15 +175,10 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
                  VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MASK_GRAD: tl.constexpr):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H_KV
-    kv_head = tl.program_id(1) % H_KV
-    group = H_Q // H_KV
-    q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
-    k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
+    b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip = row_block(
+        pid_m, tl.program_id(1), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M)
     if pid_m * BLOCK_M >= group * len_q:
         return
-    shift = (len_k - len_q) * bottom_right
-    offs_r, row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, shift, BLOCK_M)
     b64 = tl.full([], 0 if VARLEN else b, tl.int64)
     head64 = head.to(tl.int64)
     rows = (q_start + offs_i).to(tl.int64)
@@ -210,12 +200,7 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
     lo, full_lo, full_hi, hi = key_blocks(ip, row_ok, len_k, window_left, window_right, 0, len_k,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for seg in tl.static_range(3):
-        if seg == 0:
-            seg_lo, seg_hi = lo, full_lo
-        elif seg == 1:
-            seg_lo, seg_hi = full_lo, full_hi
-        else:
-            seg_lo, seg_hi = full_hi, hi
+        seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
         for start_n in range(seg_lo, seg_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < len_k

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .scores import band_and_bounds, biased, capped, dropout_keep, row_terms
-from .tiles import key_blocks, packed_rows, seq_span
+from .tiles import key_blocks, row_block, segment
 
 
 @triton.jit
@@ -73,15 +73,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
               WARP_SPECIALIZE: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    b = tl.program_id(2) // H_KV
-    kv_head = tl.program_id(2) % H_KV
-    group = H_Q // H_KV
-    q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
-    k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
+    b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip = row_block(
+        pid_m, tl.program_id(2), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M)
     if pid_m * BLOCK_M >= group * len_q:
         return
-    shift = (len_k - len_q) * bottom_right
-    offs_r, row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, shift, BLOCK_M)
     b_ptr = 0 if VARLEN else b  # varlen tensors are one packed batch
     b64 = tl.full([], b_ptr, tl.int64)
     head64 = head.to(tl.int64)
@@ -116,12 +111,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
     # three runs of key blocks: band edge, interior (no per-element checks), band edge / sequence end
     for seg in tl.static_range(3):
-        if seg == 0:
-            seg_lo, seg_hi = lo, full_lo
-        elif seg == 1:
-            seg_lo, seg_hi = full_lo, full_hi
-        else:
-            seg_lo, seg_hi = full_hi, hi
+        seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, stride_kn, stride_kd,
                                    stride_vn, stride_vd, seg_lo, seg_hi, ip, row_ok, mask_rows, stride_mn, slopes,
                                    seed, rng_rows, len_k, head_dim, head_dim_v, scale, softcap, window_left,

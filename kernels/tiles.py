@@ -18,14 +18,44 @@ def seq_span(CuSeq, b, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def row_block(pid_m, pid_bh, H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right,
+              VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a forward or dQ program owns: -> (b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head,
+    offs_i, ip). Its block is empty when pid_m * BLOCK_M >= group * len_q."""
+    b = pid_bh // H_KV
+    kv_head = pid_bh % H_KV
+    group = H_Q // H_KV
+    q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
+    k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
+    shift = (len_k - len_q) * bottom_right
+    row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, shift, BLOCK_M)
+    return b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip
+
+
+@triton.jit
+def segment(seg: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Bounds of run seg of key (or query) blocks: 0 and 2 are band edges, checked per element; 1 is the
+    interior."""
+    seg_lo = lo
+    seg_hi = full_lo
+    if seg == 1:
+        seg_lo = full_lo
+        seg_hi = full_hi
+    if seg == 2:
+        seg_lo = full_hi
+        seg_hi = hi
+    return seg_lo, seg_hi
+
+
+@triton.jit
 def packed_rows(pid_m, kv_head, group, seqlen_q, shift, BLOCK_M: tl.constexpr):
-    """-> offs_r (packed row), row_ok, head (query head), offs_i (query index), ip (band index): (BLOCK_M,)."""
+    """-> row_ok, head (query head), offs_i (query index), ip (band index): (BLOCK_M,)."""
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_r < group * seqlen_q
     r = tl.where(row_ok, offs_r, 0)
     head = kv_head * group + r // seqlen_q
     offs_i = r % seqlen_q
-    return offs_r, row_ok, head, offs_i, offs_i + shift
+    return row_ok, head, offs_i, offs_i + shift
 
 
 @triton.jit
