@@ -14,8 +14,9 @@ from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
 
 FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
-# as a launch with contiguous tensors specializes them: unit inner strides are constants, and pointers and
-# the other strides are multiples of 16 (head dims and sequence lengths that are)
+# as a launch with contiguous tensors specializes them: unit inner strides are constants, and pointers, head
+# dims and the other strides are multiples of 16 (as Triton's launcher marks them for head dims 64/128/256;
+# without that mark the head-dim masks split loads into 2-byte pieces and nothing is pipelined)
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd", "stride_dvd",
                 "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr", "stride_lr"}
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
@@ -33,7 +34,8 @@ def _source(fn, pointers, constexprs):
             sig[name] = pointers[name]
         else:
             sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
-        if name in pointers or (name.startswith("stride_") and name not in constexprs):
+        if name in pointers or name in ("head_dim", "head_dim_v") or (name.startswith("stride_")
+                                                                      and name not in constexprs):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
 

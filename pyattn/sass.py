@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 
 TENSOR_CORE_OPS = re.compile(r"\b(HGMMA|HMMA|IMMA|HQMMA|UTCHMMA|UTCQMMA)(\.[0-9A-Za-z_]+)*")
+ASYNC_COPY_OPS = re.compile(r"\b(LDGSTS|UTMALDG)\b")  # cp.async (pipelined loads) and TMA loads
 RESOURCES = re.compile(r"(\w+(?:\[\d+\])?):(\d+)")
 
 
@@ -45,13 +46,15 @@ def resource_usage(cubin: bytes) -> dict[str, dict[str, int]]:
     return usage
 
 
-def tensor_core_opcodes(cubin: bytes, function: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Counts of tensor-core instructions in the SASS: by opcode (HGMMA) and by full form
-    (HGMMA.64x128x16.F32.BF16), which shows tile shape and types."""
-    found = [m for m in TENSOR_CORE_OPS.finditer(_dump(cubin, "-sass", "-fun", function))]
+def opcode_counts(cubin: bytes, function: str) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Counts in the SASS of tensor-core instructions, by opcode (HGMMA) and by full form
+    (HGMMA.64x128x16.F32.BF16, which shows tile shape and types), and of asynchronous copies."""
+    text = _dump(cubin, "-sass", "-fun", function)
+    found = list(TENSOR_CORE_OPS.finditer(text))
     by_opcode = collections.Counter(m.group(1) for m in found)
     by_form = collections.Counter(m.group(0) for m in found)
-    return dict(sorted(by_opcode.items())), dict(sorted(by_form.items()))
+    copies = collections.Counter(m.group(1) for m in ASYNC_COPY_OPS.finditer(text))
+    return dict(sorted(by_opcode.items())), dict(sorted(by_form.items())), dict(sorted(copies.items()))
 
 
 def report(cubin: bytes, function: str, dynamic_shared: int = 0) -> dict:
@@ -61,6 +64,7 @@ def report(cubin: bytes, function: str, dynamic_shared: int = 0) -> dict:
     if function not in usage:
         raise RuntimeError(f"function {function!r} not in cubin (has {sorted(usage)})")
     res = usage[function]
-    by_opcode, by_form = tensor_core_opcodes(cubin, function)
+    by_opcode, by_form, copies = opcode_counts(cubin, function)
     return {"registers": res["REG"], "spill_bytes": res.get("STACK", 0) + res.get("LOCAL", 0),
-            "shared_bytes": res.get("SHARED", 0) + dynamic_shared, "sass": by_opcode, "sass_forms": by_form}
+            "shared_bytes": res.get("SHARED", 0) + dynamic_shared, "sass": by_opcode, "sass_forms": by_form,
+            "async_copies": copies}

@@ -1,5 +1,6 @@
 """Every Triton kernel variant compiles ahead of time for sm_80 and sm_90 without a GPU (pyattn.inspect):
-no register spills, tensor cores in every fwd/bwd matmul kernel, and wgmma (HGMMA) in the Hopper forward."""
+no register spills, tensor cores in every fwd/bwd matmul kernel, wgmma (HGMMA) and TMA in the Hopper
+forward, and software-pipelined (cp.async) loads elsewhere."""
 import json
 
 import pytest
@@ -39,6 +40,17 @@ def test_tensor_cores(reports):
         assert r["sass"].get("HMMA", 0) + r["sass"].get("HGMMA", 0) > 0, r
         if arch == "sm_90" and r["name"].startswith("fwd_") and "decode" not in r["name"]:
             assert r["sass"].get("HGMMA", 0) > 0, f"{r['name']} on sm_90 does not use wgmma: {r['sass_forms']}"
+
+
+def test_loads_are_asynchronous(reports):
+    """The loops' K/V (forward) and Q/dO (backward) tiles stream in asynchronously: TMA in the sm_90 forwards
+    (decoding's split-KV one included), cp.async (LDGSTS, software pipelining) everywhere else."""
+    arch, rows = reports
+    for r in rows:
+        if "combine" in r["name"] or "preprocess" in r["name"]:
+            continue
+        op = "UTMALDG" if arch == "sm_90" and r["name"].startswith("fwd_") else "LDGSTS"
+        assert r["async_copies"].get(op, 0) > 0, f"{r['name']} on {arch}: no {op} ({r['async_copies']})"
 
 
 def test_cli_json(capsys):
