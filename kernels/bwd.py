@@ -56,27 +56,26 @@ def _query_rows(Q, DOut, Lse, Delta, b64, head, rows, row_ok, stride_qb, stride_
 
 
 @triton.jit
-def _probs_and_dscore(q, k, v, do, lse2, delta, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows,
-                      seqlen_k, scale, softcap, window_left, window_right, dropout_p,
+def _probs_and_dscore(qk, dp, lse2_2, delta2, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seed, rng2, seqlen_k,
+                      scale, softcap, window_left, window_right, dropout_p,
                       BANDED: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                      DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) tile: -> (P as dropped in the forward, dS w.r.t. the biased score,
-    dS w.r.t. q.k). lse2 is +inf for rows that saw no key, so their P is 0."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                      DROPOUT: tl.constexpr):
+    """One tile from q.k and dO.v (either orientation, see scores.py): -> (P as the forward used it, after
+    dropout; dS w.r.t. the biased score; dS w.r.t. q.k). lse2_2 is +inf for queries that saw no key, so
+    their P is 0."""
     s_cap = capped(qk, scale, softcap, HAS_SOFTCAP)
-    s = biased(s_cap, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k, MASK_KIND, HAS_ALIBI)
+    s = biased(s_cap, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k, MASK_KIND, HAS_ALIBI)
     if BANDED:
-        s = tl.where(band_and_bounds(ip, offs_n, row_ok, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+        s = tl.where(band_and_bounds(ip2, n2, ok2, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                      s, float("-inf"))
-    p = tl.exp2(s - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    p = tl.exp2(s - lse2_2)
     p_used = p
     if DROPOUT:  # O = (P * keep / (1 - p)) V, so dP = dP_used * keep / (1 - p)
-        keep = dropout_keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
+        keep = dropout_keep(seed, rng2 + n2, dropout_p)
         p_used = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta2)
     if HAS_SOFTCAP:  # d softcap(u)/du = 1 - tanh^2
         t = s_cap * (1.0 / (softcap * LOG2E))
         ds_qk = ds * (scale * (1.0 - t * t))
@@ -142,12 +141,16 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
                 mask_rows, slopes, seed, rng_rows = row_terms(
                     Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q, seqlen_k, stride_mb, stride_mh,
                     stride_mm, stride_ab, stride_ah, HAS_ALIBI, DROPOUT, BLOCK_M)
-                p, ds, ds_qk = _probs_and_dscore(
-                    q, k, v, do, lse2, delta, offs_i + shift, offs_n, row_ok, mask_rows, stride_mn, slopes, seed,
-                    rng_rows, len_k, scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND,
-                    HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-                dk = tl.dot(tl.trans(ds_qk.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+                # transposed tiles (keys, queries): dV and dK take P^T and dS^T straight from registers
+                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                p_t, _, ds_qk_t = _probs_and_dscore(
+                    qk_t, dp_t, lse2[None, :], delta[None, :], (offs_i + shift)[None, :], offs_n[:, None],
+                    row_ok[None, :], mask_rows[None, :], stride_mn, slopes[None, :], seed, rng_rows[None, :], len_k,
+                    scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI,
+                    HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT)
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+                dk = tl.dot(ds_qk_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     tl.store(DK + b64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + key_rows[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
@@ -209,10 +212,13 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
                         mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
             v = tl.load(v_base + key_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p, ds, ds_qk = _probs_and_dscore(
-                q, k, v, do, lse2, delta, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, len_k,
-                scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP,
-                HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                qk, dp, lse2[:, None], delta[:, None], ip[:, None], offs_n[None, :], row_ok[:, None],
+                mask_rows[:, None], stride_mn, slopes[:, None], seed, rng_rows[:, None], len_k, scale, softcap,
+                window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT,
+                HAS_RIGHT, DROPOUT)
             dq = tl.dot(ds_qk.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
             if MASK_GRAD:  # d out / d (float mask) is dS itself
                 tl.store(dmask_rows[:, None] + offs_n[None, :], ds, mask=row_ok[:, None] & n_ok[None, :])

@@ -37,10 +37,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base,
             v = tl.load(V + v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         s = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
-        s = biased(s, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k, MASK_KIND, HAS_ALIBI)
+        s = biased(s, ip[:, None], offs_n[None, :], row_ok[:, None], mask_rows[:, None], stride_mn,
+                   slopes[:, None], seqlen_k, MASK_KIND, HAS_ALIBI)
         if BANDED:
-            s = tl.where(band_and_bounds(ip, offs_n, row_ok, seqlen_k, window_left, window_right,
-                                         HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            s = tl.where(band_and_bounds(ip[:, None], offs_n[None, :], row_ok[:, None], seqlen_k, window_left,
+                                         window_right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
         # online softmax; a row with nothing visible yet keeps m = -inf, so subtract a safe 0 instead
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)

@@ -2,8 +2,9 @@
 
 Scores live in the log2 domain, s2 = log2(e) * (softcap(scale * q.k) + bias), so softmax is exp2 and the
 scale folds into one multiply; masked entries are -inf.
-Rows are (query head, query index) pairs and columns key indices; `ip` is the query index shifted for
-bottom-right alignment, the index the band rule and ALiBi use.
+Tiles may be (queries, keys) or, in the dK/dV kernel, (keys, queries): the helpers take per-query values
+(suffix 2) and key indices already shaped to broadcast to the tile, so one code serves both. `ip` is the
+query index shifted for bottom-right alignment, the index the band rule and ALiBi use.
 """
 import triton
 import triton.language as tl
@@ -26,28 +27,28 @@ def capped(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def band_and_bounds(ip, offs_n, row_ok, seqlen_k, window_left, window_right,
+def band_and_bounds(ip2, n2, ok2, seqlen_k, window_left, window_right,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) True where key offs_n exists and lies in row ip's window (causal: right == 0)."""
-    ok = row_ok[:, None] & (offs_n[None, :] < seqlen_k)
+    """True where key n2 exists and lies in query ip2's window (causal: right == 0); ok2: the query exists."""
+    ok = ok2 & (n2 < seqlen_k)
     if HAS_LEFT:
-        ok = ok & (offs_n[None, :] >= ip[:, None] - window_left)
+        ok = ok & (n2 >= ip2 - window_left)
     if HAS_RIGHT:
-        ok = ok & (offs_n[None, :] <= ip[:, None] + window_right)
+        ok = ok & (n2 <= ip2 + window_right)
     return ok
 
 
 @triton.jit
-def biased(s, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k,
+def biased(s, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k,
            MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Adds ALiBi and a float mask to s2 (log2 units) and applies a bool mask (-inf where False).
 
-    mask_rows: (BLOCK_M,) pointers to each row's mask row; slopes: (BLOCK_M,) float32 ALiBi slopes."""
+    mask_rows2: pointers to each query's mask row; slopes2: float32 ALiBi slopes of each query."""
     if HAS_ALIBI:
-        s = s - (slopes * LOG2E)[:, None] * tl.abs(ip[:, None] - offs_n[None, :]).to(tl.float32)
+        s = s - (slopes2 * LOG2E) * tl.abs(ip2 - n2).to(tl.float32)
     if MASK_KIND != 0:
-        m_ptrs = mask_rows[:, None] + offs_n[None, :].to(tl.int64) * stride_mn
-        in_bounds = row_ok[:, None] & (offs_n[None, :] < seqlen_k)
+        m_ptrs = mask_rows2 + n2.to(tl.int64) * stride_mn
+        in_bounds = ok2 & (n2 < seqlen_k)
         if MASK_KIND == 1:
             keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
             s = tl.where(keep, s, float("-inf"))
@@ -58,7 +59,7 @@ def biased(s, ip, offs_n, row_ok, mask_rows, stride_mn, slopes, seqlen_k,
 
 @triton.jit
 def dropout_keep(seed, rng_offsets, dropout_p):
-    """(BLOCK_M, BLOCK_N) True where the weight survives; rng_offsets are unique per (batch, head, i, j)."""
+    """True where the weight survives; rng_offsets are unique per (batch, head, i, j)."""
     return tl.rand(seed, rng_offsets) >= dropout_p
 
 
