@@ -37,7 +37,7 @@ def find_nvcc():
 def nvcc():
     found = find_nvcc()
     if not found:
-        raise RuntimeError("pyattn.cuda_aot needs nvcc: put the CUDA toolkit's bin/ on PATH or set CUDA_HOME")
+        raise sass.MissingTool("pyattn.cuda_aot needs nvcc: put the CUDA toolkit's bin/ on PATH or set CUDA_HOME")
     return found
 
 
@@ -45,7 +45,7 @@ def instances(arch: int):
     """Names of the instantiation files (fwd_bf16_d128_causal, ...) that hold code for sm_<arch>, sorted: the
     fwd_sm90 ones compile to empty kernels below sm_90a."""
     if not os.path.isdir(INST):
-        raise RuntimeError(f"pyattn.cuda_aot needs the sources in {INST} (a source checkout)")
+        raise sass.MissingTool(f"pyattn.cuda_aot needs the sources in {INST} (a source checkout)")
     return sorted(f[:-3] for f in os.listdir(INST) if f.endswith(".cu") and (arch >= 90 or "sm90" not in f))
 
 
@@ -87,7 +87,7 @@ def dynamic_smem() -> dict:
               '  std::printf("\\"\\": 0}\\n");\n}\n'
     cxx = shutil.which("c++") or shutil.which("g++")
     if not cxx:
-        raise RuntimeError("pyattn.cuda_aot needs a host C++ compiler (c++ or g++) to read tiles.h")
+        raise sass.MissingTool("pyattn.cuda_aot needs a host C++ compiler (c++ or g++) to read tiles.h")
     with tempfile.TemporaryDirectory() as d:
         src, exe = os.path.join(d, "tiles.cpp"), os.path.join(d, "tiles")
         with open(src, "w") as f:

@@ -12,6 +12,10 @@ ASYNC_COPY_OPS = re.compile(r"\b(LDGSTS|UTMALDG)\b")  # cp.async (pipelined load
 RESOURCES = re.compile(r"(\w+(?:\[\d+\])?):(\d+)")
 
 
+class MissingTool(RuntimeError):
+    """A tool or source the ahead-of-time compile needs is absent (nvcc, cuobjdump, a source checkout)."""
+
+
 def cuobjdump():
     """Path of a cuobjdump: Triton's copy first, so CPU-only machines without a CUDA toolkit have one."""
     try:
@@ -23,7 +27,7 @@ def cuobjdump():
         pass
     found = shutil.which("cuobjdump")
     if not found:
-        raise RuntimeError("pyattn.inspect needs cuobjdump: install triton or put the CUDA toolkit on PATH")
+        raise MissingTool("pyattn.inspect needs cuobjdump: install triton or put the CUDA toolkit on PATH")
     return found
 
 
