@@ -13,12 +13,17 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TMA_IN_INTERPRETER = False  # tests flip it to run the tensor-descriptor path under the interpreter
+AUTOTUNE_IN_INTERPRETER = False  # ... and this to run the autotuned launches (with a stand-in timer)
 AUTOTUNE_FROM = 2048  # max(L, S) from which the forward and backward autotune
 
 
 def padded(head_dim):
     """Head dim rounded up to a power of two >= 16 (tl.dot's minimum); loads mask the padding."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def autotunes(seqlen):
+    return (not INTERPRET or AUTOTUNE_IN_INTERPRETER) and seqlen >= AUTOTUNE_FROM
 
 
 def seq_bucket(n):
@@ -102,10 +107,10 @@ def fwd_autotune_configs():
     return configs
 
 
-def prune_fwd(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit or cannot help: shared memory by head dim, warp specialization off Hopper."""
+def prune_fwd(configs, named_args, cc, **kwargs):
+    """Drop tiles that cannot fit or cannot help on architecture cc: shared memory by head dim, warp
+    specialization where Triton's does not help."""
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
-    cc = arch(torch.cuda.current_device())
     kept = []
     for c in configs:
         bm, bn, ws = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["WARP_SPECIALIZE"]
@@ -128,9 +133,8 @@ def bwd_autotune_configs():
     return configs
 
 
-def prune_bwd(configs, named_args, **kwargs):
+def prune_bwd(configs, named_args, cc, **kwargs):
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
-    cc = arch(torch.cuda.current_device())
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]

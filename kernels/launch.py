@@ -1,5 +1,7 @@
 """Launchers: allocate outputs, pick tiles and grids, and call the kernels. Inputs arrive validated and
 normalized (pyattn.inputs): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides."""
+import functools
+
 import torch
 import triton
 
@@ -10,16 +12,19 @@ from .fwd import _attn_fwd, _attn_fwd_combine
 MASK_KINDS = {None: 0, torch.bool: 1}  # anything else is a float mask (2)
 DOT_PRECISION = {True: "tf32", False: "ieee"}
 
-_fwd_tuned = triton.autotune(configs.fwd_autotune_configs(), key=["seq_bucket", "HEAD_DIM", "HEAD_DIM_V",
-                                                                   "HAS_RIGHT", "HAS_LEFT"],
-                             prune_configs_by={"early_config_prune": configs.prune_fwd})(_attn_fwd)
-# the backward accumulates nothing across launches, so autotuning may rerun it freely
-_dkdv_tuned = triton.autotune(configs.bwd_autotune_configs(), key=["seq_bucket", "HEAD_DIM", "HEAD_DIM_V",
-                                                                    "HAS_RIGHT", "HAS_LEFT"],
-                              prune_configs_by={"early_config_prune": configs.prune_bwd})(_attn_bwd_dkdv)
-_dq_tuned = triton.autotune(configs.bwd_autotune_configs(), key=["seq_bucket", "HEAD_DIM", "HEAD_DIM_V",
-                                                                  "HAS_RIGHT", "HAS_LEFT"],
-                            prune_configs_by={"early_config_prune": configs.prune_bwd})(_attn_bwd_dq)
+TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HEAD_DIM_V", "HAS_RIGHT", "HAS_LEFT"]
+TUNED = {"fwd": (_attn_fwd, configs.fwd_autotune_configs, configs.prune_fwd),
+         "dkdv": (_attn_bwd_dkdv, configs.bwd_autotune_configs, configs.prune_bwd),
+         "dq": (_attn_bwd_dq, configs.bwd_autotune_configs, configs.prune_bwd)}
+
+
+@functools.cache
+def _tuned(name, cc):
+    """An autotuner per kernel and architecture, so a choice made on one GPU kind is never reused on another.
+    No kernel accumulates across launches, so autotuning may rerun any of them freely."""
+    kernel, candidates, prune = TUNED[name]
+    return triton.autotune(candidates(), key=TUNE_KEY,
+                           prune_configs_by={"early_config_prune": functools.partial(prune, cc=cc)})(kernel)
 
 
 def _strides(t, n=4):
@@ -68,7 +73,7 @@ class _Problem:
                           HAS_RIGHT=window_right >= 0, VARLEN=self.varlen, DROPOUT=dropout_p > 0,
                           DOT_PRECISION=_dot_precision(q.dtype))
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
-        self.tuned = not configs.INTERPRET and max(self.max_q, self.max_k) >= configs.AUTOTUNE_FROM
+        self.tuned = configs.autotunes(max(self.max_q, self.max_k))
         self.group = self.Hq // self.Hkv
         self.cc = 0 if configs.INTERPRET else configs.arch(q.device.index or 0)
 
@@ -112,7 +117,7 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     args = (*common, dst_out, dst_lse, *tail, *sizes, *dst_out.stride(), *dst_lse.stride(), *extras)
     if pb.tuned and splits == 1:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
-        _fwd_tuned[grid](*args, **pb.flags, NUM_SPLITS=1, USE_TMA=use_tma)
+        _tuned("fwd", pb.cc)[grid](*args, **pb.flags, NUM_SPLITS=1, USE_TMA=use_tma)
     else:
         grid = (triton.cdiv(rows, block_m), splits, pb.batches * pb.Hkv)
         _attn_fwd[grid](*args, **pb.flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, USE_TMA=use_tma,
@@ -159,9 +164,9 @@ def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu
     dq_args = (q, k, v, dout, lse, delta, dq, dmask, *tail, *inputs, *dq.stride(), *extras)
     rows = pb.group * pb.max_q
     if pb.tuned:
-        _dkdv_tuned[lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv)](
+        _tuned("dkdv", pb.cc)[lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv)](
             *dkdv_args, **pb.flags)
-        _dq_tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv)](
+        _tuned("dq", pb.cc)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv)](
             *dq_args, **pb.flags, MASK_GRAD=mask_grad)
     else:
         (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import CASES, assert_close_to_oracle, backend_params, sample_inputs
+from conftest import CASES, assert_close_to_oracle, backend_params, check_fwd_bwd, sample_inputs
 from pyattn.kernels import configs
 from test_ops import attn_inputs, fwd_args
 
@@ -94,3 +94,30 @@ def test_explain(backend, device):
             pyattn.scaled_dot_product_attention(bf, bf, bf, backend=backend)
     else:
         assert "chosen" in triton_line, triton_line
+
+
+def test_autotuned_launches(backend, device, monkeypatch):
+    """The autotuned forward, dK/dV and dQ launches (long sequences on a GPU) run every candidate config and
+    give the right answer. Under the interpreter, a stand-in timer runs each config once."""
+    from pyattn.kernels import launch
+    monkeypatch.setattr(configs, "AUTOTUNE_IN_INTERPRETER", True)
+    monkeypatch.setattr(configs, "AUTOTUNE_FROM", 0 if device == "cpu" else configs.AUTOTUNE_FROM)
+    n = 70 if device == "cpu" else configs.AUTOTUNE_FROM
+    launch._tuned.cache_clear()
+    timed = []
+    if device == "cpu":
+        for name in launch.TUNED:
+            launch._tuned(name, 0)._do_bench = lambda kernel_call, quantiles: (kernel_call(), timed.append(1),
+                                                                                [1.0] * 3)[2]
+    try:
+        t = {name: torch.randn(1, 2, m, 32, device=device) for name, m in (("q", n), ("k", n + 20), ("v", n + 20))}
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        check_fwd_bwd(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend),
+                      lambda q, k, v: sdpa(q, k, v, is_causal=True), lambda q, k, v: sdpa(q, k, v, is_causal=True),
+                      t, torch.float16, out_names=("out",))
+        q, k, v = t["q"], t["k"], t["v"]
+        cc = launch._Problem(q, k, v, None, None, None, 0, 0, -1, 0, 0.0, 0.0).cc
+        assert all(launch._tuned(name, cc).cache for name in launch.TUNED), "a kernel skipped its autotuner"
+        assert device != "cpu" or len(timed) >= 3 * 4, f"only {len(timed)} configs were timed"
+    finally:
+        launch._tuned.cache_clear()
