@@ -214,7 +214,7 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
                         mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p, ds, ds_qk = _probs_and_dscore(
+            _, ds, ds_qk = _probs_and_dscore(
                 qk, dp, lse2[:, None], delta[:, None], ip[:, None], offs_n[None, :], row_ok[:, None],
                 mask_rows[:, None], stride_mn, slopes[:, None], seed, rng_rows[:, None], len_k, scale, softcap,
                 window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT,
