@@ -96,7 +96,7 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
                    stride_ab, stride_ah,  # alibi slopes (B, Hq)
                    stride_lb, stride_lh,  # lse, delta (B, Hq, L) float32, contiguous
                    H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                   scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,
+                   scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -171,7 +171,7 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
                  stride_ab, stride_ah,  # alibi slopes (B, Hq)
                  stride_lb, stride_lh,  # lse, delta (B, Hq, L) float32, contiguous
                  H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,  # dmask: (B, Hq, L, S) contiguous
-                 scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,
+                 scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,

@@ -66,7 +66,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
               stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S), stride 0 where broadcast
               stride_ab, stride_ah,  # alibi slopes (B, Hq) float32
               H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
-              scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,
+              scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
