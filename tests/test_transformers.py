@@ -230,3 +230,26 @@ def test_wrong_2d_mask_and_unsupported_arguments_raise():
 def test_import_pyattn_does_not_import_transformers():
     code = "import sys, pyattn, pyattn.integrations.transformers; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@devices
+def test_encoder_bidirectional(device, seen_masks):
+    """Encoder models (BERT) build bidirectional masks through the same mask interface: logits match eager,
+    with right padding."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=128,
+                                     attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    eager = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids, mask = tokens(device, right_pad=5)
+    outs = {}
+    for impl, dtype in (("pyattn", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
+        model = transformers.BertModel(config, add_pooling_layer=False).to(device, dtype).eval()
+        model.load_state_dict(eager.state_dict())
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            outs[impl, dtype] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert seen_masks, "pyattn's attention never ran"
+    keep = mask.bool()  # padded positions' hidden states are unspecified in both
+    assert_close_to_oracle("hidden", outs["pyattn", torch.float32][keep], outs["eager", torch.float32][keep],
+                           outs["eager", torch.float64][keep], torch.float32)

@@ -63,6 +63,7 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
         if not torch.compiler.is_compiling() and bool(padding.all()):
             return None
         return padding
+    kwargs.pop("allow_is_bidirectional_skip", None)  # encoders' masks pass it; a dense mask is asked for here
     return masking_utils.sdpa_mask(
         batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
         attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,
