@@ -47,6 +47,7 @@ def _flags(head_dim, causal, **overrides):
     return flags
 
 
+@functools.cache
 def variants(cc):
     """(name, kernel, pointer types, constexprs, num_warps, num_stages) for architecture cc (80, 90)."""
     out = []

@@ -1,9 +1,8 @@
 """Tile choice: block sizes, warps and stages per head dim, sequence bucket, causal and architecture.
 
 Small problems (and every test shape) get one fixed config, so they compile once and never autotune; long
-sequences autotune over a pruned list. The starting points are FlashAttention-2's and the Triton fused
-attention tutorial's tiles for A100/H100 (d64: 128x64, d128: 128x64/128x128, d256: 64x32); the lists span
-one step around them. Re-measure with `python -m benchmarks --device cuda` before changing them.
+sequences autotune over a pruned list: the fixed tiles plus a neighbourhood around them, the fixed one
+always kept. Re-measure with `python -m benchmarks --device cuda` before changing them.
 """
 import functools
 import os
@@ -54,10 +53,15 @@ def has_warp_specialize(cc):
     """Triton's automatic warp specialization, where it helps. Offered on Hopper since Triton 3.4, but the
     sm_90 AOT checks with 3.7 found it failing to compile for d64 and changing nothing for d128 (same
     registers, shared memory and SASS), so it is used on Blackwell only, as Triton's own tutorial does."""
+    return cc >= 100 and _triton_warp_specializes()
+
+
+@functools.cache
+def _triton_warp_specializes():
     import inspect
 
     import triton.language as tl
-    return cc >= 100 and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (arch, padded head dim), chosen with `python -m pyattn.inspect`
@@ -95,54 +99,56 @@ def bwd_default(head_dim, cc):
     return _pick(DKDV_TILES, head_dim, cc), _pick(DQ_TILES, head_dim, cc)
 
 
+def _candidates(tiles, neighbours, warp_specialize=False):
+    """The fixed tiles of every arch and head dim plus a neighbourhood around them, as autotune configs."""
+    tiles = sorted(set(tiles) | set(neighbours))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"WARP_SPECIALIZE": ws} if warp_specialize else {})},
+                          num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in tiles for ws in ((False, True) if warp_specialize else (False,))]
+
+
+def _tile(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
 def fwd_autotune_configs():
-    """The fixed tiles' neighbourhood: small enough that a sweep autotunes each key in seconds."""
-    configs = []
-    for bm, bn in ((64, 64), (128, 64), (128, 128)):
-        for warps in (4, 8):
-            for stages in (2, 3):
-                for ws in (False, True):
-                    configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws},
-                                                 num_warps=warps, num_stages=stages))
-    return configs
+    neighbours = [(bm, bn, w, st) for bm, bn in ((64, 64), (128, 64), (128, 128)) for w in (4, 8) for st in (2, 3)]
+    return _candidates(FWD_TILES.values(), neighbours, warp_specialize=True)
+
+
+def bwd_autotune_configs():
+    neighbours = [(bm, bn, w, 2) for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 32), (128, 64)) for w in (4, 8)]
+    return _candidates([*DKDV_TILES.values(), *DQ_TILES.values()], neighbours)
 
 
 def prune_fwd(configs, named_args, cc, **kwargs):
     """Drop tiles that cannot fit or cannot help on architecture cc: shared memory by head dim, warp
-    specialization where Triton's does not help."""
+    specialization where Triton's does not help. The fixed (spill-free) tile always stays."""
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+    default = fwd_default(d, cc)
     kept = []
     for c in configs:
         bm, bn, ws = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["WARP_SPECIALIZE"]
+        if ws and not has_warp_specialize(cc):
+            continue
         smem = 2 * (bm * d + c.num_stages * bn * 2 * d)
-        if smem > (227 if cc >= 90 else 163) * 1024 or (ws and not has_warp_specialize(cc)):
-            continue
-        if d >= 256 and (bm > 64 or bn > 64):
-            continue
-        if bm == 128 and c.num_warps == 4 and d >= 128:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+        fits = smem <= (227 if cc >= 90 else 163) * 1024 and not (d >= 256 and (bm > 64 or bn > 64)) \
+            and not (bm == 128 and c.num_warps == 4 and d >= 128)
+        if fits or _tile(c) == default:
+            kept.append(c)
+    return kept
 
 
-def bwd_autotune_configs():
-    configs = []
-    for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 32), (128, 64)):
-        for warps in (4, 8):
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=2))
-    return configs
-
-
-def prune_bwd(configs, named_args, cc, **kwargs):
+def prune_bwd(configs, named_args, cc, kernel, **kwargs):
+    """As prune_fwd, for the dK/dV or dQ kernel (kernel: its fixed-tile table)."""
     d = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+    default = _pick(kernel, d, cc)
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         # K, V, dK, dV tiles stay resident; Q, dO (and their stages) stream
         smem = 2 * (2 * bn * d + c.num_stages * 2 * bm * d) + 4 * bm * bn
-        if smem > (227 if cc >= 90 else 163) * 1024:
-            continue
-        if d >= 256 and bm * bn > 32 * 64:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+        fits = smem <= (227 if cc >= 90 else 163) * 1024 and not (d >= 256 and bm * bn > 32 * 64)
+        if fits or _tile(c) == default:
+            kept.append(c)
+    return kept

@@ -14,8 +14,10 @@ DOT_PRECISION = {True: "tf32", False: "ieee"}
 
 TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HEAD_DIM_V", "HAS_RIGHT", "HAS_LEFT"]
 TUNED = {"fwd": (_attn_fwd, configs.fwd_autotune_configs, configs.prune_fwd),
-         "dkdv": (_attn_bwd_dkdv, configs.bwd_autotune_configs, configs.prune_bwd),
-         "dq": (_attn_bwd_dq, configs.bwd_autotune_configs, configs.prune_bwd)}
+         "dkdv": (_attn_bwd_dkdv, configs.bwd_autotune_configs,
+                  functools.partial(configs.prune_bwd, kernel=configs.DKDV_TILES)),
+         "dq": (_attn_bwd_dq, configs.bwd_autotune_configs,
+                functools.partial(configs.prune_bwd, kernel=configs.DQ_TILES))}
 
 
 @functools.cache
@@ -35,13 +37,9 @@ def _dot_precision(dtype):
     return DOT_PRECISION[torch.backends.cuda.matmul.allow_tf32] if dtype == torch.float32 else "ieee"
 
 
-def _tma_ok(*tensors):
-    """TMA needs unit inner strides and 16-byte aligned bases and strides (fp16/bf16 on sm_90+)."""
-    if configs.INTERPRET and not configs.TMA_IN_INTERPRETER:
-        return False
-    if not configs.INTERPRET and configs.arch(tensors[0].device.index or 0) < 90:
-        return False
-    if not configs.has_tensor_descriptors():
+def _tma_ok(cc, *tensors):
+    """TMA needs sm_90+ and unit inner strides and 16-byte aligned bases and strides (fp16/bf16)."""
+    if not (configs.TMA_IN_INTERPRETER if configs.INTERPRET else cc >= 90) or not configs.has_tensor_descriptors():
         return False
     for t in tensors:
         size = t.element_size()
@@ -49,6 +47,11 @@ def _tma_ok(*tensors):
                 or any(s * size % 16 for s in t.stride()[:-1]):
             return False
     return True
+
+
+def _pointers(q, *optional):
+    """Absent optional tensors pass q's pointer: their constexpr flags keep it unread."""
+    return tuple(q if t is None else t for t in optional)
 
 
 def _set_tma_allocator(device):
@@ -75,12 +78,13 @@ class _Problem:
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
         self.tuned = configs.autotunes(max(self.max_q, self.max_k))
         self.group = self.Hq // self.Hkv
-        self.cc = 0 if configs.INTERPRET else configs.arch(q.device.index or 0)
+        self.device_index = q.device.index or 0
+        self.cc = 0 if configs.INTERPRET else configs.arch(self.device_index)
 
     def num_splits(self, block_m, block_n):
         """Split the keys when the row blocks alone cannot fill the GPU (decoding), never below 2 blocks each."""
         programs = triton.cdiv(self.group * self.max_q, block_m) * self.batches * self.Hkv
-        want = triton.cdiv(2 * configs.num_sms(), programs)
+        want = triton.cdiv(2 * configs.num_sms(self.device_index), programs)
         return max(1, min(want, triton.cdiv(self.max_k, 2 * block_n), 128))
 
 
@@ -93,14 +97,10 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
         return out, lse
-    use_tma = _tma_ok(k, v)
+    use_tma = _tma_ok(pb.cc, k, v)
     if use_tma:
         _set_tma_allocator(q.device)
-    dummy = q  # pointer for absent optional tensors; their constexpr flags keep it unread
-    common = (q, k, v)
-    tail = (mask if mask is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
-            cu_seqlens_q if pb.varlen else dummy, cu_seqlens_k if pb.varlen else dummy,
-            rng_state if rng_state is not None else dummy)
+    tail = _pointers(q, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
     sizes = (*q.stride(), *k.stride(), *v.stride())
     extras = (*_strides(mask), *_strides(alibi_slopes, 2), pb.Hq, pb.Hkv, pb.max_q, pb.max_k, pb.E, pb.Ev,
               scale, softcap, window_left, window_right, int(bottom_right), dropout_p, pb.seq_bucket)
@@ -114,7 +114,7 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         # splits that own no rows (varlen padding) write nothing: leave them empty (0, -inf)
         dst_out = torch.zeros(splits, pb.B, pb.Hq, pb.L, pb.Ev, dtype=torch.float32, device=q.device)
         dst_lse = torch.full((splits, pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
-    args = (*common, dst_out, dst_lse, *tail, *sizes, *dst_out.stride(), *dst_lse.stride(), *extras)
+    args = (q, k, v, dst_out, dst_lse, *tail, *sizes, *dst_out.stride(), *dst_lse.stride(), *extras)
     if pb.tuned and splits == 1:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
         _tuned("fwd", pb.cc)[grid](*args, **pb.flags, NUM_SPLITS=1, USE_TMA=use_tma)
@@ -140,11 +140,11 @@ def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu
     """-> dq, dk, dv (like q, k, v, contiguous), dmask (B, Hq, L, S) float32 if mask_grad else empty."""
     pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
                   window_right, softcap, dropout_p)
-    alloc = torch.zeros if pb.varlen else torch.empty  # varlen rows past the last sequence get no gradient
-    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     dmask = torch.zeros((pb.B, pb.Hq, pb.L, pb.S) if mask_grad else (0,), dtype=torch.float32, device=q.device)
     if pb.batches == 0 or pb.max_q == 0 or pb.max_k == 0 or q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros_like(t) for t in (q, k, v)) + (dmask,)
+    alloc = torch.zeros if pb.varlen else torch.empty  # varlen rows past the last sequence get no gradient
+    dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block = 16 if configs.INTERPRET else 64
@@ -152,10 +152,7 @@ def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu
         out, dout, dlse if dlse is not None else lse, delta, *out.stride(), *dout.stride(), *_strides(dlse, 3),
         pb.Hq, pb.L, pb.Ev, BLOCK_M=block, HEAD_DIM_V=pb.flags["HEAD_DIM_V"], HAS_DLSE=dlse is not None)
 
-    dummy = q
-    tail = (mask if mask is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
-            cu_seqlens_q if pb.varlen else dummy, cu_seqlens_k if pb.varlen else dummy,
-            rng_state if rng_state is not None else dummy)
+    tail = _pointers(q, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
     inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     extras = (*_strides(mask), *_strides(alibi_slopes, 2), *lse.stride()[:2], pb.Hq, pb.Hkv, pb.max_q,
               pb.max_k, pb.E, pb.Ev, scale, softcap, window_left, window_right, int(bottom_right), dropout_p,

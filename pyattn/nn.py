@@ -38,12 +38,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
         batched = self._check(query, key, value, key_padding_mask, attn_mask, is_causal)
+        self_attention = query is key and key is value  # decided before the views below make new objects
         if not batched:  # (L, E) -> (1, L, E): one sequence
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # (L, N, E) -> (N, L, E) views
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)  # (N, L, E)
+        out = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, self_attention)  # (N, L, E)
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -77,9 +78,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                "nn.Transformer.generate_square_subsequent_mask makes one")
         return batched
 
-    def _project(self, query, key, value):
+    def _project(self, query, key, value, self_attention):
         """(N, L, E), (N, S, kdim), (N, S, vdim) -> q (N, L, E), k, v (N, S, E)."""
-        if self._qkv_same_embed_dim and query is key and key is value:  # self-attention: one matmul
+        if self._qkv_same_embed_dim and self_attention:  # one matmul
             return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         if self._qkv_same_embed_dim:
             weights = self.in_proj_weight.chunk(3)
@@ -88,11 +89,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
         return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal):
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal, self_attention):
         """query (N, L, E), key (N, S, kdim), value (N, S, vdim) -> (N, L, E)."""
         N, L, E = query.shape
         H = self.num_heads
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, self_attention)
         # is_causal is torch's promise that attn_mask is the causal mask: the kernel's band replaces it, unless
         # bias_kv / zero_attn append keys that every query may attend (outside the band)
         is_causal = is_causal and self.bias_k is None and not self.add_zero_attn
