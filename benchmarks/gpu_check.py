@@ -74,19 +74,22 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
     out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", re.sub(r"[^a-z0-9]+", "-", gpu.lower()))
     os.makedirs(out_dir, exist_ok=True)
-    log = open(os.path.join(out_dir, "gpu-check.log"), "w")
-    rc, out, dt = _run([sys.executable, "setup.py", "build_ext", "--inplace"], left() - 240,
-                       env={"MAX_JOBS": str(os.cpu_count()), "NVCC_THREADS": "4"})
-    log.write(f"== build rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
-    rc, out, dt = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                       left() - 270)
-    tests = _counts(out)
-    log.write(f"== tests rc={rc} {dt:.0f}s\n{out[-50000:]}\n")
-    sanitizer, out = _sanitizer(min(120, left() - 150))
-    log.write(out)
-    rc, out, dt = _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", out_dir,
-                        "--time-limit", str(int(left() - 60))], left() - 10)
-    log.write(f"== bench rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
+    returncodes = {}  # per stage: 0 ok, 124 ran out of its time, else failed; counts alone hide a crash
+    with open(os.path.join(out_dir, "gpu-check.log"), "w") as log:
+        rc, out, dt = _run([sys.executable, "setup.py", "build_ext", "--inplace"], left() - 240,
+                           env={"MAX_JOBS": str(os.cpu_count()), "NVCC_THREADS": "4"})
+        returncodes["build"] = rc
+        log.write(f"== build rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
+        rc, out, dt = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], left() - 270)
+        returncodes["tests"] = rc
+        tests = _counts(out)
+        log.write(f"== tests rc={rc} {dt:.0f}s\n{out[-50000:]}\n")
+        sanitizer, out = _sanitizer(min(120, left() - 150))
+        log.write(out)
+        rc, out, dt = _run([sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", out_dir,
+                            "--time-limit", str(int(left() - 60))], left() - 10)
+        returncodes["bench"] = rc
+        log.write(f"== bench rc={rc} {dt:.0f}s\n{out[-20000:]}\n")
     try:
         import triton
 
@@ -95,7 +98,7 @@ def main():
         triton_version = None
     record = dict(commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=gpu, torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, tests=tests,
-                  sanitizer=sanitizer,
+                  returncodes=returncodes, sanitizer=sanitizer,
                   seconds=round(time.time() - start))
     with open(os.path.join(out_dir, "gpu-check.json"), "w") as f:
         json.dump(record, f, indent=1)
