@@ -56,8 +56,9 @@ def extension():
     sources += rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cpp"), recursive=True))
     cuda_defines = ["-DPYATTN_WITH_CUDA", f'-DPYATTN_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
-            f"--threads={os.environ.get('NVCC_THREADS', '4')}", *defines, *cuda_defines]  # as pyattn/cuda_aot.py
+    with open(os.path.join(ROOT, "csrc/cuda/nvcc_flags.txt")) as f:  # shared with pyattn/cuda_aot.py
+        flags = f.read().split()
+    nvcc = [*flags, f"--threads={os.environ.get('NVCC_THREADS', '4')}", *defines, *cuda_defines]
     return CUDAExtension("pyattn._C", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 INST = os.path.join(CSRC, "cuda", "inst")
 CACHE = os.path.join(ROOT, "build", "cuda_aot")
-# as setup.py compiles them; sm_90a (not sm_90) so that Hopper-only instructions are allowed
-FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+FLAGS_FILE = os.path.join(CSRC, "cuda", "nvcc_flags.txt")  # setup.py compiles with the same list
+# sm_90a (not sm_90) so that Hopper-only instructions are allowed
 GENCODE = {80: "arch=compute_80,code=sm_80", 90: "arch=compute_90a,code=sm_90a"}
 # kernel (part of the mangled name) -> the tiles.h constant holding its dynamic shared memory (None: static)
 KERNELS = {"fwd_kernel": "FwdTiles<{d}>::kSmem", "fwd_sm90_kernel": "Sm90Tiles::kSmem", "dkdv_kernel": "BwdTiles<{d}>::kDkvSmem",
@@ -41,6 +41,12 @@ def nvcc():
     return found
 
 
+@functools.cache
+def flags():
+    with open(FLAGS_FILE) as f:
+        return tuple(f.read().split())
+
+
 def instances(arch: int):
     """Names of the instantiation files (fwd_bf16_d128_causal, ...) that hold code for sm_<arch>, sorted: the
     fwd_sm90 ones compile to empty kernels below sm_90a."""
@@ -58,7 +64,7 @@ def _source_digest():
                 with open(os.path.join(folder, f), "rb") as fh:
                     h.update(f.encode() + fh.read())
     version = subprocess.run([nvcc(), "--version"], capture_output=True, text=True, check=True).stdout
-    h.update(version.encode() + " ".join(FLAGS).encode())
+    h.update(version.encode() + " ".join(flags()).encode())
     return h.hexdigest()[:16]
 
 
@@ -68,7 +74,7 @@ def cubin(instance: str, arch: int) -> bytes:
     if not os.path.exists(path):
         os.makedirs(CACHE, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        cmd = [nvcc(), *FLAGS, "-I", CSRC, "-gencode", GENCODE[arch], "-cubin", "-o", tmp,
+        cmd = [nvcc(), *flags(), "-I", CSRC, "-gencode", GENCODE[arch], "-cubin", "-o", tmp,
                os.path.join(INST, instance + ".cu")]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -100,8 +106,9 @@ def reports_of(instance: str, arch: int) -> list[dict]:
     """One report per kernel in the instance's cubin, named like cuda_bwd_dkdv_bf16_d128_causal."""
     kind, dtype, d, causal = INSTANCE.match(instance).groups()
     binary = cubin(instance, arch)
+    usage = sass.resource_usage(binary)
     out = []
-    for function in sorted(sass.resource_usage(binary)):
+    for function in sorted(usage):
         kernel = next((k for k in KERNELS if f"{len(k)}{k}" in function), None)  # mangled: length, then name
         if kernel is None:
             continue
@@ -110,7 +117,7 @@ def reports_of(instance: str, arch: int) -> list[dict]:
         # the delta prepass does not depend on the head dim or the window
         name = f"cuda_{part}_{dtype}" + ("" if part == "bwd_delta" else f"_d{d}{causal or ''}")
         out.append({"name": name, "backend": "cuda", "arch": f"sm_{arch}", "function": function,
-                    **sass.report(binary, function, smem)})
+                    **sass.report(binary, function, smem, usage)})
     return out
 
 

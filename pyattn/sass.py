@@ -61,10 +61,10 @@ def opcode_counts(cubin: bytes, function: str) -> tuple[dict[str, int], dict[str
     return dict(sorted(by_opcode.items())), dict(sorted(by_form.items())), dict(sorted(copies.items()))
 
 
-def report(cubin: bytes, function: str, dynamic_shared: int = 0) -> dict:
+def report(cubin: bytes, function: str, dynamic_shared: int = 0, usage=None) -> dict:
     """Resources of one kernel function. Spilled registers live in per-thread local memory (the stack frame),
     so spill_bytes is STACK + LOCAL: zero means the kernel stays in registers."""
-    usage = resource_usage(cubin)
+    usage = usage or resource_usage(cubin)  # callers reading several functions pass it once
     if function not in usage:
         raise RuntimeError(f"function {function!r} not in cubin (has {sorted(usage)})")
     res = usage[function]
