@@ -27,8 +27,9 @@ def register(name="pyattn"):
     return name
 
 
-def _band_window(mask_function, local_size, config):
-    """0 for the plain causal pattern, w for sliding-window causal over w keys, None for anything else.
+def _is_band(mask_function, local_size, config):
+    """Whether the mask is plain causal or sliding-window causal: the kernel computes those itself (the window
+    from the attention module's sliding_window).
 
     Asked only of masks that transformers lets skip (allow_is_causal_skip): those come from create_causal_mask
     (causal_mask_function), create_sliding_window_causal_mask (local_size = config.sliding_window) or
@@ -37,11 +38,9 @@ def _band_window(mask_function, local_size, config):
     from transformers import masking_utils
 
     if mask_function is masking_utils.causal_mask_function:
-        return 0 if local_size is None else None
-    if local_size is not None and local_size == getattr(config, "sliding_window", None) \
-            and local_size != getattr(config, "attention_chunk_size", None):
-        return local_size
-    return None
+        return local_size is None
+    return local_size is not None and local_size == getattr(config, "sliding_window", None) \
+        and local_size != getattr(config, "attention_chunk_size", None)
 
 
 def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -54,7 +53,7 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
 
     mask_function = mask_function or masking_utils.causal_mask_function
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
-    if allow_is_causal_skip and aligned and _band_window(mask_function, local_size, config) is not None:
+    if allow_is_causal_skip and aligned and _is_band(mask_function, local_size, config):
         if attention_mask is None:
             return None
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
