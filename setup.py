@@ -4,11 +4,14 @@ Hermetic: no downloads, no git. Environment switches:
   PYATTN_SKIP_CUDA_BUILD=1   never build CUDA sources
   PYATTN_FORCE_CUDA=1        build them even when no GPU is visible (needs nvcc and a CUDA torch)
   TORCH_CUDA_ARCH_LIST       defaults to the visible GPUs, else "8.0;9.0"; 9.0 is built as sm_90a
-  PYATTN_CPU_ARCH            -march for the CPU kernel (default: native; the build machine's ISA)
+  PYATTN_CPU_ARCH            opt-in -march for every CPU module (e.g. native: this machine's ISA only; the
+                             wheel then runs on CPUs like it alone). Default: portable, see CPU_CAPABILITIES.
+  PYATTN_CPU_CAPABILITIES    ";"-separated subset of CPU_CAPABILITIES to build (default: all of this arch's)
   MAX_JOBS, NVCC_THREADS     build parallelism
 """
 import glob
 import os
+import platform
 import shutil
 
 import torch
@@ -41,12 +44,62 @@ def cuda_archs():
     return ";".join("9.0a" if a.strip() == "9.0" else a.strip() for a in archs.replace(" ", ";").split(";") if a)
 
 
-def extension():
+# The CPU kernel (KERNEL_SOURCES) is compiled once per capability into pyattn._cpu_<name>, as ATen compiles its
+# CPU_CAPABILITY kernels; pyattn/cpu_capability.py loads the best one the CPU has at run time.
+# name -> (compiler flags, ATen CPU_CAPABILITY macros selecting at::vec's implementation, defines).
+CPU_CAPABILITIES = {
+    "x86_64": {
+        "default": ([], ["CPU_CAPABILITY=DEFAULT"], []),
+        "avx2": (["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"],
+                 ["CPU_CAPABILITY=AVX2", "CPU_CAPABILITY_AVX2"], []),
+        "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mbmi",
+                    "-mbmi2", "-mlzcnt"], ["CPU_CAPABILITY=AVX512", "CPU_CAPABILITY_AVX512"], ["PYATTN_VNNI_TILES"]),
+        "avx512_bf16": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma",
+                         "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt"],
+                        ["CPU_CAPABILITY=AVX512", "CPU_CAPABILITY_AVX512"], ["PYATTN_VNNI_TILES"]),
+    },
+    "aarch64": {
+        "default": ([], ["CPU_CAPABILITY=DEFAULT"], []),  # NEON: every aarch64 CPU has it
+        "sve256": (["-march=armv8.2-a+sve", "-msve-vector-bits=256"],
+                   ["CPU_CAPABILITY=SVE256", "CPU_CAPABILITY_SVE", "CPU_CAPABILITY_SVE256"], []),
+    },
+}
+KERNEL_SOURCES = ["csrc/cpu/fwd.cpp", "csrc/cpu/bwd.cpp", "csrc/cpu/module.cpp"]
+
+
+def cpu_capabilities():
+    caps = CPU_CAPABILITIES.get(platform.machine().lower(), {"default": ([], ["CPU_CAPABILITY=DEFAULT"], [])})
+    wanted = [c for c in os.environ.get("PYATTN_CPU_CAPABILITIES", "").split(";") if c]
+    unknown = sorted(set(wanted) - set(caps))
+    if unknown:
+        raise RuntimeError(f"PYATTN_CPU_CAPABILITIES names {unknown}; this machine's are {list(caps)}")
+    return {name: flags for name, flags in caps.items() if not wanted or name in wanted}
+
+
+def common_cxx():
+    march = os.environ.get("PYATTN_CPU_ARCH")
+    return ["-O3", "-std=c++17", "-fopenmp"] + ([f"-march={march}"] if march else [])
+
+
+def cpu_kernel_extensions(caps):
+    exts = []
+    for name, (flags, capability, defines) in caps.items():
+        macros = [f"-D{d}" for d in capability + defines] + [f'-DPYATTN_CPU_CAPABILITY_NAME="{name}"']
+        # hidden: this module's inline functions, compiled for its ISA, never stand in for another module's
+        cxx = common_cxx() + flags + macros + ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+        exts.append(CppExtension(f"pyattn._cpu_{name}", KERNEL_SOURCES, include_dirs=[os.path.join(ROOT, "csrc")],
+                                 extra_compile_args={"cxx": cxx},
+                                 extra_link_args=["-fopenmp", f"-Wl,--version-script={ROOT}/csrc/cpu/module.map"]))
+    return exts
+
+
+def extension(caps):
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc/*.cpp")) + glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))
-    march = os.environ.get("PYATTN_CPU_ARCH", "native")
-    defines = [f'-DPYATTN_VERSION="{VERSION}"', f'-DPYATTN_TORCH_VERSION="{torch.__version__}"']
-    cxx = ["-O3", "-std=c++17", f"-march={march}", "-fopenmp", *defines]
+    sources = [s for s in sources if s not in KERNEL_SOURCES]
+    defines = [f'-DPYATTN_VERSION="{VERSION}"', f'-DPYATTN_TORCH_VERSION="{torch.__version__}"',
+               f'-DPYATTN_CPU_CAPABILITIES="{";".join(caps)}"']
+    cxx = common_cxx() + defines
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
         return CppExtension("pyattn._C", sources, include_dirs=include_dirs,
@@ -64,11 +117,23 @@ def extension():
                          extra_link_args=["-fopenmp"])
 
 
+class Build(BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        # the CPU-capability modules compile the same sources with other flags: one object folder each
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
+
+CAPS = cpu_capabilities()
 setup(
     name="pyattn",
     version=VERSION,
     packages=["pyattn", "pyattn.integrations", "pyattn.kernels"],
     package_dir={"pyattn.kernels": "kernels"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[extension(CAPS), *cpu_kernel_extensions(CAPS)],
+    cmdclass={"build_ext": Build},
 )

@@ -3,6 +3,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <sstream>
+#include <string>
+
+#include "cpu/dispatch.h"
+
 TORCH_LIBRARY(pyattn, m) {
   // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides -> out (B, Hq, L, Ev), lse (B, Hq, L)
   // float32. mask: (B, Hq, L, S) view (stride 0 where broadcast), bool or float. Varlen: B == 1 holds
@@ -43,12 +48,31 @@ pybind11::dict build_info() {
 #endif
   info["backends"] = backends;
   info["torch"] = std::string(PYATTN_TORCH_VERSION);
+  pybind11::list caps;
+  std::stringstream names(PYATTN_CPU_CAPABILITIES);  // "default;avx2;..."
+  for (std::string name; std::getline(names, name, ';');)
+    if (!name.empty()) caps.append(name);
+  info["cpu_capabilities"] = caps;
+  info["cpu_capability"] = std::string(pyattn::cpu::capability_in_use());
   return info;
+}
+
+// A KernelTable capsule from a pyattn._cpu_<capability> module becomes the CPU kernels in use; None unsets.
+void set_cpu_kernels(pybind11::object capsule) {
+  if (capsule.is_none()) return pyattn::cpu::set_kernels(nullptr);
+  auto* table = static_cast<const pyattn::cpu::KernelTable*>(
+      PyCapsule_GetPointer(capsule.ptr(), "pyattn.cpu.KernelTable"));
+  if (table == nullptr) throw pybind11::error_already_set();
+  pyattn::cpu::set_kernels(table);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyattn compiled ops";
-  m.def("build_info", &build_info, "version, compiled backends and CUDA architectures of this build");
+  m.def("build_info", &build_info,
+        "version, compiled backends, CUDA architectures and CPU capabilities of this build, and the one in use");
+  m.def("_set_cpu_kernels", &set_cpu_kernels, "use the kernels of a pyattn._cpu_<capability> module");
+  m.def("_cpu_bf16_vnni", [] { return pyattn::cpu::kernels().bf16_vnni(); },
+        "whether the CPU kernels in use multiply bf16 on bf16 VNNI tiles now (else widened to fp32)");
 }

@@ -45,6 +45,10 @@ class Backend:
     def extra_reasons(self, inp: AttnInputs):
         return []
 
+    def notes(self, inp: AttnInputs):
+        """What explain() adds about how this backend would run the inputs ("" for nothing)."""
+        return ""
+
     def forward(self, inp: AttnInputs):
         """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
         raise NotImplementedError
@@ -105,13 +109,19 @@ class TritonBackend(FusedBackend):
 
 
 class CPUBackend(FusedBackend):
-    """The fused C++ kernel (csrc/cpu): tiled online softmax, brgemm on bf16 units."""
+    """The fused C++ kernel (csrc/cpu), compiled per CPU capability: tiled online softmax on torch's portable
+    vectors, brgemm matmuls (bf16 on VNNI tiles where oneDNN takes them)."""
     name = "cpu"
     devices = ("cpu",)
     features = ALL_FEATURES
 
     def unavailable_reason(self):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
+
+    def notes(self, inp):
+        from . import cpu_capability
+        bf16 = f"; bf16 matmuls: {cpu_capability.bf16_matmuls()}" if inp.dtype == torch.bfloat16 else ""
+        return f" [{cpu_capability.describe()}{bf16}]"
 
 
 class CUDABackend(FusedBackend):
@@ -219,6 +229,8 @@ def explain_inputs(inp: AttnInputs, requested=None):
     for name in order + tuple(n for n in BACKENDS if n not in order):
         reasons = BACKENDS[name].not_supported_reasons(inp)
         verdict = "chosen" if name == chosen else ("can run" if not reasons else "cannot: " + "; ".join(reasons))
+        if not reasons:
+            verdict += BACKENDS[name].notes(inp)
         lines.append(f"  {name:<10} {verdict}")
     for name in PUBLIC_NAMES:
         if name not in BACKENDS:

@@ -14,6 +14,11 @@ except ImportError as e:  # a source checkout that was never built: the referenc
     _LOAD_ERROR = str(e)
 
 
+if _C is not None:
+    from . import cpu_capability
+    cpu_capability.load()
+
+
 def load_error():
     return _LOAD_ERROR
 

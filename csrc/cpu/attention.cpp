@@ -1,17 +1,50 @@
 // Host API of the fused CPU kernel: dtype and RNG checks, the shared checks and allocation of
-// host_params.h, dtype dispatch. Registers pyattn::fwd, bwd and cpu_dropout_mask for CPU.
+// host_params.h, dispatch to the kernels of the CPU capability in use (dispatch.h) by dtype. Registers
+// pyattn::fwd, bwd and cpu_dropout_mask for CPU.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <tuple>
 
-#include "cpu/kernel.h"
+#include "cpu/dispatch.h"
 #include "host_params.h"
 
 namespace pyattn::cpu {
+
 namespace {
+std::atomic<const KernelTable*> g_kernels{nullptr};
+}  // namespace
+
+void set_kernels(const KernelTable* table) {
+  TORCH_CHECK(table == nullptr || table->abi == KernelTable::kAbi, "pyattn cpu: the kernel module for capability ",
+              table == nullptr ? "" : table->capability, " was built from other sources than pyattn._C (abi ",
+              table == nullptr ? 0 : table->abi, " != ", KernelTable::kAbi, "); rebuild pyattn");
+  g_kernels.store(table);
+}
+
+const KernelTable& kernels() {
+  const KernelTable* table = g_kernels.load();
+  TORCH_CHECK(table != nullptr, "pyattn cpu: no CPU kernel module is loaded (pyattn.cpu_capability.use())");
+  return *table;
+}
+
+const char* capability_in_use() {
+  const KernelTable* table = g_kernels.load();
+  return table == nullptr ? "" : table->capability;
+}
+
+namespace {
+
+DtypeSlot slot(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kBFloat16: return kBFloat16;
+    default: return kFloat16;  // check_dtype admitted only these four
+  }
+}
 
 const Host kHost{"pyattn cpu", c10::Device(c10::kCPU)};
 
@@ -50,8 +83,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   set_rng(p, rng_state);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pyattn_cpu_fwd",
-                                  [&] { run_fwd<scalar_t>(p); });
+  kernels().fwd[slot(q.scalar_type())](p);
   return {out, lse};
 }
 
@@ -71,8 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   auto [dq, dk, dv, dmask] =
       prepare_bwd(kHost, p, dout, q, k, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);
   if (q.numel() + k.numel() + v.numel() == 0) return {dq, dk, dv, dmask};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pyattn_cpu_bwd",
-                                  [&] { run_bwd<scalar_t>(p); });
+  kernels().bwd[slot(q.scalar_type())](p);
   return {dq, dk, dv, dmask};
 }
 

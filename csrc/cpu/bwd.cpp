@@ -4,8 +4,6 @@
 // P^T and dS^T come out directly as the A operands of dV += P^T dO and dK += dS^T Q, and dS^T as the
 // B operand of dQ^T += K^T dS^T. dQ^T is accumulated per chunk in fp32 and the chunks are summed in a
 // fixed order at the end (fp64 accumulates in fp64): the result is bitwise the same for any thread count.
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -86,225 +84,252 @@ void refine_lse(const AttnParams& p, const Seq& seq, int64_t b, int64_t h, const
     if (sum[i] > 0) lse2[i] += std::log2(sum[i]);
 }
 
+// What the key-block tasks share, written by the prepass and read-only after it. Per (sequence, q head)
+// t: Q^T (E, L), dO^T (Ev, L), dO (L, Ev) and Q (L, E) as B operands at qh + qh_off[t]; lse in log2 units
+// and delta = rowsum(dO * O) - dlse at row_off[t]; dQ^T partial sums of key chunk c at
+// part + c * part_stride + row_off[t] * E, (E, L) row-major.
+template <typename scalar_t, typename T>
+struct BwdState {
+  using acc = acc_t<scalar_t>;
+  const AttnBwdParams& p;
+  int64_t group, E, Ev, Ep, Evp;
+  std::vector<Seq> seqs;
+  std::vector<int64_t> qh_off, row_off;
+  int64_t max_nkb = 0, total_rows = 0;
+  Buffer<T> qh;
+  Buffer<acc> rows;  // lse2 (total_rows), then delta (total_rows)
+  int64_t n_chunks = 1, part_stride = 0;
+  Buffer<acc> part;
+
+  explicit BwdState(const AttnBwdParams& p_) : p(p_), group(p.heads_q / p.heads_kv), E(p.head_dim),
+      Ev(p.head_dim_v), Ep(kpad<T>(E)), Evp(kpad<T>(Ev)), seqs(p.batch), qh_off(p.batch * p.heads_q + 1, 0),
+      row_off(p.batch * p.heads_q + 1, 0), qh(0), rows(0), part(0) {
+    const int64_t B = p.batch, Hq = p.heads_q;
+    for (int64_t b = 0; b < B; ++b) {
+      const Seq s = seqs[b] = get_seq(p, b);
+      max_nkb = std::max(max_nkb, (s.S + kBlockK - 1) / kBlockK);
+      total_rows += s.L;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const int64_t i = b * Hq + h;
+        qh_off[i + 1] = qh_off[i] + (Ep + Evp) * s.L + kpad<T>(s.L) * (E + Ev);
+        row_off[i + 1] = row_off[i] + s.L;
+      }
+    }
+    qh = Buffer<T>(qh_off.back());
+    rows = Buffer<acc>(2 * row_off.back());
+    n_chunks = std::max<int64_t>(
+        1, std::min({(kMinTasks + B * p.heads_kv - 1) / (B * p.heads_kv), max_nkb,
+                     kPartialBudget / std::max<int64_t>(1, Hq * E * total_rows * int64_t(sizeof(acc)))}));
+    part_stride = row_off.back() * E;
+    part = Buffer<acc>(n_chunks * part_stride);
+  }
+  acc* lse2(int64_t t) const { return rows.get() + row_off[t]; }
+  acc* delta(int64_t t) const { return rows.get() + row_off.back() + row_off[t]; }
+  acc* dqt(int64_t c, int64_t t) const { return part.get() + c * part_stride + row_off[t] * E; }
+};
+
+// Prepass for (sequence, q head) t: the B operands, lse2 and delta.
+template <typename scalar_t, typename T>
+void prepare_rows(const BwdState<scalar_t, T>& st, int64_t t) {
+  using acc = acc_t<scalar_t>;
+  const AttnBwdParams& p = st.p;
+  const Seq& s = st.seqs[t / p.heads_q];
+  const int64_t h = t % p.heads_q, L = s.L, E = st.E, Ev = st.Ev;
+  const Strides4 qs = p.q_strides, os = p.out_strides, dos = p.dout_strides, ls = p.lse_strides;
+  const auto* qp = static_cast<const scalar_t*>(p.q) + s.tb * qs.batch + h * qs.head + s.q0 * qs.row;
+  const auto* dop = static_cast<const scalar_t*>(p.dout) + s.tb * dos.batch + h * dos.head + s.q0 * dos.row;
+  const auto* op = static_cast<const scalar_t*>(p.out) + s.tb * os.batch + h * os.head + s.q0 * os.row;
+  T* qt = st.qh.get() + st.qh_off[t];
+  T* dot = qt + st.Ep * L;
+  T* dob = dot + st.Evp * L;
+  T* qb = dob + kpad<T>(L) * Ev;
+  pack_b(qp, qs.col, qs.row, E, L, qt);
+  pack_b(dop, dos.col, dos.row, Ev, L, dot);
+  pack_b(dop, dos.row, dos.col, L, Ev, dob);
+  pack_b(qp, qs.row, qs.col, L, E, qb);
+  acc* lse2 = st.lse2(t);
+  acc* delta = st.delta(t);
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t row = s.q0 + i;
+    const float lse = p.lse[s.tb * ls.batch + h * ls.head + row * ls.row];
+    // empty rows: +inf makes every p = 2^(s - inf) = 0
+    lse2[i] = lse == neg_inf<float>() ? -neg_inf<acc>() : acc(lse) * acc(kLog2e);
+    acc d = 0;
+    for (int64_t c = 0; c < Ev; ++c) d += acc(dop[i * dos.row + c * dos.col]) * acc(op[i * os.row + c * os.col]);
+    if (p.dlse != nullptr) d -= acc(p.dlse[s.tb * p.dlse_strides.batch + h * p.dlse_strides.head + row * p.dlse_strides.row]);
+    delta[i] = d;
+  }
+  if constexpr (std::is_same_v<acc, double>) refine_lse<scalar_t>(p, s, t / p.heads_q, h, qt, lse2);
+}
+
+// One tile: key block [j0, j0 + nj) (K, V, K^T packed in w) x q head h x queries [i0, i0 + mi) of
+// sequence b, chunk c. Adds to w.dk, w.dv and to the chunk's dQ^T; writes dmask.
+template <typename scalar_t, typename T>
+void bwd_tile(const BwdState<scalar_t, T>& st, BwdScratch<T, acc_t<scalar_t>>& w, const Scores<scalar_t, acc_t<scalar_t>>& sc,
+              int64_t c, int64_t b, int64_t h, int64_t j0, int64_t nj, int64_t i0, int64_t mi) {
+  using acc = acc_t<scalar_t>;
+  constexpr bool kSame = std::is_same_v<T, acc>;
+  const AttnBwdParams& p = st.p;
+  const int64_t t = b * p.heads_q + h, L = st.seqs[b].L, E = st.E, Ev = st.Ev;
+  const T* qt = st.qh.get() + st.qh_off[t];
+  const T* dot = qt + st.Ep * L;
+  const T* dob = dot + st.Evp * L;
+  const T* qb = dob + kpad<T>(L) * Ev;
+  const acc* lse2 = st.lse2(t) + i0;
+  const acc* delta = st.delta(t) + i0;
+  const acc scale = acc(p.scale);
+  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
+  acc* s = w.s.get();
+  acc* dp = w.dp.get();
+  acc* dcap = p.softcap > 0 ? w.dcap.get() : nullptr;
+  matmul(nj, mi, E, w.k.get(), st.Ep, qt + b_col<T>(i0), L, s, kLd, false);
+  const acc cf = sc.template apply<true>(s, kLd, i0, mi, j0, nj, dcap);
+  matmul(nj, mi, Ev, w.v.get(), st.Evp, dot + b_col<T>(i0), L, dp, kLd, false);
+  if (p.dropout_p > 0)
+    for (int64_t cq = 0; cq < mi; ++cq)
+      dropout_keep_row(p.seed, p.offset, t, i0 + cq, j0, nj, p.dropout_p, w.keep.get() + cq * kBlockK);
+  for (int64_t r = 0; r < nj; ++r) {
+    acc* x = s + r * kLd;
+    acc* d = dp + r * kLd;
+    exp2_sub_row(x, mi, cf, lse2);  // P^T
+    T* pr = w.p.get() + r * kLd;
+    if (p.dropout_p > 0) {
+      for (int64_t cq = 0; cq < mi; ++cq) {
+        const acc z = w.keep[cq * kBlockK + r] ? inv_keep : acc(0);
+        pr[cq] = static_cast<T>(x[cq] * z);
+        d[cq] *= z;
+      }
+    } else if constexpr (!kSame) {
+      convert_row(x, pr, mi);
+    }
+    for (int64_t cq = 0; cq < mi; ++cq) d[cq] = x[cq] * (d[cq] - delta[cq]);  // dS^T
+    if (p.dmask != nullptr) {
+      float* dm = p.dmask + ((b * p.heads_q + h) * p.seqlen_q + i0) * p.seqlen_k + j0 + r;
+      for (int64_t cq = 0; cq < mi; ++cq) dm[cq * p.seqlen_k] = float(d[cq]);
+    }
+    // d(q.k) = dS * scale * softcap slope; the scale is folded here for both dQ and dK
+    if (dcap != nullptr) {
+      const acc* g = dcap + r * kLd;
+      for (int64_t cq = 0; cq < mi; ++cq) d[cq] *= scale * g[cq];
+    } else {
+      scale_row(d, mi, scale);
+    }
+    if constexpr (!kSame) {
+      T* dr = w.ds.get() + r * kLd;
+      convert_row(d, dr, mi);
+      T* db = w.ds_b.get() + (r / 2) * 2 * kBlockQ + (r % 2);
+      for (int64_t cq = 0; cq < mi; ++cq) db[2 * cq] = dr[cq];
+      if (kpad<T>(mi) > mi) {
+        pr[mi] = T(0);
+        dr[mi] = T(0);
+      }
+    }
+  }
+  if constexpr (!kSame) {
+    if (nj % 2) {  // zero the pad row of the last VNNI pair
+      T* db = w.ds_b.get() + (nj / 2) * 2 * kBlockQ + 1;
+      for (int64_t cq = 0; cq < mi; ++cq) db[2 * cq] = T(0);
+    }
+  }
+  const T* pa = w.p.get();
+  const T* dsa = nullptr;
+  const T* dsb = nullptr;
+  if constexpr (kSame) {
+    if (p.dropout_p == 0) pa = s;
+    dsa = dsb = dp;
+  } else {
+    dsa = w.ds.get();
+    dsb = w.ds_b.get();
+  }
+  matmul(nj, Ev, mi, pa, kLd, dob + i0 * Ev, Ev, w.dv.get(), Ev, true);
+  matmul(nj, E, mi, dsa, kLd, qb + i0 * E, E, w.dk.get(), E, true);
+  matmul(E, mi, nj, w.kt.get(), kpad<T>(nj), dsb, kSame ? kLd : kBlockQ, st.dqt(c, t) + i0, L, true);
+}
+
+// Key block kb of (sequence b, kv head hk), in chunk c: dK and dV of its keys, summed over the GQA group's
+// q heads and the q blocks that see the block, then stored.
+template <typename scalar_t, typename T>
+void bwd_key_block(const BwdState<scalar_t, T>& st, BwdScratch<T, acc_t<scalar_t>>& w, int64_t c, int64_t b,
+                   int64_t hk, int64_t kb) {
+  using acc = acc_t<scalar_t>;
+  const AttnBwdParams& p = st.p;
+  const Seq& seq = st.seqs[b];
+  const int64_t E = st.E, Ev = st.Ev, j0 = kb * kBlockK, nj = std::min(kBlockK, seq.S - j0);
+  const Strides4 ks = p.k_strides, vs = p.v_strides, dks = p.dk_strides, dvs = p.dv_strides;
+  const auto* kp = static_cast<const scalar_t*>(p.k) + seq.tb * ks.batch + hk * ks.head + (seq.k0 + j0) * ks.row;
+  const auto* vp = static_cast<const scalar_t*>(p.v) + seq.tb * vs.batch + hk * vs.head + (seq.k0 + j0) * vs.row;
+  pack_a(kp, ks.row, ks.col, nj, E, w.k.get());
+  pack_a(vp, vs.row, vs.col, nj, Ev, w.v.get());
+  pack_a(kp, ks.col, ks.row, E, nj, w.kt.get());
+  std::fill(w.dk.get(), w.dk.get() + nj * E, acc(0));
+  std::fill(w.dv.get(), w.dv.get() + nj * Ev, acc(0));
+  auto [qlo, qhi] = make_band(p, seq).queries(j0, j0 + nj);
+  qlo &= ~int64_t(1);
+  for (int64_t h = hk * st.group; h < (hk + 1) * st.group; ++h) {
+    const Scores<scalar_t, acc> sc(p, seq, b, h);
+    for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) bwd_tile(st, w, sc, c, b, h, j0, nj, i0, std::min(kBlockQ, qhi - i0));
+  }
+  auto* dk_out = static_cast<scalar_t*>(p.dk) + seq.tb * dks.batch + hk * dks.head;
+  auto* dv_out = static_cast<scalar_t*>(p.dv) + seq.tb * dvs.batch + hk * dvs.head;
+  for (int64_t r = 0; r < nj; ++r) {
+    const int64_t row = seq.k0 + j0 + r;
+    for (int64_t e = 0; e < E; ++e) dk_out[row * dks.row + e * dks.col] = static_cast<scalar_t>(w.dk[r * E + e]);
+    for (int64_t e = 0; e < Ev; ++e) dv_out[row * dvs.row + e * dvs.col] = static_cast<scalar_t>(w.dv[r * Ev + e]);
+  }
+}
+
+// dq of (sequence, q head) t = sum over chunks, in chunk order, of the chunks' dQ^T.
+template <typename scalar_t, typename T>
+void reduce_dq(const BwdState<scalar_t, T>& st, int64_t t) {
+  using acc = acc_t<scalar_t>;
+  const AttnBwdParams& p = st.p;
+  const int64_t b = t / p.heads_q, h = t % p.heads_q, n_chunks = st.n_chunks;
+  const Seq& seq = st.seqs[b];
+  const Band band = make_band(p, seq);
+  const Strides4 dqs = p.dq_strides;
+  std::vector<std::pair<int64_t, int64_t>> ranges(n_chunks);
+  for (int64_t c = 0; c < n_chunks; ++c) ranges[c] = chunk_queries(band, c, n_chunks);
+  for (int64_t i = 0; i < seq.L; ++i) {
+    scalar_t* dst = static_cast<scalar_t*>(p.dq) + seq.tb * dqs.batch + h * dqs.head + (seq.q0 + i) * dqs.row;
+    for (int64_t e = 0; e < st.E; ++e) {
+      acc sum = 0;
+      for (int64_t c = 0; c < n_chunks; ++c)
+        if (ranges[c].first <= i && i < ranges[c].second) sum += st.dqt(c, t)[e * seq.L + i];
+      dst[e * dqs.col] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+template <typename scalar_t, typename T>
+void bwd(const AttnBwdParams& p) {
+  static_assert(kBlockQ % 2 == 0 && kBlockK % 2 == 0 && kLd % 2 == 0, "VNNI pairs need even blocks");
+  using acc = acc_t<scalar_t>;
+  const BwdState<scalar_t, T> st(p);
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv;
+  parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) { prepare_rows(st, t); });
+  // Tasks (chunk, sequence, kv head), chunk-major: with causal masks the first key chunks see the most queries.
+  parallel_tasks(st.n_chunks * B * Hkv, [&] { return BwdScratch<T, acc>(st.E, st.Ev); },
+                 [&](int64_t task, BwdScratch<T, acc>& w) {
+    const int64_t c = task / (B * Hkv), b = task / Hkv % B, hk = task % Hkv;
+    const Seq& seq = st.seqs[b];
+    const Band band = make_band(p, seq);
+    const int64_t nkb = (seq.S + kBlockK - 1) / kBlockK;
+    const auto [qlo, qhi] = chunk_queries(band, c, st.n_chunks);
+    for (int64_t h = hk * st.group; h < (hk + 1) * st.group; ++h)
+      for (int64_t e = 0; e < st.E; ++e) {
+        acc* dst = st.dqt(c, b * Hq + h) + e * seq.L;
+        std::fill(dst + qlo, dst + std::max(qlo, qhi), acc(0));
+      }
+    for (int64_t kb = c * nkb / st.n_chunks; kb < (c + 1) * nkb / st.n_chunks; ++kb) bwd_key_block(st, w, c, b, hk, kb);
+  });
+  parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) { reduce_dq(st, t); });
+}
+
 }  // namespace
 
 template <typename scalar_t>
 void run_bwd(const AttnBwdParams& p) {
-  using T = typename Compute<scalar_t>::T;
-  using acc = typename Compute<scalar_t>::acc;
-  constexpr bool kSame = std::is_same_v<T, acc>;
-  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, group = Hq / Hkv;
-  const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E), Evp = kpad<T>(Ev);
-  const auto* q = static_cast<const scalar_t*>(p.q);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* out = static_cast<const scalar_t*>(p.out);
-  const auto* dout = static_cast<const scalar_t*>(p.dout);
-  const Strides4 qs = p.q_strides, ks = p.k_strides, vs = p.v_strides, os = p.out_strides;
-  const Strides4 dos = p.dout_strides, ls = p.lse_strides, dls = p.dlse_strides;
-
-  // Per (sequence, q head): Q^T (E, L), dO^T (Ev, L), dO (L, Ev), Q (L, E) as B operands; lse in log2
-  // units and delta = rowsum(dO * O) - dlse.
-  std::vector<Seq> seqs(B);
-  std::vector<int64_t> qh_off(B * Hq + 1, 0), row_off(B * Hq + 1, 0);
-  int64_t max_nkb = 0, total_rows = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const Seq s = seqs[b] = get_seq(p, b);
-    max_nkb = std::max(max_nkb, (s.S + kBlockK - 1) / kBlockK);
-    total_rows += s.L;
-    for (int64_t h = 0; h < Hq; ++h) {
-      const int64_t i = b * Hq + h;
-      qh_off[i + 1] = qh_off[i] + (Ep + Evp) * s.L + kpad<T>(s.L) * (E + Ev);
-      row_off[i + 1] = row_off[i] + s.L;
-    }
-  }
-  at::Tensor qh_buf = at::empty({int64_t(qh_off.back() * sizeof(T))}, at::kByte);
-  at::Tensor row_buf = at::empty({int64_t(2 * row_off.back() * sizeof(acc))}, at::kByte);
-  T* qh = reinterpret_cast<T*>(qh_buf.data_ptr());
-  acc* lse2 = reinterpret_cast<acc*>(row_buf.data_ptr());
-  acc* delta = lse2 + row_off.back();
-  parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) {
-    const Seq& s = seqs[t / Hq];
-    const int64_t h = t % Hq, L = s.L;
-    const scalar_t* qp = q + s.tb * qs.batch + h * qs.head + s.q0 * qs.row;
-    const scalar_t* dop = dout + s.tb * dos.batch + h * dos.head + s.q0 * dos.row;
-    T* qt = qh + qh_off[t];
-    T* dot = qt + Ep * L;
-    T* dob = dot + Evp * L;
-    T* qb = dob + kpad<T>(L) * Ev;
-    pack_b(qp, qs.col, qs.row, E, L, qt);
-    pack_b(dop, dos.col, dos.row, Ev, L, dot);
-    pack_b(dop, dos.row, dos.col, L, Ev, dob);
-    pack_b(qp, qs.row, qs.col, L, E, qb);
-    const scalar_t* op = out + s.tb * os.batch + h * os.head + s.q0 * os.row;
-    for (int64_t i = 0; i < L; ++i) {
-      const int64_t row = s.q0 + i;
-      const float lse = p.lse[s.tb * ls.batch + h * ls.head + row * ls.row];
-      // empty rows: +inf makes every p = 2^(s - inf) = 0
-      lse2[row_off[t] + i] = lse == neg_inf<float>() ? -neg_inf<acc>() : acc(lse) * acc(kLog2e);
-      acc d = 0;
-      for (int64_t c = 0; c < Ev; ++c)
-        d += acc(dop[i * dos.row + c * dos.col]) * acc(op[i * os.row + c * os.col]);
-      if (p.dlse != nullptr) d -= acc(p.dlse[s.tb * dls.batch + h * dls.head + row * dls.row]);
-      delta[row_off[t] + i] = d;
-    }
-    if constexpr (std::is_same_v<acc, double>) refine_lse<scalar_t>(p, s, t / Hq, h, qt, lse2 + row_off[t]);
-  });
-
-  const int64_t n_chunks = std::max<int64_t>(
-      1, std::min({(kMinTasks + B * Hkv - 1) / (B * Hkv), max_nkb,
-                   kPartialBudget / std::max<int64_t>(1, Hq * E * total_rows * int64_t(sizeof(acc)))}));
-  // dQ^T partial sums: chunk c, (sequence, q head) t at c * part_stride + row_off[t] * E, (E, L) row-major.
-  const int64_t part_stride = row_off.back() * E;
-  at::Tensor part_buf = at::empty({int64_t(n_chunks * part_stride * sizeof(acc))}, at::kByte);
-  acc* part = reinterpret_cast<acc*>(part_buf.data_ptr());
-
-  const acc scale = acc(p.scale);
-  const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
-  static_assert(kBlockQ % 2 == 0 && kBlockK % 2 == 0 && kLd % 2 == 0, "VNNI pairs need even blocks");
-  auto* dk_out = static_cast<scalar_t*>(p.dk);
-  auto* dv_out = static_cast<scalar_t*>(p.dv);
-  const Strides4 dks = p.dk_strides, dvs = p.dv_strides;
-
-  // Tasks ordered chunk-major: with causal masks the first key chunks see the most queries.
-  parallel_tasks(n_chunks * B * Hkv, [&] { return BwdScratch<T, acc>(E, Ev); },
-                 [&](int64_t task, BwdScratch<T, acc>& w) {
-    const int64_t c = task / (B * Hkv), b = task / Hkv % B, hk = task % Hkv;
-    const Seq& seq = seqs[b];
-    const Band band = make_band(p, seq);
-    const int64_t nkb = (seq.S + kBlockK - 1) / kBlockK;
-    const int64_t kb0 = c * nkb / n_chunks, kb1 = (c + 1) * nkb / n_chunks;
-    const int64_t L = seq.L;
-    {
-      const auto [qlo, qhi] = chunk_queries(band, c, n_chunks);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-        for (int64_t e = 0; e < E; ++e) {
-          acc* dst = part + c * part_stride + row_off[b * Hq + h] * E + e * L;
-          std::fill(dst + qlo, dst + std::max(qlo, qhi), acc(0));
-        }
-    }
-    for (int64_t kb = kb0; kb < kb1; ++kb) {
-      const int64_t j0 = kb * kBlockK, nj = std::min(kBlockK, seq.S - j0), ldkt = kpad<T>(nj);
-      const scalar_t* kp = k + seq.tb * ks.batch + hk * ks.head + (seq.k0 + j0) * ks.row;
-      const scalar_t* vp = v + seq.tb * vs.batch + hk * vs.head + (seq.k0 + j0) * vs.row;
-      pack_a(kp, ks.row, ks.col, nj, E, w.k.get());
-      pack_a(vp, vs.row, vs.col, nj, Ev, w.v.get());
-      pack_a(kp, ks.col, ks.row, E, nj, w.kt.get());
-      std::fill(w.dk.get(), w.dk.get() + nj * E, acc(0));
-      std::fill(w.dv.get(), w.dv.get() + nj * Ev, acc(0));
-      auto [qlo, qhi] = band.queries(j0, j0 + nj);
-      qlo &= ~int64_t(1);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const int64_t t = b * Hq + h;
-        const Scores<scalar_t, acc> sc(p, seq, b, h);
-        const T* qt = qh + qh_off[t];
-        const T* dot = qt + Ep * L;
-        const T* dob = dot + Evp * L;
-        const T* qb = dob + kpad<T>(L) * Ev;
-        const acc* lse2_h = lse2 + row_off[t];
-        const acc* delta_h = delta + row_off[t];
-        acc* dqt = part + c * part_stride + row_off[t] * E;
-        for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) {
-          const int64_t mi = std::min(kBlockQ, qhi - i0);
-          acc* s = w.s.get();
-          acc* dp = w.dp.get();
-          acc* dcap = p.softcap > 0 ? w.dcap.get() : nullptr;
-          matmul(nj, mi, E, w.k.get(), Ep, qt + b_col<T>(i0), L, s, kLd, false);
-          const acc cf = sc.template apply<true>(s, kLd, i0, mi, j0, nj, dcap);
-          matmul(nj, mi, Ev, w.v.get(), Evp, dot + b_col<T>(i0), L, dp, kLd, false);
-          if (p.dropout_p > 0)
-            for (int64_t cq = 0; cq < mi; ++cq)
-              dropout_keep_row(p.seed, p.offset, t, i0 + cq, j0, nj, p.dropout_p, w.keep.get() + cq * kBlockK);
-          for (int64_t r = 0; r < nj; ++r) {
-            acc* x = s + r * kLd;
-            acc* d = dp + r * kLd;
-            for (int64_t cq = 0; cq < mi; ++cq) x[cq] = x[cq] * cf - lse2_h[i0 + cq];
-            exp2_inplace(x, mi);  // P^T
-            T* pr = w.p.get() + r * kLd;
-            if (p.dropout_p > 0) {
-              for (int64_t cq = 0; cq < mi; ++cq) {
-                const acc z = w.keep[cq * kBlockK + r] ? inv_keep : acc(0);
-                pr[cq] = static_cast<T>(x[cq] * z);
-                d[cq] *= z;
-              }
-            } else if constexpr (!kSame) {
-              convert_row(x, pr, mi);
-            }
-            for (int64_t cq = 0; cq < mi; ++cq) d[cq] = x[cq] * (d[cq] - delta_h[i0 + cq]);  // dS^T
-            if (p.dmask != nullptr) {
-              float* dm = p.dmask + ((b * Hq + h) * p.seqlen_q + i0) * p.seqlen_k + j0 + r;
-              for (int64_t cq = 0; cq < mi; ++cq) dm[cq * p.seqlen_k] = float(d[cq]);
-            }
-            // d(q.k) = dS * scale * softcap slope; the scale is folded here for both dQ and dK
-            if (dcap != nullptr) {
-              const acc* g = dcap + r * kLd;
-              for (int64_t cq = 0; cq < mi; ++cq) d[cq] *= scale * g[cq];
-            } else {
-              for (int64_t cq = 0; cq < mi; ++cq) d[cq] *= scale;
-            }
-            if constexpr (!kSame) {
-              T* dr = w.ds.get() + r * kLd;
-              convert_row(d, dr, mi);
-              T* db = w.ds_b.get() + (r / 2) * 2 * kBlockQ + (r % 2);
-              for (int64_t cq = 0; cq < mi; ++cq) db[2 * cq] = dr[cq];
-              if (kpad<T>(mi) > mi) {
-                pr[mi] = T(0);
-                dr[mi] = T(0);
-              }
-            }
-          }
-          if constexpr (!kSame) {
-            if (nj % 2) {  // zero the pad row of the last VNNI pair
-              T* db = w.ds_b.get() + (nj / 2) * 2 * kBlockQ + 1;
-              for (int64_t cq = 0; cq < mi; ++cq) db[2 * cq] = T(0);
-            }
-          }
-          const T* pa = w.p.get();
-          const T* dsa = nullptr;
-          const T* dsb = nullptr;
-          if constexpr (kSame) {
-            if (p.dropout_p == 0) pa = s;
-            dsa = dsb = dp;
-          } else {
-            dsa = w.ds.get();
-            dsb = w.ds_b.get();
-          }
-          matmul(nj, Ev, mi, pa, kLd, dob + i0 * Ev, Ev, w.dv.get(), Ev, true);
-          matmul(nj, E, mi, dsa, kLd, qb + i0 * E, E, w.dk.get(), E, true);
-          matmul(E, mi, nj, w.kt.get(), ldkt, dsb, kSame ? kLd : kBlockQ, dqt + i0, L, true);
-        }
-      }
-      for (int64_t r = 0; r < nj; ++r) {
-        const int64_t row = seq.k0 + j0 + r;
-        scalar_t* dkr = dk_out + seq.tb * dks.batch + hk * dks.head + row * dks.row;
-        scalar_t* dvr = dv_out + seq.tb * dvs.batch + hk * dvs.head + row * dvs.row;
-        for (int64_t e = 0; e < E; ++e) dkr[e * dks.col] = static_cast<scalar_t>(w.dk[r * E + e]);
-        for (int64_t e = 0; e < Ev; ++e) dvr[e * dvs.col] = static_cast<scalar_t>(w.dv[r * Ev + e]);
-      }
-    }
-  });
-
-  // dq = sum over chunks, in chunk order, of the chunks' dQ^T.
-  auto* dq_out = static_cast<scalar_t*>(p.dq);
-  const Strides4 dqs = p.dq_strides;
-  parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) {
-    const int64_t b = t / Hq, h = t % Hq;
-    const Seq& seq = seqs[b];
-    const Band band = make_band(p, seq);
-    const int64_t L = seq.L;
-    std::vector<std::pair<int64_t, int64_t>> ranges(n_chunks);
-    for (int64_t c = 0; c < n_chunks; ++c) ranges[c] = chunk_queries(band, c, n_chunks);
-    for (int64_t i = 0; i < L; ++i) {
-      scalar_t* dst = dq_out + seq.tb * dqs.batch + h * dqs.head + (seq.q0 + i) * dqs.row;
-      for (int64_t e = 0; e < E; ++e) {
-        acc sum = 0;
-        for (int64_t c = 0; c < n_chunks; ++c)
-          if (ranges[c].first <= i && i < ranges[c].second)
-            sum += part[c * part_stride + row_off[t] * E + e * L + i];
-        dst[e * dqs.col] = static_cast<scalar_t>(sum);
-      }
-    }
-  });
+  with_tile_type<scalar_t>([&](auto tile) { bwd<scalar_t, decltype(tile)>(p); });
 }
 
 template void run_bwd<float>(const AttnBwdParams&);

@@ -7,8 +7,6 @@
 //            all rows of the group's q heads, so each key is read once per group. K^T and V are packed
 //            per key block into scratch (no copy of the cache); the chunks' partial (o, m, l) are then
 //            merged in key order, which keeps the result independent of the thread count.
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -77,7 +75,7 @@ void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& ro
     const acc cf = sc.template apply<false>(s, kBlockK, rows.i0, rows.n, j0, nj, nullptr);
     for (int64_t r = g * rows.n; r < (g + 1) * rows.n; ++r) {
       acc* x = w.s.get() + r * kBlockK;
-      const acc m_new = std::max(m[r], row_max(x, nj) * cf);
+      const acc m_new = nan_max(m[r], row_max(x, nj) * cf);
       if (m_new == neg_inf<acc>()) {
         std::fill(x, x + nj, acc(0));  // nothing allowed so far: p = 0, o and l stay 0
       } else {
@@ -115,9 +113,10 @@ void load_q(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T,
            p.head_dim, w.q.get() + g * rows.n * Ep);
 }
 
-// Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf.
+// Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf. o is
+// normalized in place.
 template <typename scalar_t, typename acc>
-void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, const acc* o, const acc* m, const acc* l) {
+void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, acc* o, const acc* m, const acc* l) {
   auto* out = static_cast<scalar_t*>(p.out);
   const Strides4 os = p.out_strides, ls = p.lse_strides;
   const int64_t Ev = p.head_dim_v;
@@ -126,18 +125,24 @@ void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, const acc
     for (int64_t i = 0; i < rows.n; ++i) {
       const int64_t r = g * rows.n + i, row = seq.q0 + rows.i0 + i;
       scalar_t* dst = out + seq.tb * os.batch + h * os.head + row * os.row;
-      const acc inv = l[r] > 0 ? 1 / l[r] : acc(0);
-      for (int64_t c = 0; c < Ev; ++c) dst[c * os.col] = static_cast<scalar_t>(o[r * Ev + c] * inv);
+      // l is 0 for a fully masked row (-> 0, -inf), NaN for a row that met a NaN (-> NaN, NaN)
+      const acc inv = l[r] == 0 ? acc(0) : 1 / l[r];
+      acc* o_r = o + r * Ev;
+      if (os.col == 1) {
+        scale_row(o_r, Ev, inv);
+        convert_row(o_r, dst, Ev);
+      } else {
+        for (int64_t c = 0; c < Ev; ++c) dst[c * os.col] = static_cast<scalar_t>(o_r[c] * inv);
+      }
       p.lse[seq.tb * ls.batch + h * ls.head + row * ls.row] =
-          l[r] > 0 ? float(m[r] * acc(kLn2) + std::log(l[r])) : neg_inf<float>();
+          l[r] == 0 ? neg_inf<float>() : float(m[r] * acc(kLn2) + std::log(l[r]));
     }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename T>
 void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
-  using T = typename Compute<scalar_t>::T;
-  using acc = typename Compute<scalar_t>::acc;
+  using acc = acc_t<scalar_t>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, group = Hq / Hkv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E);
   const auto* k = static_cast<const scalar_t*>(p.k);
@@ -153,8 +158,8 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   }
 
   // K^T (E, S) and V (S, Ev) as B operands, per (sequence, kv head).
-  at::Tensor kv_buf = at::empty({int64_t(kv_off.back() * sizeof(T))}, at::kByte);
-  T* kv = reinterpret_cast<T*>(kv_buf.data_ptr());
+  const Buffer<T> kv_buf(kv_off.back());
+  T* kv = kv_buf.get();
   parallel_tasks(B * Hkv, [] { return 0; }, [&](int64_t t, int) {
     const Seq& s = seqs[t / Hkv];
     const int64_t hk = t % Hkv;
@@ -190,10 +195,9 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename T>
 void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
-  using T = typename Compute<scalar_t>::T;
-  using acc = typename Compute<scalar_t>::acc;
+  using acc = acc_t<scalar_t>;
   const int64_t B = p.batch, Hkv = p.heads_kv, group = p.heads_q / Hkv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v;
   const auto* k = static_cast<const scalar_t*>(p.k);
@@ -251,7 +255,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
       const acc* mc = oc + M * Ev;
       const acc* lc = mc + M;
       for (int64_t r = 0; r < rows.size(); ++r) {
-        const acc m_new = std::max(m[r], mc[r]);
+        const acc m_new = nan_max(m[r], mc[r]);
         if (m_new == neg_inf<acc>()) continue;
         const acc alpha = std::exp2(m[r] - m_new), beta = std::exp2(mc[r] - m_new);
         l[r] = l[r] * alpha + lc[r] * beta;
@@ -270,8 +274,11 @@ void run_fwd(const AttnParams& p) {
   std::vector<Seq> seqs(p.batch);
   for (int64_t b = 0; b < p.batch; ++b) seqs[b] = get_seq(p, b);
   // Short queries: a tile holds every row of a GQA group, so each key block is read once per group.
-  if (p.heads_q / p.heads_kv * p.seqlen_q <= kBlockQ) fwd_decode<scalar_t>(p, seqs);
-  else fwd_prefill<scalar_t>(p, seqs);
+  with_tile_type<scalar_t>([&](auto tile) {
+    using T = decltype(tile);
+    if (p.heads_q / p.heads_kv * p.seqlen_q <= kBlockQ) fwd_decode<scalar_t, T>(p, seqs);
+    else fwd_prefill<scalar_t, T>(p, seqs);
+  });
 }
 
 template void run_fwd<float>(const AttnParams&);

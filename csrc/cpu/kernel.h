@@ -1,5 +1,7 @@
-// Entry points of the fused CPU kernel, instantiated for float, double, BFloat16 and Half.
-// Outputs are allocated and inputs validated by the host API (attention.cpp); these only compute.
+// Entry points of the fused CPU kernel. The kernel sources (fwd.cpp, bwd.cpp, module.cpp) are compiled once
+// per CPU capability into their own module, pyattn._cpu_<capability> (setup.py); each hands the host API a
+// KernelTable, and the host API (attention.cpp, in pyattn._C) calls the one chosen at run time
+// (pyattn/cpu_capability.py). Outputs are allocated and inputs validated by the host API; these only compute.
 #pragma once
 #include <cstdint>
 
@@ -18,5 +20,18 @@ void run_bwd(const AttnBwdParams& p);
 // keep (B, H, L, S) contiguous: the dropout keep-mask that the kernels draw for (seed, offset).
 void dropout_mask(bool* keep, int64_t B, int64_t H, int64_t L, int64_t S, float p, uint64_t seed,
                   uint64_t offset);
+
+// Dtype slots of a KernelTable, in this order.
+enum DtypeSlot { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kNumSlots = 4 };
+
+// What one capability module provides. abi guards against a module built from other sources than _C.
+struct KernelTable {
+  static constexpr int64_t kAbi = 1000 * int64_t(sizeof(AttnBwdParams)) + kNumSlots;
+  int64_t abi;
+  const char* capability;  // "avx2", ...
+  void (*fwd[kNumSlots])(const AttnParams&);
+  void (*bwd[kNumSlots])(const AttnBwdParams&);
+  bool (*bf16_vnni)();  // whether bf16 matmuls run on bf16 VNNI tiles now (else widened to fp32)
+};
 
 }  // namespace pyattn::cpu

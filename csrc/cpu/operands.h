@@ -1,9 +1,11 @@
-// Matmul operands in the layouts the micro-kernels want, and the matmul itself.
-//   fp32, fp16 -> fp32 tiles, at::native::cpublas::brgemm (oneDNN; ~240 GFLOP/s/thread here, 2.4x the
-//                 sgemm that torch's MKL picks on this AMD CPU; fp16 brgemm runs at 40-80, so fp16 is
-//                 widened to fp32 when packed).
-//   bf16       -> bf16 tiles, brgemm with B in VNNI layout (~490 GFLOP/s/thread; plain B gets ~95).
-//   fp64       -> fp64 tiles, plain loops (fp64 is for checking, not speed).
+// Matmul operands in the layouts the micro-kernels want, and the matmul itself. The tile type T is the
+// kernels' choice (see kernel.h, TileFor):
+//   float  -> fp32 tiles, at::native::cpublas::brgemm: oneDNN's f32 brgemm wherever oneDNN runs at AVX2 or
+//             above, else torch's sgemm. fp16 and (where VNNI is not available) bf16 inputs are widened to
+//             fp32 when packed: fp16 brgemm ran at 40-80 GFLOP/s on the EPYC, the fp32 one at ~240.
+//   bf16   -> bf16 tiles, brgemm with B in VNNI layout (~490 GFLOP/s/thread on Zen 4; plain B gets ~95),
+//             only where torch's brgemm takes VNNI bf16 (oneDNN at AVX-512 or above: bf16_vnni_brgemm()).
+//   double -> fp64 tiles, plain loops (fp64 is for checking, not speed).
 // A operand: M x K row-major, ld = kpad(K). B operand: K x N; plain row-major, or VNNI
 // (Bv[k / 2][n][k % 2], K padded to even with zeros). In both, row k of a B operand starts at k * ld_b
 // elements, so a block of B starting at an even row is B + k0 * ld_b.
@@ -13,27 +15,20 @@
 #include <cstring>
 #include <type_traits>
 
+#include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+
+#include "cpu/vec_math.h"
 
 namespace pyattn::cpu {
 
+// Accumulation, softmax and score type of an input dtype.
 template <typename scalar_t>
-struct Compute {
-  using T = float;  // element type of packed tiles
-  using acc = float;  // accumulation, softmax and scores
-};
-template <>
-struct Compute<double> {
-  using T = double;
-  using acc = double;
-};
-template <>
-struct Compute<c10::BFloat16> {
-  using T = c10::BFloat16;
-  using acc = float;
-};
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 template <typename T>
 constexpr bool kVnni = std::is_same_v<T, c10::BFloat16>;
@@ -46,6 +41,25 @@ constexpr int64_t kpad(int64_t k) { return kVnni<T> ? (k + 1) & ~int64_t(1) : k;
 template <typename T>
 constexpr int64_t b_col(int64_t n) { return kVnni<T> ? 2 * n : n; }
 
+// Whether torch's brgemm multiplies bf16 with B in VNNI layout on this CPU now. torch decides per call
+// (mkldnn enabled, and oneDNN's effective ISA, which ONEDNN_MAX_CPU_ISA can lower) and raises otherwise;
+// one 2x2 probe per process answers for the ISA, the mkldnn switch is read each time.
+inline bool bf16_vnni_brgemm() {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool works = [] {
+    const c10::BFloat16 a[2] = {1.f, 1.f}, b[4] = {1.f, 1.f, 1.f, 1.f};
+    float c[4];
+    try {
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 2.f;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return works;
+}
+
 // dst (M, kpad(K)) row-major = src[m * sm + k * sk], zero padding columns.
 template <typename T, typename S>
 void pack_a(const S* src, int64_t sm, int64_t sk, int64_t M, int64_t K, T* dst) {
@@ -54,7 +68,7 @@ void pack_a(const S* src, int64_t sm, int64_t sk, int64_t M, int64_t K, T* dst) 
     const S* s = src + m * sm;
     T* d = dst + m * ld;
     if (sk == 1) {
-      for (int64_t k = 0; k < K; ++k) d[k] = static_cast<T>(s[k]);
+      convert_row(s, d, K);
     } else {
       for (int64_t k = 0; k < K; ++k) d[k] = static_cast<T>(s[k * sk]);
     }
@@ -114,7 +128,7 @@ void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst) 
         const S* s = src + k * sk;
         T* d = dst + k * N;
         if (sn == 1) {
-          for (int64_t n = n0; n < n1; ++n) d[n] = static_cast<T>(s[n]);
+          convert_row(s + n0, d + n0, n1 - n0);
         } else {
           for (int64_t n = n0; n < n1; ++n) d[n] = static_cast<T>(s[n * sn]);
         }
@@ -148,6 +162,29 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B
     at::native::cpublas::brgemm(M, N, kpad<T>(K), lda, ldb, ldc, add, A, B, C, kVnni<T>);
   }
 }
+
+// Calls fn(T{}) with the tile type for inputs of scalar_t: bf16 VNNI tiles where torch's brgemm takes them
+// (compiled in for the AVX-512 capabilities only, PYATTN_VNNI_TILES), fp32 tiles otherwise; double stays.
+template <typename scalar_t, typename Fn>
+void with_tile_type(Fn&& fn) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    fn(double{});
+  } else {
+#if defined(PYATTN_VNNI_TILES)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      if (bf16_vnni_brgemm()) return fn(c10::BFloat16{});
+#endif
+    fn(float{});
+  }
+}
+
+// Uninitialized scratch of n elements from torch's CPU allocator (aligned, reused across calls).
+template <typename T>
+struct Buffer {
+  c10::DataPtr data;
+  explicit Buffer(int64_t n) : data(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n, 1) * sizeof(T))) {}
+  T* get() const { return static_cast<T*>(data.get()); }
+};
 
 template <typename T>
 void matmul_release() {

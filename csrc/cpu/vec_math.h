@@ -1,5 +1,7 @@
-// Vectorized row math for the online softmax: exp2, max, scaling, rounding to bf16.
-// AVX-512 paths under __AVX512F__; scalar fallbacks keep the kernel building on any CPU.
+// Row math for the online softmax on torch's portable vectors (at::vec::Vectorized: AVX2, AVX-512, NEON,
+// SVE or plain C++, whichever this translation unit is compiled for; see setup.py's CPU capabilities).
+// float rows are vectorized; double rows (the checking dtype) stay scalar. NaN propagates everywhere:
+// a NaN score makes its row's max, sum and output NaN, as in torch.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -7,12 +9,15 @@
 #include <limits>
 #include <type_traits>
 
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <c10/util/Half.h>
 
 namespace pyattn::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+using VecI = at::vec::Vectorized<int32_t>;
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -20,127 +25,150 @@ constexpr double kLn2 = 0.6931471805599453;
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-#if defined(__AVX512F__)
-// 2^x; -inf (and anything below -200) gives exactly 0, NaN stays NaN. Degree-7 Taylor on [-0.5, 0.5]
-// keeps the relative error near 1e-8, below float rounding.
-inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+// max that keeps NaN (std::max(m, NaN) would return m and hide it).
+template <typename T>
+inline T nan_max(T a, T b) { return (b > a || std::isnan(b)) ? b : a; }
+
+// 2^x. Anything below -126.5 (-inf included) gives exactly 0, NaN stays NaN. x = n + f with |f| <= 1/2;
+// the degree-7 Taylor polynomial of 2^f has relative error ~1e-8, below float rounding; 2^n is built in the
+// exponent bits, and n = -127 gives the bit pattern of +0.
+inline Vec exp2(Vec x) {
+  x = at::vec::minimum(at::vec::maximum(x, Vec(-127.f)), Vec(127.f));
+  const Vec n = x.round();
+  const Vec f = x - n;
+  Vec p(1.525273380405984e-05f);
+  p = at::vec::fmadd(p, f, Vec(1.5403530393381606e-04f));
+  p = at::vec::fmadd(p, f, Vec(1.3333558146428443e-03f));
+  p = at::vec::fmadd(p, f, Vec(9.618129107628477e-03f));
+  p = at::vec::fmadd(p, f, Vec(5.550410866482158e-02f));
+  p = at::vec::fmadd(p, f, Vec(2.402265069591007e-01f));
+  p = at::vec::fmadd(p, f, Vec(6.931471805599453e-01f));
+  p = at::vec::fmadd(p, f, Vec(1.f));
+  const VecI bits = (at::vec::convert_to_int_of_same_size(n) + VecI(127)) * VecI(1 << 23);
+  return p * at::vec::cast<float>(bits);
 }
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-#endif
+
+// Applies fn to x[j] one vector at a time; the tail is loaded partially and stored partially.
+template <typename Fn>
+inline void map_row(float* x, int64_t n, Fn fn) {
+  constexpr int64_t W = Vec::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) fn(Vec::loadu(x + j)).store(x + j);
+  if (j < n) fn(Vec::loadu(x + j, n - j)).store(x + j, n - j);
+}
 
 // max_j x[j]
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
-  T m = neg_inf<T>();
-  int64_t j = 0;
-#if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 fill = _mm512_set1_ps(m);
-    __m512 vm = fill;
-    for (; j < n; j += 16) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(fill, tail_mask(n - j), x + j));
-    return _mm512_reduce_max_ps(vm);
+    constexpr int64_t W = Vec::size();
+    const Vec fill(neg_inf<float>());
+    Vec vm = fill;
+    int64_t j = 0;
+    for (; j + W <= n; j += W) vm = at::vec::maximum(vm, Vec::loadu(x + j));
+    if (j < n) vm = at::vec::maximum(vm, Vec::set(fill, Vec::loadu(x + j, n - j), n - j));
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  } else {
+    T m = neg_inf<T>();
+    for (int64_t j = 0; j < n; ++j) m = nan_max(m, x[j]);
+    return m;
   }
-#endif
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
 }
 
 // x[j] = 2^(x[j] * c - m), returns the sum. m == -inf must be handled by the caller.
 template <typename T>
 inline T exp2_row(T* x, int64_t n, T c, T m) {
-  int64_t j = 0;
-  T sum = 0;
-#if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(-m);
-    __m512 vs = _mm512_setzero_ps();
-    for (; j < n; j += 16) {
-      const __mmask16 k = tail_mask(n - j);
-      const __m512 p = exp2_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + j), vc, vm));
-      _mm512_mask_storeu_ps(x + j, k, p);
-      vs = _mm512_mask_add_ps(vs, k, vs, p);
+    constexpr int64_t W = Vec::size();
+    const Vec vc(c), vm(-m);
+    Vec vs(0.f);
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const Vec p = exp2(at::vec::fmadd(Vec::loadu(x + j), vc, vm));
+      p.store(x + j);
+      vs = vs + p;
     }
-    return _mm512_reduce_add_ps(vs);
+    if (j < n) {
+      const Vec p = exp2(at::vec::fmadd(Vec::loadu(x + j, n - j), vc, vm));
+      p.store(x + j, n - j);
+      vs = vs + Vec::set(Vec(0.f), p, n - j);
+    }
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vs);
+  } else {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      x[j] = std::exp2(x[j] * c - m);
+      sum += x[j];
+    }
+    return sum;
   }
-#endif
-  for (; j < n; ++j) {
-    x[j] = std::exp2(x[j] * c - m);
-    sum += x[j];
-  }
-  return sum;
 }
 
-// x[j] = 2^x[j]
+// x[j] = 2^(x[j] * c - sub[j]): probabilities from raw scores and per-column log2 sums (backward's P^T).
 template <typename T>
-inline void exp2_inplace(T* x, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX512F__)
+inline void exp2_sub_row(T* x, int64_t n, T c, const T* sub) {
   if constexpr (std::is_same_v<T, float>) {
-    for (; j < n; j += 16) {
-      const __mmask16 k = tail_mask(n - j);
-      _mm512_mask_storeu_ps(x + j, k, exp2_ps(_mm512_maskz_loadu_ps(k, x + j)));
-    }
-    return;
+    constexpr int64_t W = Vec::size();
+    int64_t j = 0;
+    for (; j + W <= n; j += W) exp2(at::vec::fmsub(Vec::loadu(x + j), Vec(c), Vec::loadu(sub + j))).store(x + j);
+    if (j < n) exp2(at::vec::fmsub(Vec::loadu(x + j, n - j), Vec(c), Vec::loadu(sub + j, n - j))).store(x + j, n - j);
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp2(x[j] * c - sub[j]);
   }
-#endif
-  for (; j < n; ++j) x[j] = std::exp2(x[j]);
 }
 
 // x[j] = cap * tanh(x[j] * a), and d[j] = 1 - tanh^2 (the slope) when d != nullptr.
 template <typename T>
 inline void softcap_row(T* x, int64_t n, T a, T cap, T* d) {
-  int64_t j = 0;
-#if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     // tanh(y) = 1 - 2 / (2^(2 y log2 e) + 1): saturates to +-1 without overflow
-    const __m512 va = _mm512_set1_ps(2 * a * float(kLog2e)), one = _mm512_set1_ps(1.f), vcap = _mm512_set1_ps(cap);
-    for (; j < n; j += 16) {
-      const __mmask16 k = tail_mask(n - j);
-      const __m512 e = exp2_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), va));
-      const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
-      _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(vcap, t));
-      if (d != nullptr) _mm512_mask_storeu_ps(d + j, k, _mm512_fnmadd_ps(t, t, one));
+    constexpr int64_t W = Vec::size();
+    const Vec va(2 * a * float(kLog2e)), one(1.f), two(2.f), vcap(cap);
+    for (int64_t j = 0; j < n; j += W) {
+      const int64_t k = std::min(W, n - j);
+      const Vec t = one - two / (exp2(Vec::loadu(x + j, k) * va) + one);
+      (vcap * t).store(x + j, k);
+      if (d != nullptr) at::vec::fnmadd(t, t, one).store(d + j, k);
     }
-    return;
-  }
-#endif
-  for (; j < n; ++j) {
-    const T t = std::tanh(x[j] * a);
-    x[j] = cap * t;
-    if (d != nullptr) d[j] = 1 - t * t;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const T t = std::tanh(x[j] * a);
+      x[j] = cap * t;
+      if (d != nullptr) d[j] = 1 - t * t;
+    }
   }
 }
 
 template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {
-  for (int64_t j = 0; j < n; ++j) x[j] *= a;
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec va(a);
+    map_row(x, n, [&](Vec v) { return v * va; });
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] *= a;
+  }
 }
 
-// dst[j] = src[j] rounded to the compute type (bf16: round to nearest even).
-template <typename T, typename A>
-inline void convert_row(const A* src, T* dst, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
-    for (; j + 16 <= n; j += 16) {
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)v);
+// dst[j] = src[j] in dst's type (bf16, fp16: round to nearest even), with a vectorized path for the pairs
+// the kernels use (float <-> bf16/fp16, same type).
+template <typename D, typename S>
+inline void convert_row(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<D, S>) {
+    std::copy(src, src + n, dst);
+  } else if constexpr (std::is_same_v<S, float> && (std::is_same_v<D, c10::BFloat16> || std::is_same_v<D, c10::Half>)) {
+    at::vec::convert(src, dst, n);
+  } else if constexpr (std::is_same_v<D, float> && (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>)) {
+    constexpr int64_t W = Vec::size();
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      Vec v;
+      at::vec::load_to_float(src + j, v);
+      v.store(dst + j);
     }
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<D>(src[j]);
   }
-#endif
-  for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 }  // namespace pyattn::cpu
