@@ -15,6 +15,7 @@ import torch.nn.functional as F
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pyattn  # noqa: E402
+from pyattn import cpu_capability  # noqa: E402
 
 # Backends under test. "cpu" and "triton" are required: `make test` always builds pyattn._C and installs
 # triton, so a missing one fails. "cuda" runs where CUDA exists (skipped elsewhere).
@@ -55,8 +56,20 @@ def on_device(fn, device):
     return run
 
 
-def backend_params(backends=None, fused_only=False):
-    """pytest.param(backend, device) for each backend under test; CUDA ones skip where CUDA is absent."""
+def lower_cpu_capabilities():
+    """The compiled CPU capabilities this CPU runs below the one in use (the best, or the one PYATTN_CPU_CAPABILITY
+    asks for): the CPU grid runs on each of them too, so one machine checks every kernel build it can run."""
+    current = cpu_capability.current()
+    if current is None:
+        return []
+    names = cpu_capability.order()
+    return [n for n in names[:names.index(current)] if n in cpu_capability.compiled() and cpu_capability.cpu_supports(n)]
+
+
+def backend_params(backends=None, fused_only=False, lower_capabilities=True):
+    """pytest.param(backend, device) for each backend under test; CUDA ones skip where CUDA is absent. "cpu" comes
+    once per CPU capability: id "cpu" on the one in use, and (lower_capabilities) "cpu-<capability>" on each lower
+    one; tests whose cost is not in the kernel (gradcheck in float64, compile) run on the one in use only."""
     params = []
     for name in backends or BACKENDS:
         if fused_only and name not in FUSED:
@@ -66,7 +79,21 @@ def backend_params(backends=None, fused_only=False):
         if device == "cuda":
             marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"))
         params.append(pytest.param(name, device, id=name, marks=marks))
+        if name == "cpu" and lower_capabilities:
+            params += [pytest.param(name, device, id=f"cpu-{cap}", marks=[pytest.mark.cpu_capability(cap)])
+                       for cap in lower_cpu_capabilities()]
     return params
+
+
+@pytest.fixture(autouse=True)
+def _cpu_capability(request):
+    """Runs a test marked cpu_capability(name) on the CPU kernels compiled for that capability."""
+    mark = request.node.get_closest_marker("cpu_capability")
+    if mark is None:
+        yield
+        return
+    with cpu_capability.forced(mark.args[0]):
+        yield
 
 
 @pytest.fixture(autouse=True)

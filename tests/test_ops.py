@@ -8,7 +8,9 @@ import pyattn
 from conftest import CASES, Case, backend_params, sample_inputs
 from pyattn.inputs import dense_inputs, varlen_inputs
 
-cpu_only = pytest.mark.parametrize("backend,device", backend_params(["cpu"]))
+# every CPU capability for the op checks; the one in use for float64 gradcheck, compile and explain
+cpu_all = pytest.mark.parametrize("backend,device", backend_params(["cpu"]))
+cpu_only = pytest.mark.parametrize("backend,device", backend_params(["cpu"], lower_capabilities=False))
 
 
 def attn_inputs(case: Case, t, dropout_p=0.0):
@@ -41,7 +43,7 @@ OPCHECK_CASES = sample_inputs(dtypes=(torch.float32,)) + sample_inputs(
     dtypes=(torch.bfloat16,), cases=[c for c in CASES if c.id in ("causal-L33-S65", "gqa-Hq6-Hkv2", "alibi-H")])
 
 
-@cpu_only
+@cpu_all
 @pytest.mark.parametrize("case,dtype", OPCHECK_CASES)
 def test_opcheck_fwd(backend, device, case, dtype):
     t = {n: (x.to(dtype) if x.is_floating_point() and n != "alibi_slopes" else x) for n, x in case.make().items()}
@@ -49,7 +51,7 @@ def test_opcheck_fwd(backend, device, case, dtype):
     torch.library.opcheck(torch.ops.pyattn.fwd.default, fwd_args(inp, True, case.mask_grad))
 
 
-@cpu_only
+@cpu_all
 @pytest.mark.parametrize("case,dtype", OPCHECK_CASES)
 def test_opcheck_bwd(backend, device, case, dtype):
     t = {n: (x.to(dtype) if x.is_floating_point() and n != "alibi_slopes" else x) for n, x in case.make().items()}
@@ -67,7 +69,7 @@ def test_opcheck_bwd(backend, device, case, dtype):
                                                          *options, case.mask_grad))
 
 
-@cpu_only
+@cpu_all
 def test_opcheck_with_dropout(backend, device):
     case = next(c for c in CASES if c.id == "floatmask-B1LS-grad")
     inp = attn_inputs(case, case.make(), dropout_p=0.25)
@@ -77,7 +79,7 @@ def test_opcheck_with_dropout(backend, device):
     assert torch.equal(a[0], b[0]), "same (seed, offset) must give the same output"
 
 
-@cpu_only
+@cpu_all
 def test_opcheck_dropout_mask(backend, device):
     torch.library.opcheck(torch.ops.pyattn.cpu_dropout_mask.default, (2, 3, 5, 7, 0.3, 1, 2))
 

@@ -1,0 +1,105 @@
+"""The CPU kernel's builds per CPU capability: which one runs, the switches that hold it lower, what build_info()
+and explain() say, and that each build keeps its ISA to itself. (Each build's numerics run the whole CPU grid
+through conftest's cpu-<capability> parameters.)"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyattn
+from pyattn import cpu_capability
+
+requires_cpu = pytest.mark.skipif("cpu" not in pyattn.available_backends(), reason="pyattn._C is not built")
+pytestmark = requires_cpu
+
+
+def run_python(code, **env):
+    """Runs code in a fresh interpreter with env added; -> stdout (stderr on failure in the assertion)."""
+    full = {**os.environ, **env}
+    for name in ("PYATTN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        if name not in env:
+            full.pop(name, None)
+    res = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip(), res.stderr
+
+
+def test_build_info_lists_capabilities():
+    info = pyattn.build_info()
+    assert info["cpu_capabilities"], info
+    assert set(info["cpu_capabilities"]) <= set(cpu_capability.order())
+    assert "default" in info["cpu_capabilities"]  # the portable baseline is always built
+    assert info["cpu_capability"] in info["cpu_capabilities"]
+    assert cpu_capability.cpu_supports(info["cpu_capability"])
+
+
+def test_best_capability_is_chosen():
+    """With no switch set, the highest compiled capability this CPU supports runs."""
+    code = "import pyattn; print(pyattn.build_info()['cpu_capability'])"
+    out, _ = run_python(code)
+    best = [n for n in cpu_capability.order() if n in cpu_capability.compiled() and cpu_capability.cpu_supports(n)]
+    assert out == best[-1]
+
+
+@pytest.mark.parametrize("variable", ["PYATTN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"])
+def test_environment_holds_it_lower(variable):
+    code = ("import torch, pyattn; q = torch.randn(1, 2, 9, 8); "
+            "print(pyattn.build_info()['cpu_capability']); print(pyattn.explain(q, q, q))")
+    out, _ = run_python(code, **{variable: "default"})
+    name, explain = out.split("\n", 1)
+    assert name == "default"
+    if len(cpu_capability.compiled()) > 1 and cpu_capability.cpu_supports(cpu_capability.order()[1]):
+        assert f"held back by {variable}=default" in explain, explain
+
+
+def test_unknown_capability_name_warns_and_is_ignored():
+    out, err = run_python("import pyattn; print(pyattn.build_info()['cpu_capability'])", PYATTN_CPU_CAPABILITY="avx9")
+    assert "PYATTN_CPU_CAPABILITY='avx9'" in err
+    assert out == cpu_capability.current()
+
+
+def test_bf16_runs_where_onednn_has_no_bf16_vnni():
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes torch's bf16 VNNI brgemm raise, as on an AVX2-only CPU: bf16 then runs on fp32
+    tiles (this once raised instead), and explain says so."""
+    code = ("import torch, pyattn; torch.manual_seed(0); q, k, v = torch.randn(3, 2, 3, 40, 16).bfloat16(); "
+            "out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True); "
+            "ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True); "
+            "print(float((out.double() - ref).abs().max())); print(pyattn.explain(q, k, v))")
+    out, _ = run_python(code, ONEDNN_MAX_CPU_ISA="AVX2")
+    err, explain = out.split("\n", 1)
+    assert float(err) < 3e-2
+    assert "fp32 tiles" in explain, explain
+
+
+def test_forced_switches_and_restores():
+    before = cpu_capability.current()
+    q = torch.randn(1, 2, 17, 8)
+    with cpu_capability.forced("default"):
+        assert pyattn.build_info()["cpu_capability"] == "default"
+        assert "CPU capability default" in pyattn.explain(q, q, q)
+        pyattn.scaled_dot_product_attention(q, q, q)
+    assert cpu_capability.current() == before == pyattn.build_info()["cpu_capability"]
+
+
+def test_use_refuses_what_cannot_run():
+    with pytest.raises(ValueError, match="not compiled"):
+        cpu_capability.use("avx9")
+    missing = [n for n in cpu_capability.compiled() if not cpu_capability.cpu_supports(n)]
+    if missing:
+        with pytest.raises(ValueError, match="cannot run"):
+            cpu_capability.use(missing[0])
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
+def test_kernel_modules_export_only_their_init():
+    """A capability module exports PyInit alone: no inline function compiled for its ISA (std:: templates included)
+    can be bound by another module, so an AVX-512 copy never runs on an AVX2 CPU."""
+    import importlib
+    for name in cpu_capability.compiled():
+        path = importlib.util.find_spec(f"pyattn._cpu_{name}").origin
+        res = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True)
+        symbols = [line.split()[-1] for line in res.stdout.splitlines() if line.split()[1:2] != ["A"]]
+        assert symbols == [f"PyInit__cpu_{name}"], (name, symbols)
