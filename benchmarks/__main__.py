@@ -50,7 +50,19 @@ def metadata(device):
                 machine=platform.processor() or platform.machine())
     if device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    else:
+        info.update(cpu_info())
     return info
+
+
+def cpu_info():
+    """The CPU and the ISA each side ran at: pyattn's capability, torch's, and the switches that hold torch's
+    libraries lower (an AVX-512 machine standing in for an AVX2 one sets all of them)."""
+    from pyattn import cpu_capability
+    held = {k: os.environ[k] for k in ("PYATTN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                       "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    return dict(cpu_model=cpu_capability.cpu_model(), cpu_capability=cpu_capability.current(),
+                torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), isa_switches=held)
 
 
 def progress(items):
@@ -88,6 +100,7 @@ def main():
     if args.decode or args.preset == "decode":
         points += decode_points(args.device, impls, args.decode_seqlens, args.dtype)
     peak = measure.peaks(args.device, DTYPES)
+    cpu = cpu_info() if args.device == "cpu" else {}
     records, last_ms, last_len, start = [], {}, {}, time.time()
     bar = progress(order_interleaved(points))
     for p in bar:
@@ -105,12 +118,16 @@ def main():
             continue
         rec = run_point(p, impls[p.impl][1], args.device, peak)
         rec["backend"] = impls[p.impl][0]
+        if args.device == "cpu":
+            rec.update(cpu_model=cpu["cpu_model"], cpu_capability=cpu["cpu_capability"])
         if rec["ms"] is not None:
             last_ms[series], last_len[series] = rec["ms"], p.B * p.H * p.L * p.S
         if args.device == "cpu" and rec["status"] == "ok" and (args.memory or _memory_point(p, points)):
             rec["peak_mem_bytes"] = measure_in_child(p)
         records.append(rec)
-    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", args.device)
+    # CPU results per capability: the same code runs at very different speeds on each
+    where = f"cpu-{cpu['cpu_capability']}" if args.device == "cpu" else args.device
+    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", where)
     os.makedirs(out_dir, exist_ok=True)
     stem = args.preset if args.preset != "default" else ("quick" if args.quick else "sweep")
     meta = metadata(args.device)
@@ -119,7 +136,10 @@ def main():
         json.dump({"meta": meta, "records": records}, f, indent=1)
     table = markdown_table(records)
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(f"# {stem} on {args.device} ({meta['machine']}, {meta['threads']} threads, torch {meta['torch']})\n\n")
+        on = (f"{meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, torch {meta['torch_cpu_capability']}"
+              f"{''.join(f', {k}={v}' for k, v in meta['isa_switches'].items())}" if args.device == "cpu"
+              else meta["machine"])
+        f.write(f"# {stem} on {args.device} ({on}, {meta['threads']} threads, torch {meta['torch']})\n\n")
         f.write(table + "\n")
     title = f"{stem} on {args.device} ({meta.get('gpu', meta['machine'])}, torch {meta['torch']})"
     plot_speed(records, os.path.join(out_dir, f"{stem}.png"), title)

@@ -137,8 +137,8 @@ def run_point(p: Point, fn, device, peak):
     except torch.OutOfMemoryError:
         rec.update(status="oom", peak_mem_bytes=rec["predicted_mem_bytes"])
         return rec
-    except (RuntimeError, NotImplementedError) as e:
-        rec.update(status="skipped", note=str(e).splitlines()[0][:200])
+    except (RuntimeError, NotImplementedError) as e:  # recorded and shown, never dropped from the table
+        rec.update(status="error", note=str(e).splitlines()[0][:200])
         return rec
     flops = measure.attention_flops(p.B, p.H, p.L, p.S, p.D, p.causal, p.pass_)
     rec.update(ms=ms, tflops=flops / ms / 1e9, note=f"max error {err:.2g}")
