@@ -33,6 +33,8 @@ inline void dropout_keep_row(uint64_t seed, uint64_t offset, uint64_t bh, int64_
   for (int64_t g0 = j0 >> 2; 4 * g0 < end; g0 += kLanes) {
     const int64_t lo = std::max<int64_t>(j0, 4 * g0), hi = std::min<int64_t>(end, 4 * (g0 + kLanes));
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+    // Hand-written for AVX-512 because it measured faster: B=1 H=8 N=2048 D=64 fp32 forward, one thread, the
+    // dropout pass costs 31 ms here and 100 ms as the lane loop below compiled for AVX-512 (Xeon, thread time).
     __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(g0))),
                                   _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     __m512i x1 = _mm512_set1_epi32(int(uint32_t(i))), x2 = _mm512_set1_epi32(int(uint32_t(bh)));
@@ -65,6 +67,7 @@ inline void dropout_keep_row(uint64_t seed, uint64_t offset, uint64_t bh, int64_
     _mm_store_si128(reinterpret_cast<__m128i*>(bytes + 48), _mm_unpackhi_epi16(t1, t3));
     std::memcpy(keep + (lo - j0), bytes + (lo - 4 * g0), hi - lo);
 #else
+    // Portable: lanes in arrays, which the compiler vectorizes for the capability's ISA.
     uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
     for (int l = 0; l < kLanes; ++l) {
       x0[l] = uint32_t(g0 + l);
