@@ -119,7 +119,8 @@ struct Scores {
       const int64_t off = (i0 + r) * mask_rs + j0 * mask_cs;
       if (mask_kind == 1) {
         const uint8_t* m = static_cast<const uint8_t*>(mask) + off;
-        for (int64_t c = 0; c < nj; ++c) x[c * x_k] = m[c * mask_cs] ? x[c * x_k] : neg_inf<acc>();
+        // adds -inf, as torch does, rather than selecting it: a NaN score under a False stays NaN
+        for (int64_t c = 0; c < nj; ++c) x[c * x_k] += m[c * mask_cs] ? acc(0) : neg_inf<acc>();
       } else if (mask_kind == 2) {
         const scalar_t* m = static_cast<const scalar_t*>(mask) + off;
         for (int64_t c = 0; c < nj; ++c) x[c * x_k] += static_cast<acc>(m[c * mask_cs]) * log2e;
