@@ -9,6 +9,7 @@ import os
 import torch
 
 from . import ops, reference
+from .errors import AttentionInputError
 from .inputs import AttnInputs
 
 TORCH_FEATURES = {"bool mask", "float mask", "causal", "dropout", "gqa"}
@@ -151,7 +152,7 @@ class TorchBackend(Backend):
 
     def forward(self, inp):
         mask = inp.mask
-        if mask is not None and inp.is_causal:  # torch's fused CPU path combines both; its math path refuses
+        if mask is not None and inp.is_causal:  # torch refuses a mask with is_causal: fold the band into the mask
             L, S = inp.q.shape[-2], inp.k.shape[-2]
             mask = mask & torch.ones(L, S, dtype=torch.bool, device=inp.device).tril()
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -195,16 +196,16 @@ def choose(inp: AttnInputs, requested=None):
         for name in auto_order(inp.device.type):
             if not BACKENDS[name].not_supported_reasons(inp):
                 return BACKENDS[name]
-        raise RuntimeError("no backend can run these inputs:\n" + explain_inputs(inp))
+        raise AttentionInputError("no backend can run these inputs:\n" + explain_inputs(inp))
     if not isinstance(requested, str) or requested not in BACKENDS:
         if requested in PUBLIC_NAMES:
-            raise RuntimeError(f"backend {requested!r} is not part of this build of pyattn; "
-                               f"available: {available_backends()}")
-        raise ValueError(f"backend must be None, 'auto' or one of {sorted(set(PUBLIC_NAMES) | set(BACKENDS))}, "
-                         f"got {requested!r}")
+            raise AttentionInputError(f"backend {requested!r} is not part of this build of pyattn; "
+                                      f"available: {available_backends()}")
+        raise AttentionInputError(f"backend must be None, 'auto' or one of "
+                                  f"{sorted(set(PUBLIC_NAMES) | set(BACKENDS))}, got {requested!r}")
     reasons = BACKENDS[requested].not_supported_reasons(inp)
     if reasons:
-        raise RuntimeError(f"backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
+        raise AttentionInputError(f"backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
     return BACKENDS[requested]
 
 
@@ -213,7 +214,7 @@ def explain_inputs(inp: AttnInputs, requested=None):
              f"on {inp.device}; features: {', '.join(inp.uses()) or 'none'}"]
     try:
         chosen = choose(inp, requested).name
-    except (RuntimeError, ValueError):
+    except AttentionInputError:
         chosen = None
     order = auto_order(inp.device.type)
     for name in order + tuple(n for n in BACKENDS if n not in order):

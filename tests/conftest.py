@@ -272,8 +272,8 @@ CASES = [
     _dense("decode-L3-S777-gqa-alibi-window-br", 1, 8, 2, 3, 777, 32, alibi=(8,),
            kwargs={"window_size": (300, 0), "causal_alignment": "bottom_right", "enable_gqa": True,
                    "return_lse": True}),
-    _dense("decode-L3-S300-gqa-boolmask-causal", 1, 8, 2, 3, 300, 16, mask=(3, 300), mask_dtype="bool",
-           kwargs={"is_causal": True, "enable_gqa": True}),
+    _dense("decode-L3-S300-gqa-boolmask-causalband", 1, 8, 2, 3, 300, 16, mask=(3, 300), mask_dtype="bool",
+           kwargs={"window_size": (-1, 0), "enable_gqa": True}),
     # varlen
     _varlen("decode-varlen-gqa-br-lse", (1, 3, 0), (300, 1100, 5), 8, 2, 16,
             kwargs={"is_causal": True, "causal_alignment": "bottom_right", "return_lse": True}),
