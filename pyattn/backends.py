@@ -13,6 +13,8 @@ from .errors import AttentionInputError
 from .inputs import AttnInputs
 
 TORCH_FEATURES = {"bool mask", "float mask", "causal", "dropout", "gqa"}
+# torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
+TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
 class Backend:
@@ -155,10 +157,9 @@ class TorchBackend(Backend):
         if mask is not None and inp.is_causal:  # torch refuses a mask with is_causal: fold the band into the mask
             L, S = inp.q.shape[-2], inp.k.shape[-2]
             mask = mask & torch.ones(L, S, dtype=torch.bool, device=inp.device).tril()
-        out = torch.nn.functional.scaled_dot_product_attention(
-            inp.q, inp.k, inp.v, attn_mask=mask, dropout_p=inp.dropout_p,
-            is_causal=inp.is_causal and mask is None, scale=inp.scale,
-            enable_gqa=inp.q.shape[1] != inp.k.shape[1])
+        out = TORCH_SDPA(inp.q, inp.k, inp.v, attn_mask=mask, dropout_p=inp.dropout_p,
+                         is_causal=inp.is_causal and mask is None, scale=inp.scale,
+                         enable_gqa=inp.q.shape[1] != inp.k.shape[1])
         return out, None
 
 

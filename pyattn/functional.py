@@ -1,5 +1,5 @@
 """The public functions: validate -> normalize (pyattn.inputs) -> choose a backend -> run -> user shapes."""
-from . import backends
+from . import backends, routing
 from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
 
 
@@ -41,7 +41,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", return_lse=False,
             backend=None):
-    """Which backend would run these arguments, and why each other one would not."""
+    """Which backend would run these arguments, and why each other one would not; for torch's arguments alone,
+    also where pyattn.enable() sends a call of torch's function with them."""
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                        softcap, alibi_slopes, causal_alignment, return_lse)
-    return backends.explain_inputs(inp, backend)
+    lines = backends.explain_inputs(inp, backend)
+    torch_arguments_only = window_size is None and softcap is None and alibi_slopes is None \
+        and causal_alignment == "top_left" and not return_lse
+    if torch_arguments_only:
+        lines += "\n" + routing.explain_route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return lines
