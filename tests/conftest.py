@@ -10,11 +10,14 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # before triton is imported: no GPU -> the Triton kernels run on CPU tensors under the interpreter
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pyattn  # noqa: E402
+
+TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, whatever pyattn.enable() does to the name later
 
 # Backends under test. "cpu" and "triton" are required: `make test` always builds pyattn._C and installs
 # triton, so a missing one fails. "cuda" runs where CUDA exists (skipped elsewhere).
@@ -67,6 +70,18 @@ def backend_params(backends=None, fused_only=False):
             marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"))
         params.append(pytest.param(name, device, id=name, marks=marks))
     return params
+
+
+class PyattnOps(TorchDispatchMode):
+    """Counts the pyattn ops (kernels) dispatched while it is active (eager only: dynamo refuses dispatch modes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.namespace == "pyattn"
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)
