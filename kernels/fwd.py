@@ -42,7 +42,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base,
         if BANDED:
             s = tl.where(band_and_bounds(ip[:, None], offs_n[None, :], row_ok[:, None], seqlen_k, window_left,
                                          window_right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
-        # online softmax; a row with nothing visible yet keeps m = -inf, so subtract a safe 0 instead
+        # online softmax; a row with nothing visible yet keeps m = -inf, so subtract a safe 0 instead. NaN needs no
+        # care: a NaN score's p is NaN whatever max was kept (GPU max drops NaN), so l_i, acc and lse turn NaN
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
         p = tl.exp2(s - m_safe[:, None])

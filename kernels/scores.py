@@ -41,7 +41,8 @@ def band_and_bounds(ip2, n2, ok2, seqlen_k, window_left, window_right,
 @triton.jit
 def biased(s, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k,
            MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Adds ALiBi and a float mask to s2 (log2 units) and applies a bool mask (-inf where False).
+    """Adds ALiBi and a float mask to s2 (log2 units), and -inf where a bool mask is False: added, as torch applies
+    it, so a NaN score stays NaN (a select would turn it into -inf).
 
     mask_rows2: pointers to each query's mask row; slopes2: float32 ALiBi slopes of each query."""
     if HAS_ALIBI:
@@ -51,7 +52,7 @@ def biased(s, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k,
         in_bounds = ok2 & (n2 < seqlen_k)
         if MASK_KIND == 1:
             keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
-            s = tl.where(keep, s, float("-inf"))
+            s = s + tl.where(keep, 0.0, float("-inf"))
         else:
             s = s + tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
     return s

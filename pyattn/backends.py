@@ -9,9 +9,12 @@ import os
 import torch
 
 from . import ops, reference
+from .errors import AttentionInputError
 from .inputs import AttnInputs
 
 TORCH_FEATURES = {"bool mask", "float mask", "causal", "dropout", "gqa"}
+# torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
+TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
 class Backend:
@@ -161,13 +164,12 @@ class TorchBackend(Backend):
 
     def forward(self, inp):
         mask = inp.mask
-        if mask is not None and inp.is_causal:  # torch's fused CPU path combines both; its math path refuses
+        if mask is not None and inp.is_causal:  # torch refuses a mask with is_causal: fold the band into the mask
             L, S = inp.q.shape[-2], inp.k.shape[-2]
             mask = mask & torch.ones(L, S, dtype=torch.bool, device=inp.device).tril()
-        out = torch.nn.functional.scaled_dot_product_attention(
-            inp.q, inp.k, inp.v, attn_mask=mask, dropout_p=inp.dropout_p,
-            is_causal=inp.is_causal and mask is None, scale=inp.scale,
-            enable_gqa=inp.q.shape[1] != inp.k.shape[1])
+        out = TORCH_SDPA(inp.q, inp.k, inp.v, attn_mask=mask, dropout_p=inp.dropout_p,
+                         is_causal=inp.is_causal and mask is None, scale=inp.scale,
+                         enable_gqa=inp.q.shape[1] != inp.k.shape[1])
         return out, None
 
 
@@ -205,16 +207,16 @@ def choose(inp: AttnInputs, requested=None):
         for name in auto_order(inp.device.type):
             if not BACKENDS[name].not_supported_reasons(inp):
                 return BACKENDS[name]
-        raise RuntimeError("no backend can run these inputs:\n" + explain_inputs(inp))
+        raise AttentionInputError("no backend can run these inputs:\n" + explain_inputs(inp))
     if not isinstance(requested, str) or requested not in BACKENDS:
         if requested in PUBLIC_NAMES:
-            raise RuntimeError(f"backend {requested!r} is not part of this build of pyattn; "
-                               f"available: {available_backends()}")
-        raise ValueError(f"backend must be None, 'auto' or one of {sorted(set(PUBLIC_NAMES) | set(BACKENDS))}, "
-                         f"got {requested!r}")
+            raise AttentionInputError(f"backend {requested!r} is not part of this build of pyattn; "
+                                      f"available: {available_backends()}")
+        raise AttentionInputError(f"backend must be None, 'auto' or one of "
+                                  f"{sorted(set(PUBLIC_NAMES) | set(BACKENDS))}, got {requested!r}")
     reasons = BACKENDS[requested].not_supported_reasons(inp)
     if reasons:
-        raise RuntimeError(f"backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
+        raise AttentionInputError(f"backend {requested!r} cannot run these inputs: " + "; ".join(reasons))
     return BACKENDS[requested]
 
 
@@ -223,7 +225,7 @@ def explain_inputs(inp: AttnInputs, requested=None):
              f"on {inp.device}; features: {', '.join(inp.uses()) or 'none'}"]
     try:
         chosen = choose(inp, requested).name
-    except (RuntimeError, ValueError):
+    except AttentionInputError:
         chosen = None
     order = auto_order(inp.device.type)
     for name in order + tuple(n for n in BACKENDS if n not in order):

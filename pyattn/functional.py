@@ -1,21 +1,6 @@
 """The public functions: validate -> normalize (pyattn.inputs) -> choose a backend -> run -> user shapes."""
-import torch
-
-from . import backends
-from .inputs import dense_inputs, varlen_inputs
-
-
-AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # torch.is_autocast_enabled raises for others (e.g. meta)
-
-
-def _autocast(*tensors):
-    """Under torch.autocast, attention runs in the autocast dtype, as torch's SDPA does."""
-    first = tensors[0]
-    if not isinstance(first, torch.Tensor) or first.device.type not in AUTOCAST_DEVICES \
-            or not torch.is_autocast_enabled(first.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+from . import backends, routing
+from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
 
 
 def _run(inp, backend):
@@ -29,14 +14,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, plus FlashAttention's extras.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev), and with return_lse also the
-    float32 log-sum-exp (..., L) of the scores. See DESIGN.md's API contract.
+    float32 log-sum-exp (..., L) of the scores. attn_mask may also be a torch.nn.attention.bias.CausalBias.
+    See DESIGN.md's API contract.
     """
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                        softcap, alibi_slopes, causal_alignment, return_lse)
-    out, lse = _run(inp, backend)
-    out = out.reshape(inp.out_shape)
-    return (out, lse.reshape(inp.out_shape[:-1])) if return_lse else out
+    return dense_outputs(inp, *_run(inp, backend))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
@@ -47,7 +30,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v;
     it attends only within itself. With return_lse, also lse (Hq, total_q) float32.
     """
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast(q, k, v)
     inp = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
                         window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse)
     out, lse = _run(inp, backend)
@@ -58,7 +41,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
             window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", return_lse=False,
             backend=None):
-    """Which backend would run these arguments, and why each other one would not."""
+    """Which backend would run these arguments, and why each other one would not; for torch's arguments alone,
+    also where pyattn.enable() sends a call of torch's function with them."""
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                        softcap, alibi_slopes, causal_alignment, return_lse)
-    return backends.explain_inputs(inp, backend)
+    lines = backends.explain_inputs(inp, backend)
+    torch_arguments_only = window_size is None and softcap is None and alibi_slopes is None \
+        and causal_alignment == "top_left" and not return_lse
+    if torch_arguments_only:
+        lines += "\n" + routing.explain_route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return lines

@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.nn.attention.bias import CausalBias, CausalVariant
+
+from .errors import AttentionInputError, AttentionTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")  # torch.is_autocast_enabled raises for others (e.g. meta)
 
 
 @dataclass
@@ -80,34 +84,46 @@ class AttnInputs:
         return feats
 
 
+def autocast(*tensors):
+    """Under torch.autocast, attention runs in the autocast dtype, as torch's SDPA does."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in AUTOCAST_DEVICES \
+            or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and not is_causal_bias(t)
+                 else t for t in tensors)
+
+
 def _shape(t):
     return tuple(t.shape)
 
 
 def _check_tensor(name, t, ndim_min=None):
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim_min is not None and t.dim() < ndim_min:
-        raise ValueError(f"{name} must have at least {ndim_min} dims (..., L, E), got shape {_shape(t)}")
+        raise AttentionInputError(f"{name} must have at least {ndim_min} dims (..., L, E), got shape {_shape(t)}")
 
 
 def _check_qkv_types(query, key, value):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype} "
-                            f"(shape {_shape(t)})")
+            raise AttentionTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype} "
+                                     f"(shape {_shape(t)})")
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+        raise AttentionTypeError(f"query, key and value must share a dtype, got query {query.dtype} {_shape(query)}, "
+                                 f"key {key.dtype} {_shape(key)}, value {value.dtype} {_shape(value)}")
     if not (query.device == key.device == value.device):
-        raise RuntimeError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
-                           f"{value.device}")
+        raise AttentionInputError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
+                                  f"{value.device}")
 
 
 def _scale(scale, head_dim):
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise AttentionTypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return float(scale)
 
 
@@ -117,10 +133,10 @@ def _window(window_size, is_causal):
     else:
         if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
                 and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-            raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+            raise AttentionInputError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
         left, right = window_size
         if left < -1 or right < -1:
-            raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+            raise AttentionInputError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
@@ -128,14 +144,14 @@ def _window(window_size, is_causal):
 
 def _options(dropout_p, softcap, causal_alignment, return_lse):
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+        raise AttentionInputError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not softcap > 0):
-        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+        raise AttentionInputError(f"softcap must be a positive float or None, got {softcap!r}")
     if causal_alignment not in CAUSAL_ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
+        raise AttentionInputError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     return float(dropout_p), float(softcap or 0.0), causal_alignment == "bottom_right"
 
 
@@ -145,17 +161,18 @@ def _alibi(alibi_slopes, batch_shape, device):
         return None
     _check_tensor("alibi_slopes", alibi_slopes)
     if alibi_slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype} (shape {_shape(alibi_slopes)})")
+        raise AttentionTypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype} "
+                                 f"(shape {_shape(alibi_slopes)})")
     if alibi_slopes.device != device:
-        raise RuntimeError(f"alibi_slopes is on {alibi_slopes.device} but query is on {device}")
+        raise AttentionInputError(f"alibi_slopes is on {alibi_slopes.device} but query is on {device}")
     if alibi_slopes.dim() not in (1, 2) or alibi_slopes.shape[-1] != batch_shape[-1]:
-        raise ValueError(f"alibi_slopes must have shape (H,) or (B, H) with H = {batch_shape[-1]} query heads, "
-                         f"got {_shape(alibi_slopes)}")
+        raise AttentionInputError(f"alibi_slopes must have shape (H,) or (B, H) with H = {batch_shape[-1]} query "
+                                  f"heads, got {_shape(alibi_slopes)}")
     try:
         slopes = alibi_slopes.expand(batch_shape)
     except RuntimeError:
-        raise ValueError(f"alibi_slopes of shape {_shape(alibi_slopes)} does not broadcast to the batch and "
-                         f"heads of query {tuple(batch_shape)}") from None
+        raise AttentionInputError(f"alibi_slopes of shape {_shape(alibi_slopes)} does not broadcast to the batch and "
+                                  f"heads of query {tuple(batch_shape)}") from None
     return slopes.reshape(-1, batch_shape[-1])
 
 
@@ -165,20 +182,49 @@ def _mask(attn_mask, out_batch, L, S, query):
         return None
     _check_tensor("attn_mask", attn_mask)
     if attn_mask.device != query.device:
-        raise RuntimeError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        raise AttentionInputError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
-        raise TypeError(f"attn_mask must be bool, float32 or the query's dtype {query.dtype}, "
-                        f"got {attn_mask.dtype} (shape {_shape(attn_mask)})")
+        raise AttentionTypeError(f"attn_mask must be bool, float32 or the query's dtype {query.dtype}, "
+                                 f"got {attn_mask.dtype} (shape {_shape(attn_mask)})")
     full = tuple(out_batch) + (L, S)
     if attn_mask.dim() < 2 or attn_mask.dim() > len(full):
-        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., L, S) = {full}")
+        raise AttentionInputError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., L, S) = {full}")
     try:
         if torch.broadcast_shapes(attn_mask.shape, full) != full:
             raise RuntimeError
     except RuntimeError:
-        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., L, S) = {full} "
-                         f"(query {_shape(query)})") from None
+        raise AttentionInputError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., L, S) = {full} "
+                                  f"(query {_shape(query)})") from None
     return attn_mask.expand(full).reshape(math.prod(full[:-3]), full[-3] if len(full) > 2 else 1, L, S)
+
+
+def is_causal_bias(attn_mask):
+    """torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right): a Tensor subclass whose storage
+    is meaningless, so it must never be read as a mask."""
+    return isinstance(attn_mask, CausalBias)
+
+
+BIAS_ALIGNMENT = {CausalVariant.UPPER_LEFT: "top_left", CausalVariant.LOWER_RIGHT: "bottom_right"}
+
+
+def _causal_bias(bias, L, S, causal_alignment, shapes):
+    """A CausalBias -> the causal_alignment of its band, checked against the call (what torch's masks would be)."""
+    name = f"attn_mask causal_{'upper_left' if bias.variant == CausalVariant.UPPER_LEFT else 'lower_right'}" \
+           f"({bias.seq_len_q}, {bias.seq_len_kv})"
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise AttentionInputError(f"{name} does not match query length L={L} and key length S={S} ({shapes})")
+    alignment = BIAS_ALIGNMENT[bias.variant]
+    if causal_alignment == "bottom_right" and alignment == "top_left":  # "top_left" is also the default: the bias wins
+        raise AttentionInputError(f"{name} is top-left aligned but causal_alignment='bottom_right' ({shapes})")
+    return alignment
+
+
+def _check_mask_and_causal(attn_mask, is_causal, shapes):
+    if is_causal and attn_mask is not None:
+        kind = "a CausalBias" if is_causal_bias(attn_mask) else f"a mask of shape {_shape(attn_mask)}"
+        raise AttentionInputError(
+            f"attn_mask ({kind}) and is_causal=True must not be combined, as torch documents ({shapes}); "
+            "pass one of them, or window_size=(-1, 0) with attn_mask for a mask inside the causal band")
 
 
 def _as_bhld(t, batch_shape):
@@ -190,6 +236,8 @@ def _as_bhld(t, batch_shape):
 
 def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
                  alibi_slopes, causal_alignment, return_lse):
+    """scaled_dot_product_attention's arguments -> AttnInputs (dense_outputs maps the results back)."""
+    query, key, value, attn_mask = autocast(query, key, value, attn_mask)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, ndim_min=2)
     _check_qkv_types(query, key, value)
@@ -198,27 +246,36 @@ def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     Sv, Ev = value.shape[-2:]
     shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
     if Ek != E:
-        raise ValueError(f"query and key must have the same head dim E (last dim), got {shapes}")
+        raise AttentionInputError(f"query and key must have the same head dim E (last dim), got {shapes}")
     if Sv != S:
-        raise ValueError(f"key and value must have the same sequence length S (dim -2), got {shapes}")
+        raise AttentionInputError(f"key and value must have the same sequence length S (dim -2), got {shapes}")
     if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
-        raise TypeError("is_causal and enable_gqa must be bools")
+        raise AttentionTypeError(f"is_causal and enable_gqa must be bools, got {type(is_causal).__name__} and "
+                                 f"{type(enable_gqa).__name__}")
+    _check_mask_and_causal(attn_mask, is_causal, shapes)
+    if is_causal_bias(attn_mask):  # the kernels' causal band in the bias's alignment: no L x S tensor
+        causal_alignment = _causal_bias(attn_mask, L, S, causal_alignment, shapes)
+        attn_mask, is_causal = None, True
     if enable_gqa and query.dim() >= 3:
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
         if hk != hv:
-            raise ValueError(f"enable_gqa: key and value must have the same number of heads (dim -3), got {shapes}")
+            raise AttentionInputError(f"enable_gqa: key and value must have the same number of heads (dim -3), "
+                                      f"got {shapes}")
         if hk == 0 or hq % hk:
-            raise ValueError(f"enable_gqa: query heads (dim -3) must be a multiple of key/value heads, got {shapes}")
+            raise AttentionInputError(f"enable_gqa: query heads (dim -3) must be a multiple of key/value heads, "
+                                      f"got {shapes}")
         try:
             outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
         except RuntimeError:
-            raise ValueError(f"batch dims of query, key and value do not broadcast: {shapes}") from None
+            raise AttentionInputError(f"batch dims of query, key and value do not broadcast: {shapes}") from None
         q_batch, kv_batch = (*outer, hq), (*outer, hk)
+    elif query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:  # the usual call: nothing to broadcast
+        q_batch = kv_batch = query.shape[:-2]
     else:
         try:
             q_batch = kv_batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
         except RuntimeError:
-            raise ValueError(f"batch/head dims of query, key and value do not broadcast: {shapes}") from None
+            raise AttentionInputError(f"batch/head dims of query, key and value do not broadcast: {shapes}") from None
     dropout_p, softcap, bottom_right = _options(dropout_p, softcap, causal_alignment, return_lse)
     left, right = _window(window_size, is_causal)
     q_batch = tuple(q_batch)
@@ -231,20 +288,26 @@ def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         softcap=softcap, dropout_p=dropout_p, return_lse=return_lse, out_shape=(*q_batch, L, Ev))
 
 
+def dense_outputs(inp: AttnInputs, out, lse):
+    """out (B, Hq, L, Ev), lse (B, Hq, L) -> out in the user's shape, or (out, lse) with return_lse."""
+    out = out.reshape(inp.out_shape)
+    return (out, lse.reshape(inp.out_shape[:-1])) if inp.return_lse else out
+
+
 def _check_cu_seqlens(name, cu, total, max_seqlen):
     _check_tensor(name, cu)
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name} must be a 1-D int32 tensor of size batch + 1, got {cu.dtype} {_shape(cu)}")
+        raise AttentionInputError(f"{name} must be a 1-D int32 tensor of size batch + 1, got {cu.dtype} {_shape(cu)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
+        raise AttentionInputError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():  # values are cheap to check only here
         lengths = cu.diff()
         if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) > total:
-            raise ValueError(f"{name} must start at 0, never decrease and end at most at {total} rows, "
-                             f"got {cu.tolist()}")
+            raise AttentionInputError(f"{name} must start at 0, never decrease and end at most at {total} rows, "
+                                      f"got {cu.tolist()}")
         if lengths.numel() and int(lengths.max()) > max_seqlen:
-            raise ValueError(f"{name} holds a sequence of length {int(lengths.max())} > its max_seqlen "
-                             f"{max_seqlen}")
+            raise AttentionInputError(f"{name} holds a sequence of length {int(lengths.max())} > its max_seqlen "
+                                      f"{max_seqlen}")
 
 
 def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
@@ -252,25 +315,25 @@ def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
         if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got shape {_shape(t)}")
+            raise AttentionInputError(f"{name} must be 3-D (total, heads, head_dim), got shape {_shape(t)}")
     _check_qkv_types(q, k, v)
     shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
     if k.shape[2] != q.shape[2]:
-        raise ValueError(f"q and k must have the same head dim, got {shapes}")
+        raise AttentionInputError(f"q and k must have the same head dim, got {shapes}")
     if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"k and v must have the same total length and heads, got {shapes}")
+        raise AttentionInputError(f"k and v must have the same total length and heads, got {shapes}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads must be a multiple of k/v heads, got {shapes}")
+        raise AttentionInputError(f"q heads must be a multiple of k/v heads, got {shapes}")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same size (batch + 1), got "
-                         f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}")
+        raise AttentionInputError(f"cu_seqlens_q and cu_seqlens_k must have the same size (batch + 1), got "
+                                  f"{_shape(cu_seqlens_q)} and {_shape(cu_seqlens_k)}")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.device != q.device:
-            raise RuntimeError(f"{name} is on {cu.device} but q is on {q.device}")
+            raise AttentionInputError(f"{name} is on {cu.device} but q is on {q.device}")
     if not isinstance(is_causal, bool):
-        raise TypeError("is_causal must be a bool")
+        raise AttentionTypeError("is_causal must be a bool")
     dropout_p, softcap, bottom_right = _options(dropout_p, softcap, causal_alignment, return_lse)
     left, right = _window(window_size, is_causal)
     batch, hq = cu_seqlens_q.numel() - 1, q.shape[1]

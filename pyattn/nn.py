@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from .errors import AttentionInputError, AttentionTypeError
 from .functional import scaled_dot_product_attention
 
 
@@ -12,7 +13,7 @@ def _additive(mask, name, dtype):
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
     if not mask.is_floating_point():
-        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype} (shape {tuple(mask.shape)})")
+        raise AttentionTypeError(f"{name} must be bool or floating point, got {mask.dtype} (shape {tuple(mask.shape)})")
     return mask.to(dtype)
 
 
@@ -55,7 +56,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """-> whether the inputs are batched; raises on shapes torch's module would refuse."""
         shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"query, key and value must all be 3-D (batched) or all 2-D (unbatched), got {shapes}")
+            raise AttentionInputError(f"query, key and value must all be 3-D (batched) or all 2-D (unbatched), "
+                                      f"got {shapes}")
         batched = query.dim() == 3
         seq, batch = (1, 0) if self.batch_first else (0, 1)
         if not batched:
@@ -63,19 +65,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         L, S = query.shape[seq], key.shape[seq]
         N = query.shape[batch] if batched else 1
         if query.shape[-1] != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-            raise ValueError(f"expected embedding dims query {self.embed_dim}, key {self.kdim}, value {self.vdim} "
-                             f"(last dim), got {shapes}")
+            raise AttentionInputError(f"expected embedding dims query {self.embed_dim}, key {self.kdim}, "
+                                      f"value {self.vdim} (last dim), got {shapes}")
         if key.shape[:-1] != value.shape[:-1] or (batched and key.shape[batch] != N):
-            raise ValueError(f"key and value must have the same length and the batch of query, got {shapes}")
+            raise AttentionInputError(f"key and value must have the same length and the batch of query, got {shapes}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((N, S) if batched else (S,)):
-            raise ValueError(f"key_padding_mask must have shape {(N, S) if batched else (S,)} (batch, source "
-                             f"length), got {tuple(key_padding_mask.shape)} with {shapes}")
+            raise AttentionInputError(f"key_padding_mask must have shape {(N, S) if batched else (S,)} (batch, source "
+                                      f"length), got {tuple(key_padding_mask.shape)} with {shapes}")
         if attn_mask is not None and tuple(attn_mask.shape) not in ((L, S), (N * self.num_heads, L, S)):
-            raise ValueError(f"attn_mask must have shape {(L, S)} or {(N * self.num_heads, L, S)} "
-                             f"(batch * heads, target, source), got {tuple(attn_mask.shape)} with {shapes}")
+            raise AttentionInputError(f"attn_mask must have shape {(L, S)} or {(N * self.num_heads, L, S)} "
+                                      f"(batch * heads, target, source), got {tuple(attn_mask.shape)} with {shapes}")
         if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention); "
-                               "nn.Transformer.generate_square_subsequent_mask makes one")
+            raise AttentionInputError("Need attn_mask if specifying the is_causal hint (as "
+                                      "torch.nn.MultiheadAttention); nn.Transformer.generate_square_subsequent_mask "
+                                      "makes one")
         return batched
 
     def _project(self, query, key, value, self_attention):
@@ -113,8 +116,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         mask = None if pad is None else pad[:, None, None, :]  # (N, 1, 1, S): a broadcast view, no L x S copy
         if attn_mask is not None:
             mask = attn_mask if mask is None else attn_mask + mask
+        # the causal band as a window: is_causal would refuse the padding mask beside it, as torch's does
         out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=is_causal)  # (N, H, L, E/H)
+                                           window_size=(-1, 0) if is_causal else None)  # (N, H, L, E/H)
         return F.linear(out.transpose(1, 2).reshape(N, L, E), self.out_proj.weight, self.out_proj.bias)
 
 

@@ -34,18 +34,19 @@ def _dense(q, k, v, mask, alibi, inp: AttnInputs):
     if alibi is not None:
         s = s - alibi[:, :, None, None].to(acc_dtype) * distance.to(acc_dtype)
     if mask is not None:
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            s = s + mask.to(acc_dtype)
+        # a bool mask adds -inf where False, as torch applies it: a NaN score stays NaN under it, as in torch
+        bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
+        s = s + bias.to(acc_dtype)
     s = s.masked_fill(~allowed, float("-inf"))
     # softmax that gives 0 (and finite grads) for rows with no allowed key, as torch does
     row_max = (s.amax(dim=-1, keepdim=True) if S else s.new_full((*s.shape[:-1], 1), float("-inf"))).detach()
-    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # +inf stays: exp(inf - inf) is NaN, as in torch
     e = torch.exp(s - row_max)
     denom = e.sum(dim=-1, keepdim=True)
-    p = e / denom.masked_fill(denom == 0, 1.0)
-    lse = (row_max + torch.log(denom)).squeeze(-1).float()
+    empty = denom == 0  # log(0)'s gradient would be NaN: such rows get lse -inf with no gradient
+    denom = denom.masked_fill(empty, 1.0)
+    p = e / denom
+    lse = (row_max + torch.log(denom)).masked_fill(empty, float("-inf")).squeeze(-1).float()
     if inp.dropout_p > 0:
         p = torch.nn.functional.dropout(p, inp.dropout_p)
     return (p.to(q.dtype) @ v), lse

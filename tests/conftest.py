@@ -10,12 +10,15 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # before triton is imported: no GPU -> the Triton kernels run on CPU tensors under the interpreter
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pyattn  # noqa: E402
 from pyattn import cpu_capability  # noqa: E402
+
+TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, whatever pyattn.enable() does to the name later
 
 # Backends under test. "cpu" and "triton" are required: `make test` always builds pyattn._C and installs
 # triton, so a missing one fails. "cuda" runs where CUDA exists (skipped elsewhere).
@@ -83,6 +86,18 @@ def backend_params(backends=None, fused_only=False, lower_capabilities=True):
             params += [pytest.param(name, device, id=f"cpu-{cap}", marks=[pytest.mark.cpu_capability(cap)])
                        for cap in lower_cpu_capabilities()]
     return params
+
+
+class PyattnOps(TorchDispatchMode):
+    """Counts the pyattn ops (kernels) dispatched while it is active (eager only: dynamo refuses dispatch modes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.namespace == "pyattn"
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)
@@ -299,8 +314,8 @@ CASES = [
     _dense("decode-L3-S777-gqa-alibi-window-br", 1, 8, 2, 3, 777, 32, alibi=(8,),
            kwargs={"window_size": (300, 0), "causal_alignment": "bottom_right", "enable_gqa": True,
                    "return_lse": True}),
-    _dense("decode-L3-S300-gqa-boolmask-causal", 1, 8, 2, 3, 300, 16, mask=(3, 300), mask_dtype="bool",
-           kwargs={"is_causal": True, "enable_gqa": True}),
+    _dense("decode-L3-S300-gqa-boolmask-causalband", 1, 8, 2, 3, 300, 16, mask=(3, 300), mask_dtype="bool",
+           kwargs={"window_size": (-1, 0), "enable_gqa": True}),
     # varlen
     _varlen("decode-varlen-gqa-br-lse", (1, 3, 0), (300, 1100, 5), 8, 2, 16,
             kwargs={"is_causal": True, "causal_alignment": "bottom_right", "return_lse": True}),

@@ -150,30 +150,32 @@ def test_fully_masked_rows(backend, device, kind, dtype):
 
 
 @backends
-@pytest.mark.parametrize("L,S", [(33, 33), (17, 33), (33, 17)], ids=lambda x: str(x))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_causal_with_bool_mask(backend, device, L, S, dtype):
-    """torch's CPU path combines is_causal with a bool mask (both must allow); we match it."""
-    t = qkv((2, 2, L, 16), (2, 2, S, 16), (2, 2, S, 16))
-    t["attn_mask"] = torch.rand(2, 1, L, S) > 0.3
-    check(backend, functools.partial(plain, is_causal=True), t, dtype)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_with_is_causal_raises(backend, device, kind):
+    """torch documents that attn_mask with is_causal=True raises; so does pyattn (a RuntimeError, as torch's)."""
+    q, k, v = (x.to(device) for x in qkv((2, 2, 9, 16), (2, 2, 9, 16), (2, 2, 9, 16)).values())
+    mask = torch.ones(9, 9, dtype=torch.bool) if kind == "bool" else torch.zeros(9, 9)
+    with pytest.raises(RuntimeError, match=r"attn_mask .*\(9, 9\).* is_causal=True") as info:
+        sdpa_of(backend)(q, k, v, attn_mask=mask.to(device), is_causal=True)
+    assert isinstance(info.value, ValueError) and "window_size=(-1, 0)" in str(info.value)
 
 
 @backends
 @pytest.mark.parametrize("L,S", [(33, 33), (17, 33), (33, 17)], ids=lambda x: str(x))
-def test_causal_with_float_mask(backend, device, L, S):
-    """causal + float mask = the mask plus -inf above the diagonal. Forward against torch as is; with a mask that
-    requires grad torch refuses the pair, so compare against torch on the combined mask."""
+@pytest.mark.parametrize("kind", ["bool", "float-grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_mask_inside_causal_band(backend, device, L, S, kind, dtype):
+    """A mask and the causal band together, spelled window_size=(-1, 0): torch on the mask restricted to the band."""
     t = qkv((2, 2, L, 16), (2, 2, S, 16), (2, 2, S, 16))
-    t["attn_mask"] = torch.randn(1, 2, L, S)
-    check(backend, functools.partial(plain, is_causal=True), t, grad_names=())
+    t["attn_mask"] = torch.rand(2, 1, L, S) > 0.3 if kind == "bool" else torch.randn(1, 2, L, S)
+    grads = ("q", "k", "v", "attn_mask") if kind == "float-grad" else ("q", "k", "v")
 
-    def combined(sdpa, q, k, v, attn_mask):
-        tril = torch.ones(L, S, dtype=torch.bool).tril()
-        return sdpa(q, k, v, attn_mask=attn_mask.masked_fill(~tril, float("-inf")))
+    def in_band(sdpa, q, k, v, attn_mask):
+        tril = torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).tril()
+        band = attn_mask & tril if kind == "bool" else attn_mask.masked_fill(~tril, float("-inf"))
+        return sdpa(q, k, v, attn_mask=band)
 
-    check(backend, functools.partial(plain, is_causal=True), t, grad_names=("q", "k", "v", "attn_mask"),
-          torch_fn=combined)
+    check(backend, functools.partial(plain, window_size=(-1, 0)), t, dtype, grad_names=grads, torch_fn=in_band)
 
 
 @backends

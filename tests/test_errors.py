@@ -1,4 +1,6 @@
-"""Bad input raises ValueError / RuntimeError / TypeError whose message names the argument and the shapes.
+"""Bad input raises pyattn.AttentionInputError, whose message names the argument and the shapes: a RuntimeError,
+as torch's errors are (code written for torch catches it), and also the ValueError or TypeError (listed here) a
+Python caller expects.
 
 Nothing is silently truncated or broadcast into a wrong answer (torch itself accepts K and V of different
 lengths on CPU: we do not). Mixed devices use the "meta" device, so this runs on CPU-only machines.
@@ -100,8 +102,14 @@ DENSE = [
 def test_dense_errors(backend, device, kwargs, exc, needles):
     with pytest.raises(exc) as info:
         pyattn.scaled_dot_product_attention(**kwargs, backend=backend)
+    assert_torch_like(info.value, needles)
+
+
+def assert_torch_like(error, needles):
+    """A RuntimeError like torch's, in pyattn's family, whose message says what is wrong."""
+    assert isinstance(error, pyattn.AttentionInputError) and isinstance(error, RuntimeError), type(error).__mro__
     for needle in needles:
-        assert needle in str(info.value), f"message {str(info.value)!r} does not mention {needle!r}"
+        assert needle in str(error), f"message {str(error)!r} does not mention {needle!r}"
 
 
 @pytest.mark.parametrize("kwargs,exc,needles", [pytest.param(*c[1:], id=c[0]) for c in DENSE[:12]])
@@ -113,7 +121,7 @@ def test_explain_validates_too(kwargs, exc, needles):
 def test_backend_name_unknown():
     with pytest.raises(ValueError, match="backend") as info:
         pyattn.scaled_dot_product_attention(**good(), backend="fastest")
-    assert "fastest" in str(info.value) and "reference" in str(info.value)
+    assert_torch_like(info.value, ["fastest", "reference"])
     with pytest.raises(ValueError, match="backend"):
         pyattn.scaled_dot_product_attention(**good(), backend=3)
 
@@ -131,8 +139,7 @@ def test_forced_backend_lists_its_reasons():
     meta = {n: t.to("meta") for n, t in good().items()}
     with pytest.raises(RuntimeError) as info:
         pyattn.scaled_dot_product_attention(**meta, backend="cpu")
-    msg = str(info.value)
-    assert "'cpu'" in msg and "meta" in msg, msg
+    assert_torch_like(info.value, ["'cpu'", "meta"])
     with pytest.raises(RuntimeError, match="dropout_p == 1"):
         pyattn.scaled_dot_product_attention(**good(), dropout_p=1.0, backend="cpu")
 
@@ -198,8 +205,7 @@ def test_varlen_errors(backend, device, kwargs, exc, needles):
     pos = [kwargs.pop(n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
     with pytest.raises(exc) as info:
         pyattn.varlen_attention(*pos, **kwargs, backend=backend)
-    for needle in needles:
-        assert needle in str(info.value), f"message {str(info.value)!r} does not mention {needle!r}"
+    assert_torch_like(info.value, needles)
 
 
 def test_errors_raise_before_any_work():

@@ -16,8 +16,8 @@ LENGTH = torch.export.Dim("length", min=2, max=256)
 
 class SDPA(torch.nn.Module):
     def forward(self, q, k, v, mask):
-        return pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True,
-                                                   window_size=(8, 0), softcap=5.0)
+        return pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, window_size=(8, 0),
+                                                   softcap=5.0)
 
 
 class Varlen(torch.nn.Module):

@@ -172,8 +172,9 @@ def test_dropout_in_training(device):
 ], ids=["embed-dim", "kpm-shape", "attn-mask-shape", "causal-without-mask", "ranks"])
 def test_bad_input(call, match):
     m = pyattn.MultiheadAttention(E, H, batch_first=True)
-    with pytest.raises((ValueError, RuntimeError), match=match):
+    with pytest.raises(pyattn.AttentionInputError, match=match) as info:
         call(m, torch.randn(N, S if match == "key_padding_mask must have shape" else L, E))
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
 
 
 def _transformer(device):

@@ -179,7 +179,7 @@ def test_compile_inductor_dense(backend, device):
     mask = torch.randn(2, 1, 33, 40, requires_grad=True)
 
     def fn(q, k, v, mask):
-        return pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, enable_gqa=True,
+        return pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, window_size=(-1, 0), enable_gqa=True,
                                                    backend=backend) * 2
 
     compare_compiled(fn, [q, k, v, mask], "inductor")

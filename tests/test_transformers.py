@@ -17,8 +17,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, masking_utils  # noqa: E402
 
+import pyattn  # noqa: E402
 import pyattn.integrations.transformers as pyattn_hf  # noqa: E402
-from conftest import assert_close_to_oracle, device_params  # noqa: E402
+from conftest import PyattnOps, assert_close_to_oracle, device_params  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -106,6 +107,24 @@ def test_logits(saved, family, device, right_pad):
     keep = mask.bool()
     with torch.no_grad():
         ours, base, oracle = (m(ids, attention_mask=mask).logits[keep] for m in models(saved(family), device))
+    assert_close_to_oracle("logits", ours, base, oracle, torch.float32)
+
+
+@devices
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral-window", "gpt2"])
+@pytest.mark.parametrize("right_pad", [0, 5], ids=["no-padding", "right-padding"])
+def test_sdpa_models_under_pyattn_enabled(saved, family, device, right_pad):
+    """attn_implementation="sdpa" calls torch's function: under pyattn.enabled() that runs pyattn's kernel, once
+    per layer, and gives eager's logits (torch's own SDPA with is_causal or transformers' dense mask)."""
+    ids, mask = tokens(device, right_pad=right_pad)
+    keep = mask.bool()
+    sdpa = load(saved(family), "sdpa", torch.float32, device)
+    with torch.no_grad(), pyattn.enabled(), PyattnOps() as ops:
+        ours = sdpa(ids, attention_mask=mask).logits[keep]
+    assert ops.calls == sdpa.config.num_hidden_layers
+    with torch.no_grad():
+        base, oracle = (load(saved(family), "eager", dtype, device)(ids, attention_mask=mask).logits[keep]
+                        for dtype in (torch.float32, torch.float64))
     assert_close_to_oracle("logits", ours, base, oracle, torch.float32)
 
 

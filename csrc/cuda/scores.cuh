@@ -93,7 +93,8 @@ struct ScoreMod {
     elementwise = kWindow || cap_log2 != 0 || alibi_log2 != 0 || mask_kind != 0;
   }
 
-  // softcap(scale * x) + alibi + mask in log2 units, or -inf where (i, j) may not attend.
+  // softcap(scale * x) + alibi + mask in log2 units, or -inf where (i, j) may not attend. A False in a bool mask
+  // adds -inf, as torch applies it, so a NaN score stays NaN there; the window and the key bound replace it.
   // Rows i >= len_q (padding of the last query block) get a finite value and are never stored.
   __device__ __forceinline__ float operator()(float x, int i, int j) const {
     if (j >= len_k) return -INFINITY;
@@ -106,7 +107,7 @@ struct ScoreMod {
     if (mask_kind != 0 && i < len_q) {
       const int64_t o = i * mask_row + j * mask_col;
       if (mask_kind == 1) {
-        if (!static_cast<const bool*>(mask)[o]) return -INFINITY;
+        if (!static_cast<const bool*>(mask)[o]) t -= INFINITY;
       } else if (mask_kind == 2) {
         t += to_float<kBf16>(static_cast<const elem_t<kBf16>*>(mask)[o]) * kLog2e;
       } else {

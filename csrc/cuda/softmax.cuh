@@ -51,7 +51,8 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kTiles][4], float (&o)[
 }
 
 // out = o / l and lse = m + log(l) (natural units) for the 16 rows starting at query m0 + r_warp of head h;
-// rows that saw no key get out 0 and lse -inf.
+// rows that saw no key (l == 0) get out 0 and lse -inf. A NaN score made its P, so l and o, NaN (whatever fmaxf
+// kept as the max): the tests below are written so that NaN reaches out and lse, and backward's P through lse.
 template <bool kBf16, int D>
 __device__ __forceinline__ void store_out_lse(const AttnParams& p, const Seq& s, int h, int m0, int r_warp,
                                               const RowStats& st, const float (&o)[D / 8][4]) {
@@ -61,9 +62,9 @@ __device__ __forceinline__ void store_out_lse(const AttnParams& p, const Seq& s,
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(st.l[r]);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    inv[r] = l == 0.f ? 0.f : 1.f / l;
     const int i = m0 + r_warp + g + 8 * r;
-    if (t == 0 && i < s.len_q) p.lse[lse0 + i * p.lse_strides.row] = l > 0.f ? st.m[r] * kLn2 + logf(l) : -INFINITY;
+    if (t == 0 && i < s.len_q) p.lse[lse0 + i * p.lse_strides.row] = l == 0.f ? -INFINITY : st.m[r] * kLn2 + logf(l);
   }
   auto* out = static_cast<elem_t<kBf16>*>(p.out) + row_offset(p.out_strides, s, s.q_row0, h, m0);
   store_acc<kBf16, D>(out, p.out_strides.row, o, r_warp, s.len_q - m0, static_cast<int>(p.head_dim_v), inv);

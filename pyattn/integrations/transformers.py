@@ -14,6 +14,7 @@ inside these functions: `import pyattn` never needs it.
 """
 import torch
 
+from ..errors import AttentionInputError
 from ..functional import scaled_dot_product_attention
 
 
@@ -82,19 +83,22 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
     if unsupported:
-        raise ValueError(f"pyattn's transformers attention does not take {', '.join(unsupported)} "
-                         f"({', '.join(UNSUPPORTED[n] for n in unsupported)}); use attn_implementation='eager'")
+        raise AttentionInputError(f"pyattn's transformers attention does not take {', '.join(unsupported)} "
+                                  f"({', '.join(UNSUPPORTED[n] for n in unsupported)}); "
+                                  "use attn_implementation='eager'")
     opts = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1], softcap=softcap)
     if attention_mask is not None and attention_mask.dim() == 4:
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, **opts)
     else:
         B, S = key.shape[0], key.shape[2]
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"a 2-D attention_mask must be the (batch, keys) padding mask {(B, S)}, got "
-                             f"{tuple(attention_mask.shape)} (query {tuple(query.shape)}, key {tuple(key.shape)})")
+            raise AttentionInputError(f"a 2-D attention_mask must be the (batch, keys) padding mask {(B, S)}, got "
+                                      f"{tuple(attention_mask.shape)} (query {tuple(query.shape)}, "
+                                      f"key {tuple(key.shape)})")
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        window = None if sliding_window is None else (sliding_window - 1, sliding_window - 1)
+        side = -1 if sliding_window is None else sliding_window - 1
+        window = (side, 0 if causal else side)  # causal as the band's right side: is_causal refuses a mask beside it
         mask = None if attention_mask is None else attention_mask[:, None, None, :]  # (B, 1, 1, S) view
-        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=bool(causal),
-                                           window_size=window, causal_alignment="bottom_right", **opts)
+        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, window_size=window,
+                                           causal_alignment="bottom_right", **opts)
     return out.transpose(1, 2).contiguous(), None
