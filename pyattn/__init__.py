@@ -1,4 +1,5 @@
 """pyattn: fused attention for PyTorch."""
+from . import distributed
 from .backends import available_backends
 from .functional import explain, scaled_dot_product_attention, varlen_attention
 from .nn import MultiheadAttention, replace_attention
@@ -6,4 +7,4 @@ from .ops import build_info
 
 __version__ = "0.1.0"
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "MultiheadAttention", "replace_attention", "explain",
-           "available_backends", "build_info"]
+           "available_backends", "build_info", "distributed"]
