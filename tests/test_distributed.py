@@ -230,6 +230,42 @@ def check_positions(world):
         assert not grad[:, :, ~mine].any()
 
 
+def check_dtensor_inputs(world):
+    """DTensors sharded on the sequence dim run on their local shards and come back as DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    t, _ = _inputs(CASES["ulysses-causal-zigzag"], world, torch.float32)
+    for fn in FUNCTIONS.values():
+        local = [shard(t[n]).requires_grad_() for n in "qkv"]
+        out = fn(*(DTensor.from_local(x, mesh, (Shard(2),)) for x in local), is_causal=True, return_lse=True)
+        assert all(isinstance(o, DTensor) and o.placements == (Shard(2),) for o in out)
+        grads = torch.autograd.grad(out[0].to_local().sum(), local)
+        plain = [x.detach().requires_grad_() for x in local]
+        expected = fn(*plain, is_causal=True, return_lse=True)
+        assert torch.equal(out[0].to_local(), expected[0]) and torch.equal(out[1].to_local(), expected[1])
+        assert all(torch.equal(g, e) for g, e in zip(grads, torch.autograd.grad(expected[0].sum(), plain)))
+    replicated = DTensor.from_local(t["q"], mesh, (Replicate(),))
+    _raises(lambda: ring_attention(replicated, replicated, replicated), ValueError, "Shard(2)")
+
+
+def check_inside_torch_context_parallel(world):
+    """torch's context_parallel shards its buffers head-and-tail, pyattn's zigzag: ring_attention runs on them
+    (on the CPU, where torch's own F.scaled_dot_product_attention under context_parallel has no CPU kernel)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    t, _ = _inputs(CASES["ring-causal-zigzag"], world, torch.float32)
+    expected = shard(pyattn.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True))
+    buffers = [t[n].clone() for n in "qkv"]
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+        out = ring_attention(*buffers, group=mesh.get_group(), is_causal=True)
+    err = (out - expected).abs().max().item()
+    assert err <= ATOL[torch.float32] * max(1.0, expected.abs().max().item()), err
+
+
 def _peak_extra_bytes(step):
     """Peak RSS growth (VmHWM after resetting it) while step() runs, in bytes."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -266,7 +302,8 @@ def _worker(rank, world, store, out_dir):
     checks = {f"match-{cid}": functools.partial(check_matches_single_process, case) for cid, case in CASES.items()}
     checks.update({"deterministic": check_deterministic, "dropout-ring": functools.partial(check_dropout, "ring"),
                    "dropout-ulysses": functools.partial(check_dropout, "ulysses"), "bad-input": check_bad_input,
-                   "positions": check_positions, "memory": measure_memory})
+                   "positions": check_positions, "dtensor": check_dtensor_inputs,
+                   "torch-context-parallel": check_inside_torch_context_parallel, "memory": measure_memory})
     results = {}
     for name, check in checks.items():
         try:
@@ -338,6 +375,14 @@ def test_bad_input_raises_clearly(world):
 
 def test_positions_shard_unshard(world):
     _result(world, "positions")
+
+
+def test_dtensor_inputs(world):
+    _result(world, "dtensor")
+
+
+def test_runs_inside_torch_context_parallel(world):
+    _result(world, "torch-context-parallel")
 
 
 def test_memory_does_not_grow_with_world_size():

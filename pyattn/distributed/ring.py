@@ -12,6 +12,7 @@ import torch
 from .. import backends, ops
 from .blocks import plan
 from .call import sharded_call
+from .dtensor import accepts_dtensors
 from .comm import Ring, timed
 
 
@@ -170,6 +171,7 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+@accepts_dtensors
 def ring_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", window_size=None, softcap=None,
                    alibi_slopes=None, scale=None, enable_gqa=False, dropout_p=0.0, return_lse=False, backend=None):
     """Attention over a sequence split across the ranks of group, by passing K/V shards around a ring.

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ..functional import scaled_dot_product_attention
 from .call import sharded_call
+from .dtensor import accepts_dtensors
 from .layout import reorder
 
 
@@ -71,6 +72,7 @@ def _default_generator(device):
     return module.default_generators[module.current_device() if device.index is None else device.index]
 
 
+@accepts_dtensors
 def ulysses_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", window_size=None, softcap=None,
                       alibi_slopes=None, scale=None, enable_gqa=False, dropout_p=0.0, return_lse=False, backend=None):
     """Attention over a sequence split across the ranks of group, by all-to-all over heads (DeepSpeed Ulysses).
