@@ -5,22 +5,19 @@ Each sharded result (out, lse, dq, dk, dv) is unsharded and judged against singl
 unsplit sequence and the float64 oracle, by the project's rule (conftest.assert_close_to_oracle).
 """
 import functools
-import json
 import os
-import tempfile
 import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import pyattn
-from conftest import ATOL, assert_close_to_oracle, dtype_id
+from conftest import ATOL, assert_close_to_oracle
 from pyattn.distributed import positions, ring_attention, shard, ulysses_attention, unshard
 from pyattn.distributed.comm import recording
+from pyattn.distributed.local import run_local
 
 WORLDS = (2, 4)
 FUNCTIONS = {"ring": ring_attention, "ulysses": ulysses_attention}
@@ -295,10 +292,8 @@ def measure_memory(world):
     return {"peak_extra_bytes": peak, "bytes_sent": stats["bytes_sent"]}
 
 
-def _worker(rank, world, store, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+def _all_checks(world):
+    """Runs in each spawned process: every check -> {name: {"ok", "value" or "error"}}."""
     checks = {f"match-{cid}": functools.partial(check_matches_single_process, case) for cid, case in CASES.items()}
     checks.update({"deterministic": check_deterministic, "dropout-ring": functools.partial(check_dropout, "ring"),
                    "dropout-ulysses": functools.partial(check_dropout, "ulysses"), "bad-input": check_bad_input,
@@ -309,38 +304,16 @@ def _worker(rank, world, store, out_dir):
         try:
             results[name] = {"ok": True, "value": check(world=world)}
         except Exception as e:  # reported by the test of that name
-            results[name] = {"ok": False, "error": f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+            results[name] = {"ok": False, "error": f"rank {dist.get_rank()}: {type(e).__name__}: {e}\n"
+                                                   f"{traceback.format_exc()}"}
+    return results
 
 
 @functools.cache
 def run_world(world):
-    """Spawns world processes once, runs every check there -> [results of rank r for r in range(world)]."""
-    # loopback only; large buffers straight from mmap, so freed memory leaves the RSS the peak is read from
-    env = {"GLOO_SOCKET_IFNAME": "lo", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    saved = {n: os.environ.get(n) for n in env}
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update(env)
-        try:
-            ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world,
-                                     join=False, start_method="spawn")
-        finally:
-            for n, value in saved.items():
-                os.environ.pop(n) if value is None else os.environ.__setitem__(n, value)
-        try:
-            while not ctx.join(timeout=240):
-                pass
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        ranks = []
-        for r in range(world):
-            with open(os.path.join(tmp, f"rank{r}.json")) as f:
-                ranks.append(json.load(f))
-    return ranks
+    """Spawns world processes once and runs every check there -> [results of rank r for r in range(world)].
+    Large buffers come straight from mmap, so freed memory leaves the RSS that the memory check reads."""
+    return run_local(_all_checks, world, world, env={"MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=600)
 
 
 def _result(world, name):

@@ -29,8 +29,8 @@ def accepts_dtensors(fn):
         mesh = q.device_mesh if isinstance(q, DTensor) else None
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, DTensor) or t.device_mesh != mesh or mesh.ndim != 1 or t.placements != (Shard(2),):
-                raise ValueError(f"{fn.__name__}: DTensor inputs must all be DTensors on one 1-D DeviceMesh, sharded on "
-                                 f"the sequence dim (placements (Shard(2),)); {name} is "
+                raise ValueError(f"{fn.__name__}: DTensor inputs must all be DTensors on one 1-D DeviceMesh, sharded "
+                                 f"on the sequence dim (placements (Shard(2),)); {name} is "
                                  f"{getattr(t, 'placements', type(t).__name__)} on {getattr(t, 'device_mesh', None)}")
         group = mesh.get_group()
         if kwargs.get("group") not in (None, group):

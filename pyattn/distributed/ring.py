@@ -139,8 +139,9 @@ class _RingPass:
             with timed("compute_s"):
                 for blk in blocks:
                     rows = slice(blk.q0, blk.q1)
+                    dlse_b = None if dlse is None else dlse[:, :, rows]
                     dq_b, dk_b, dv_b = self._block_backward(blk, q, kv, out[:, :, rows], lse[:, :, rows],
-                                                            dout[:, :, rows], None if dlse is None else dlse[:, :, rows])
+                                                            dout[:, :, rows], dlse_b)
                     dq[:, :, rows] += dq_b
                     dk[:, :, blk.k0:blk.k1] += dk_b
                     dv[:, :, blk.k0:blk.k1] += dv_b

@@ -32,26 +32,21 @@ def _heads_to_seq(x, group, world, layout):
     return got.transpose(0, 1).reshape(B, world * h, N // world, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Reshard(torch.autograd.Function):
+    """Sequence shards -> head shards (to_heads) or back; the gradient takes the way back."""
+
     @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.args = group, world, layout
-        return _seq_to_heads(x, group, world, layout)
+    def forward(ctx, x, to_heads, group, world, layout):
+        ctx.args = not to_heads, group, world, layout
+        return _reshard(x, to_heads, group, world, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, *ctx.args), None, None, None
+        return _reshard(grad, *ctx.args), None, None, None, None
 
 
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world, layout):
-        ctx.args = group, world, layout
-        return _heads_to_seq(x, group, world, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, *ctx.args), None, None, None
+def _reshard(x, to_heads, group, world, layout):
+    return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, world, layout)
 
 
 @contextlib.contextmanager
@@ -89,7 +84,7 @@ def ulysses_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", 
         raise ValueError(f"ulysses_attention splits heads over the {world} ranks of group: query heads ({Hq}) and "
                          f"key/value heads ({Hkv}) must be multiples of {world}; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)} (ring_attention has no such limit)")
-    qh, kh, vh = (_SeqToHeads.apply(t, call.group, world, call.layout) for t in (q, k, v))
+    qh, kh, vh = (_Reshard.apply(t, True, call.group, world, call.layout) for t in (q, k, v))
     heads = slice(rank * Hq // world, (rank + 1) * Hq // world)
     slopes = None if inp.alibi_slopes is None else inp.alibi_slopes[:, heads]
     dropout = _rank_dropout_stream(q.device, rank) if inp.dropout_p > 0 else contextlib.nullcontext()
@@ -97,8 +92,8 @@ def ulysses_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", 
         res = scaled_dot_product_attention(
             qh, kh, vh, dropout_p=inp.dropout_p, is_causal=is_causal, scale=inp.scale, enable_gqa=enable_gqa,
             window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=return_lse, backend=backend)
+    back = lambda t: _Reshard.apply(t, False, call.group, world, call.layout)  # noqa: E731
     if not return_lse:
-        return _HeadsToSeq.apply(res, call.group, world, call.layout)
+        return back(res)
     out, lse = res
-    return (_HeadsToSeq.apply(out, call.group, world, call.layout),
-            _HeadsToSeq.apply(lse.unsqueeze(-1), call.group, world, call.layout).squeeze(-1))
+    return back(out), back(lse.unsqueeze(-1)).squeeze(-1)
