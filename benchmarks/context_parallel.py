@@ -55,9 +55,9 @@ def _point(group, N, pass_, dtype, causal):
     measure.reset_peak_rss()
     before = measure.current_rss_bytes()
     with recording() as stats:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
-        times = [time.perf_counter() - start]
+        times, cpu_s = [time.perf_counter() - start], time.process_time() - cpu_start
     peak = measure.cpu_peak_rss_bytes() - before
     reps = [max(0, min(4, int(1.0 / times[0])))]  # short calls: repeat, as the group's first rank says, up to ~1 s
     dist.broadcast_object_list(reps, group=group, group_src=0)
@@ -70,7 +70,8 @@ def _point(group, N, pass_, dtype, causal):
     with torch.no_grad():
         full = [unshard(t, group=group) for t in (ring_attention(q, k, v, group=group, is_causal=causal), q, k, v)]
     err = _check_rows(*full, causal)
-    return dict(ms=statistics.median(times) * 1e3, peak_mem_bytes=max(0, peak), bytes_sent=stats["bytes_sent"],
+    return dict(ms=statistics.median(times) * 1e3, cpu_ms=cpu_s * 1e3, peak_mem_bytes=max(0, peak),
+                bytes_sent=stats["bytes_sent"],
                 compute_ms=stats["compute_s"] * 1e3, wait_ms=stats["wait_s"] * 1e3, comm_ms=comm_ms, max_error=err)
 
 
@@ -109,7 +110,7 @@ def _record(N, world, ranks, pass_, dtype, causal):
     return {**rec, "status": status, "note": f"max error {err:.2g}", "ms": ms,
             "tflops": measure.attention_flops(B, H, N, N, D, causal, pass_) / ms / 1e9,  # all ranks together
             "peak_mem_bytes": max(m["peak_mem_bytes"] for m in per), "bytes_sent": max(m["bytes_sent"] for m in per),
-            "rank_ms": [m["ms"] for m in per], "rank_compute_ms": compute,
+            "rank_ms": [m["ms"] for m in per], "rank_compute_ms": compute, "cpu_ms": max(m["cpu_ms"] for m in per),
             "rank_peak_mem_bytes": [m["peak_mem_bytes"] for m in per],
             "compute_balance": max(compute) / min(compute) if min(compute) > 0 else None,
             "comm_ms": comm, "wait_ms": wait,
@@ -119,16 +120,19 @@ def _record(N, world, ranks, pass_, dtype, causal):
 
 
 def markdown_table(records):
-    rows = ["| N | P | N/P | ms per rank | x of P=1 | compute balance (max/min) | peak mem per rank | x of P=1 | "
-            "sent per rank | comm hidden | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| N | P | N/P | ms per rank | x of P=1 | CPU ms per rank | x of P=1 | compute balance (max/min) | "
+            "peak extra mem per rank | x of P=1 | sent per rank | comm hidden | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     single = {r["L"]: r for r in records if r["P"] == 1 and r["status"] == "ok"}
     for r in sorted(records, key=lambda r: (r["L"], r["P"])):
         base = single.get(r["L"])
-        rel = lambda key: f"{r[key] / base[key]:.2f}" if base and r[key] and base[key] else ""  # noqa: E731
+        rel = lambda key: f"{r[key] / base[key]:.2f}" if base and r.get(key) and base.get(key) else ""  # noqa: E731
         ms = f"{r['ms']:.0f}" if r["ms"] is not None else ""
         balance = f"{r['compute_balance']:.2f}" if r.get("compute_balance") else ""
         hidden = f"{r['comm_hidden']:.0%}" if r.get("comm_hidden") is not None else ""
-        rows.append(f"| {r['L']} | {r['P']} | {r['N_per_rank']} | {ms} | {rel('ms')} | {balance} | "
+        cpu = f"{r['cpu_ms']:.0f}" if r.get("cpu_ms") is not None else ""
+        rows.append(f"| {r['L']} | {r['P']} | {r['N_per_rank']} | {ms} | {rel('ms')} | {cpu} | {rel('cpu_ms')} | "
+                    f"{balance} | "
                     f"{fmt_bytes(r['peak_mem_bytes'])} | {rel('peak_mem_bytes')} | {fmt_bytes(r.get('bytes_sent'))} | "
                     f"{hidden} | {r['status']}{': ' + r['note'] if r['status'] != 'ok' else ''} |")
     return "\n".join(rows)

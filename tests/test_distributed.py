@@ -371,3 +371,29 @@ def test_memory_does_not_grow_with_world_size():
         assert all(r["bytes_sent"] == expected for r in per_rank), (per_rank, expected)
     assert peaks[4] <= 1.25 * peaks[2] + 4 * 2**20, peaks
     assert peaks[4] <= 32 * shard_bytes, (peaks, shard_bytes)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """This pytest process as a process group of one (gloo)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_world_of_one_is_single_process_pyattn(world_of_one, layout):
+    """With P = 1 the ring is one fused call on the whole sequence: bitwise single-process pyattn, dropout
+    mask included (the same draw from the default generator)."""
+    q, k, v = (torch.randn(2, 4, 24, 16, requires_grad=True) for _ in range(3))
+    kw = dict(is_causal=True, window_size=(7, -1), dropout_p=0.2, alibi_slopes=torch.rand(4), return_lse=True)
+    results = []
+    for call in (lambda: ring_attention(q, k, v, layout=layout, **kw), lambda: pyattn.scaled_dot_product_attention(
+            q, k, v, **kw)):
+        torch.manual_seed(3)
+        out, lse = call()
+        results.append((out, lse, *torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    kw.pop("dropout_p")
+    expected = pyattn.scaled_dot_product_attention(q, k, v, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ulysses_attention(q, k, v, layout=layout, **kw), expected))

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from .. import backends, ops
-from .blocks import plan
+from .blocks import Block, plan
 from .call import sharded_call
 from .dtensor import accepts_dtensors
 from .comm import Ring, timed
@@ -47,8 +47,8 @@ class _LseMerge:
         lse = self.lse[:, :, q0:q1]
         new = torch.logaddexp(lse, lse_b)
         safe = new.masked_fill(new == float("-inf"), 0.0)  # rows no key has reached: weights exp(-inf) = 0, not NaN
-        acc = self.out[:, :, q0:q1]
-        acc.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(out_b * torch.exp(lse_b - safe).unsqueeze(-1))
+        acc = self.out[:, :, q0:q1]  # in place: no temporary of the block's size
+        acc.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - safe).unsqueeze(-1))
         lse.copy_(new)
 
 
@@ -62,6 +62,9 @@ class _RingPass:
         fuse = inp.alibi_slopes is None
         self.steps = [plan(call.rank, (call.rank - step) % call.world, call.world, call.layout, call.chunk,
                            inp.window_left, inp.window_right, fuse) for step in range(call.world)]
+        if call.world == 1:  # the whole sequence, in order: one call, as single-process pyattn makes it
+            L = inp.q.shape[2]
+            self.steps = [[Block(0, L, 0, L, inp.window_left, inp.window_right, 0, 0, 0)]]
         chosen = backends.choose(self._probe(call), backend)
         if not isinstance(chosen, backends.FusedBackend):
             raise RuntimeError(f"ring_attention runs its blocks on pyattn's fused forward/backward ops; backend "
@@ -96,6 +99,9 @@ class _RingPass:
     def forward(self, q, k, v):
         """This rank's shards q (B, Hq, N/P, E), k, v (B, Hkv, N/P, E|Ev) -> out (B, Hq, N/P, Ev) in their dtype,
         lse (B, Hq, N/P) float32."""
+        if self.ring.world == 1:
+            block, _, rng = self._block(self.steps[0][0], q, k, v)
+            return ops.fused_forward(block, self.fwd_op, rng)
         merge = _LseMerge(q, v.shape[-1])
         kv = (k.contiguous(), v.contiguous())
         for step, blocks in enumerate(self.steps):
@@ -117,7 +123,7 @@ class _RingPass:
         which would renormalize over this block alone: there, it gets the block's own LSE and dout, dlse
         scaled by the block's share exp(lse_block - lse), which gives the same gradients."""
         block, shift, rng = self._block(blk, q, *kv)
-        if q.dtype == torch.float64:
+        if q.dtype == torch.float64 and self.ring.world > 1:
             _, lse_block = ops.fused_forward(block, self.fwd_op, rng)
             share = torch.exp((lse_block if shift is None else lse_block + shift) - lse).nan_to_num_(0.0)
             dout, lse = dout * share.unsqueeze(-1).to(dout.dtype), lse_block
@@ -129,8 +135,10 @@ class _RingPass:
     def backward(self, q, k, v, out, lse, dout, dlse):
         """Gradients for this rank's q, k, v shards, given out/lse of forward and dout (B, Hq, N/P, Ev) and
         dlse (B, Hq, N/P) (either may be None: its output was not used)."""
-        acc = _accumulator_dtype(q.dtype)
         dout = torch.zeros_like(out) if dout is None else dout
+        if self.ring.world == 1:
+            return self._block_backward(self.steps[0][0], q, (k, v), out, lse, dout, dlse)
+        acc = _accumulator_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv, dkv_in_flight = (k.contiguous(), v.contiguous()), None
         for step, blocks in enumerate(self.steps):
