@@ -12,8 +12,8 @@ import torch
 from .. import backends, ops
 from .blocks import Block, plan
 from .call import sharded_call
-from .dtensor import accepts_dtensors
 from .comm import Ring, timed
+from .dtensor import accepts_dtensors
 
 
 def _accumulator_dtype(dtype):
@@ -59,12 +59,13 @@ class _RingPass:
     def __init__(self, call, backend):
         inp = self.inp = call.inp
         self.ring = Ring(call.group, call.rank, call.world)
-        fuse = inp.alibi_slopes is None
-        self.steps = [plan(call.rank, (call.rank - step) % call.world, call.world, call.layout, call.chunk,
-                           inp.window_left, inp.window_right, fuse) for step in range(call.world)]
         if call.world == 1:  # the whole sequence, in order: one call, as single-process pyattn makes it
             L = inp.q.shape[2]
             self.steps = [[Block(0, L, 0, L, inp.window_left, inp.window_right, 0, 0, 0)]]
+        else:  # ALiBi's bias depends on each chunk's position: no fusing of neighbouring blocks then
+            self.steps = [plan(call.rank, (call.rank - step) % call.world, call.world, call.layout, call.chunk,
+                               inp.window_left, inp.window_right, fuse=inp.alibi_slopes is None)
+                          for step in range(call.world)]
         chosen = backends.choose(self._probe(call), backend)
         if not isinstance(chosen, backends.FusedBackend):
             raise RuntimeError(f"ring_attention runs its blocks on pyattn's fused forward/backward ops; backend "
@@ -116,7 +117,8 @@ class _RingPass:
         return merge.out.to(q.dtype), merge.lse
 
     def _block_backward(self, blk, q, kv, out, lse, dout, dlse):
-        """One block's dq, dk, dv, given the block's rows of the global out, lse, dout and dlse (or None).
+        """One block's dq, dk, dv, given the block's rows of the global out (B, Hq, rows, Ev), lse (B, Hq, rows),
+        dout (B, Hq, rows, Ev) and dlse (B, Hq, rows) or None; kv: the shard in hand (k, v).
 
         The fused backward takes the global LSE, so the block's softmax is the final one. In float64 the CPU
         kernel re-derives each row's LSE from the keys it is given (to undo the float32 rounding of lse),
