@@ -137,10 +137,10 @@ def check_matches_single_process(case, world):
 
 def check_deterministic(world):
     """Bitwise the same results for the same inputs and world size."""
-    case = CASES["ring-gqa-causal-zigzag"]
-    first, again = _sharded(case, world), _sharded(case, world)
-    for a, b in zip(first[0] + first[1], again[0] + again[1]):
-        assert torch.equal(a, b)
+    for case in (CASES["ring-gqa-causal-zigzag"], CASES["ulysses-combo-gqa-window-softcap-alibi-lse"]):
+        first, again = _sharded(case, world), _sharded(case, world)
+        for a, b in zip(first[0] + first[1], again[0] + again[1]):
+            assert torch.equal(a, b), case.id
 
 
 def _dropout_run(fn, world, seed, p=0.3, layout="zigzag"):
