@@ -1,4 +1,4 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets] [--out DIR] ...
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel] [--out DIR] ...
 
 Sweeps sequence length for naive attention, torch SDPA (and FlexAttention on CUDA) and every pyattn
 backend; writes JSON records and a markdown table under benchmarks/results/<device>/ and prints a summary.
@@ -14,7 +14,7 @@ import torch
 
 import pyattn
 
-from . import measure
+from . import context_parallel, measure
 from .impls import implementations
 from .memory import measure_in_child
 from .plots import plot_memory, plot_speed
@@ -27,8 +27,9 @@ def parse_args():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer lengths and passes")
-    ap.add_argument("--preset", choices=["default", "targets", "decode"], default="default",
-                    help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only")
+    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel"], default="default",
+                    help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
+                         "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo)")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
@@ -83,6 +84,10 @@ def _memory_point(p, points):
 
 def main():
     args = parse_args()
+    if args.preset == "context-parallel":
+        out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", "cpu")
+        os.makedirs(out_dir, exist_ok=True)
+        return context_parallel.run(args, out_dir, metadata("cpu"))
     if args.max_call_seconds is None:
         args.max_call_seconds = 4.0 if args.preset == "default" else float("inf")
     impls = implementations(args.device)

@@ -1,4 +1,5 @@
 """pyattn: fused attention for PyTorch."""
+from . import distributed
 from .backends import available_backends
 from .errors import AttentionInputError, AttentionTypeError
 from .functional import explain, scaled_dot_product_attention, varlen_attention
@@ -9,4 +10,4 @@ from .routing import disable, enable, enabled
 __version__ = "0.1.0"
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "MultiheadAttention", "replace_attention", "explain",
            "available_backends", "build_info", "enable", "disable", "enabled", "AttentionInputError",
-           "AttentionTypeError"]
+           "AttentionTypeError", "distributed"]

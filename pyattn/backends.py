@@ -64,6 +64,7 @@ ALL_FEATURES = frozenset({"bool mask", "float mask", "sliding window", "causal",
 class FusedBackend(Backend):
     """A backend whose kernels implement the fwd/bwd op pair of csrc/ops.cpp."""
     op_name = "fwd"
+    bwd_op_name = "bwd"
 
     def extra_reasons(self, inp):
         if inp.dropout_p >= 1.0:
@@ -90,6 +91,7 @@ class TritonBackend(FusedBackend):
     features = ALL_FEATURES
     max_head_dim = 256
     op_name = "triton_fwd"
+    bwd_op_name = "triton_bwd"
 
     def __init__(self):
         self.interpreting = os.environ.get("TRITON_INTERPRET") == "1"

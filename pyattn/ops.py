@@ -44,10 +44,22 @@ def draw_rng_state(inp: AttnInputs):
     return torch.randint(0, 2**62, (2,), device=inp.device, dtype=torch.int64)
 
 
-def fused_forward(inp: AttnInputs, op_name="fwd"):
-    """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32, differentiable in q, k, v and a float mask."""
+def fused_forward(inp: AttnInputs, op_name="fwd", rng_state=None):
+    """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32, differentiable in q, k, v and a float mask.
+    rng_state: the dropout (seed, offset) to use; None draws one."""
+    if rng_state is None:
+        rng_state = draw_rng_state(inp)
     return getattr(torch.ops.pyattn, op_name)(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q,
-                                inp.cu_seqlens_k, *_options(inp), draw_rng_state(inp))
+                                inp.cu_seqlens_k, *_options(inp), rng_state)
+
+
+def fused_backward(inp: AttnInputs, dout, out, lse, dlse, rng_state, op_name="bwd"):
+    """Gradients of fused_forward(inp) for dout (B, Hq, L, Ev) given its out and lse (and dlse (B, Hq, L) or
+    None), without a mask gradient: -> dq, dk, dv like inp.q, inp.k, inp.v."""
+    dq, dk, dv, _ = getattr(torch.ops.pyattn, op_name)(
+        dout, inp.q, inp.k, inp.v, out, lse, dlse, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q, inp.cu_seqlens_k,
+        *_options(inp), rng_state, False)
+    return dq, dk, dv
 
 
 def _fwd_fake(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options):

@@ -29,3 +29,20 @@ def test_benchmark_cli_writes_records(tmp_path, preset):
         assert any(r["peak_mem_bytes"] for r in records)  # measured in a child process
     else:
         assert all(r["gbps"] > 0 for r in records)
+
+
+def test_context_parallel_preset_writes_records(tmp_path):
+    """--preset context-parallel: ring attention over 1, 2 and 4 gloo processes, one record per (N, P), each
+    checked against float64 math, with per-rank time, memory and traffic, a table and a plot."""
+    args = ["--preset", "context-parallel", "--seqlens", "256", "512", "--out", str(tmp_path)]
+    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = json.loads((tmp_path / "context-parallel.json").read_text())["records"]
+    assert sorted((r["L"], r["P"]) for r in records) == [(n, p) for n in (256, 512) for p in (1, 2, 4)]
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["peak_mem_bytes"] >= 0 and len(r["rank_ms"]) == r["P"]
+        # each rank sends the other P - 1 ranks' worth of K/V once: 2 tensors of (B, H, N/P, D) float32
+        assert r["bytes_sent"] == (r["P"] - 1) * 2 * r["B"] * r["H"] * r["N_per_rank"] * r["D"] * 4
+    assert "| 512 | 4 | 128 |" in (tmp_path / "context-parallel.md").read_text()
+    assert (tmp_path / "context-parallel.png").stat().st_size > 0

@@ -1,4 +1,5 @@
 """The examples run as scripts, as a user would run them, and do what they say."""
+import os
 import re
 import subprocess
 import sys
@@ -24,3 +25,16 @@ def test_tiny_gpt_learns():
 def test_generate_transformers_matches_eager():
     pytest.importorskip("transformers")
     assert "same tokens as eager attention: True" in run("generate_transformers.py")
+
+
+def test_context_parallel_follows_one_process_loss_curve():
+    """torchrun --nproc_per_node=2 examples/context_parallel.py: the sharded training's losses are the
+    one-process run's (which rank 0 computes beside it), and it learns."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(EXAMPLES / "context_parallel.py"), "--steps", "41"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    pairs = [(float(a), float(b)) for a, b in re.findall(r"loss ([\d.]+) \(one process: ([\d.]+)\)", result.stdout)]
+    assert len(pairs) == 3, result.stdout
+    assert all(abs(a - b) <= 1e-3 for a, b in pairs), pairs
+    assert pairs[-1][0] < 0.6 * pairs[0][0], pairs

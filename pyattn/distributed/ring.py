@@ -1,0 +1,201 @@
+"""Ring attention: each rank keeps its query shard while the key/value shards travel around the ring of ranks;
+every rank computes its blocks against the shard in hand with pyattn's fused forward (which returns the
+block's LSE) while the next shard is already on its way, and merges the partial results by LSE in float32.
+The backward makes its own ring pass: K/V travel again, each block's gradients come from pyattn's fused
+backward given the *global* out and LSE (so its softmax is already the final one), and the dK/dV
+accumulators travel with their shard until they reach its owner.
+"""
+from dataclasses import replace
+
+import torch
+
+from .. import backends, ops
+from .blocks import Block, plan
+from .call import sharded_call
+from .comm import Ring, timed
+from .dtensor import accepts_dtensors
+
+
+def _accumulator_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _alibi_one_side(slopes, blk, dtype):
+    """ALiBi's -slope * |gi - gj| on a block wholly on one side of the diagonal (side = sign of gi - gj), split
+    as -side * slope * (gi - gj) = column term (a float mask, stride 0 over rows) + row term (which only shifts
+    the block's LSE): the kernel's own ALiBi would measure |i - j| from the block's corner instead.
+    slopes (B, Hq) float32 -> mask (B, Hq, rows, cols), lse shift (B, Hq, rows) float32."""
+    side = 1.0 if blk.q_pos > blk.k_pos else -1.0
+    rows, cols = blk.q1 - blk.q0, blk.k1 - blk.k0
+    s = slopes[:, :, None] * side  # (B, Hq, 1)
+    col = s.to(dtype) * torch.arange(cols, device=slopes.device, dtype=dtype)
+    row = torch.arange(rows, device=slopes.device, dtype=torch.float32) + float(blk.q_pos - blk.k_pos)
+    return col[:, :, None, :].expand(*slopes.shape, rows, cols), -(s * row)
+
+
+class _LseMerge:
+    """Partial attention results over disjoint key sets -> the result over all of them, rows at a time:
+    out = sum_b exp(lse_b - lse) out_b with lse = log sum_b exp(lse_b), in float32 (float64 for float64)."""
+
+    def __init__(self, q, ev):
+        B, H, L, _ = q.shape
+        self.out = q.new_zeros(B, H, L, ev, dtype=_accumulator_dtype(q.dtype))
+        self.lse = q.new_full((B, H, L), float("-inf"), dtype=torch.float32)
+
+    def add(self, q0, q1, out_b, lse_b):
+        """out_b (B, H, q1 - q0, Ev), lse_b (B, H, q1 - q0): the block result for rows q0:q1."""
+        lse = self.lse[:, :, q0:q1]
+        new = torch.logaddexp(lse, lse_b)
+        safe = new.masked_fill(new == float("-inf"), 0.0)  # rows no key has reached: weights exp(-inf) = 0, not NaN
+        acc = self.out[:, :, q0:q1]  # in place: no temporary of the block's size
+        acc.mul_(torch.exp(lse - safe).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - safe).unsqueeze(-1))
+        lse.copy_(new)
+
+
+class _RingPass:
+    """One ring_attention call: the blocks each ring step computes, the fused ops that compute them and the
+    dropout streams (one draw per call, one stream per (query chunk, key chunk) block)."""
+
+    def __init__(self, call, backend):
+        inp = self.inp = call.inp
+        self.ring = Ring(call.group, call.rank, call.world)
+        if call.world == 1:  # the whole sequence, in order: one call, as single-process pyattn makes it
+            L = inp.q.shape[2]
+            self.steps = [[Block(0, L, 0, L, inp.window_left, inp.window_right, 0, 0, 0)]]
+        else:  # ALiBi's bias depends on each chunk's position: no fusing of neighbouring blocks then
+            self.steps = [plan(call.rank, (call.rank - step) % call.world, call.world, call.layout, call.chunk,
+                               inp.window_left, inp.window_right, fuse=inp.alibi_slopes is None)
+                          for step in range(call.world)]
+        chosen = backends.choose(self._probe(call), backend)
+        if not isinstance(chosen, backends.FusedBackend):
+            raise RuntimeError(f"ring_attention runs its blocks on pyattn's fused forward/backward ops; backend "
+                               f"{chosen.name!r} has none. Fused backends: cpu, triton, cuda")
+        self.fwd_op, self.bwd_op = chosen.op_name, chosen.bwd_op_name
+        self.rng = ops.draw_rng_state(inp)
+
+    def _probe(self, call):
+        """The local inputs with every feature some block will use: the backend must take them all."""
+        inp, banded = self.inp, any(not b.unbanded for blocks in self.steps for b in blocks)
+        mask = None
+        if inp.alibi_slopes is not None and call.world > 1:
+            mask = inp.q.new_zeros((), dtype=torch.float32).expand(*inp.q.shape[:3], inp.k.shape[2])
+        return replace(inp, mask=mask, window_left=1 if banded else -1, window_right=0 if banded else -1)
+
+    def _block(self, blk, q, k, v):
+        """-> the block's input record, its LSE shift (B, Hq, rows) or None, and its dropout (seed, offset)."""
+        inp, mask, slopes, shift = self.inp, None, self.inp.alibi_slopes, None
+        if slopes is not None and not blk.diagonal:
+            mask, shift = _alibi_one_side(slopes, blk, _accumulator_dtype(inp.dtype))
+            slopes = None
+        rng = None if self.rng is None else self.rng + torch.tensor([0, blk.stream], device=self.rng.device)
+        block = replace(inp, q=q[:, :, blk.q0:blk.q1], k=k[:, :, blk.k0:blk.k1], v=v[:, :, blk.k0:blk.k1],
+                        mask=mask, alibi_slopes=slopes, max_seqlen_q=blk.q1 - blk.q0, max_seqlen_k=blk.k1 - blk.k0,
+                        window_left=blk.window_left, window_right=blk.window_right)
+        return block, shift, rng
+
+    def _shards(self, step, kv):
+        """Start passing the shard in hand on (unless this is the last step) -> InFlight or None."""
+        return self.ring.pass_on(kv) if step + 1 < self.ring.world else None
+
+    def forward(self, q, k, v):
+        """This rank's shards q (B, Hq, N/P, E), k, v (B, Hkv, N/P, E|Ev) -> out (B, Hq, N/P, Ev) in their dtype,
+        lse (B, Hq, N/P) float32."""
+        if self.ring.world == 1:
+            block, _, rng = self._block(self.steps[0][0], q, k, v)
+            return ops.fused_forward(block, self.fwd_op, rng)
+        merge = _LseMerge(q, v.shape[-1])
+        kv = (k.contiguous(), v.contiguous())
+        for step, blocks in enumerate(self.steps):
+            in_flight = self._shards(step, kv)
+            with timed("compute_s"):
+                for blk in blocks:
+                    block, shift, rng = self._block(blk, q, *kv)
+                    out_b, lse_b = ops.fused_forward(block, self.fwd_op, rng)
+                    merge.add(blk.q0, blk.q1, out_b, lse_b if shift is None else lse_b + shift)
+            if in_flight is not None:
+                kv = in_flight.wait()
+        return merge.out.to(q.dtype), merge.lse
+
+    def _block_backward(self, blk, q, kv, out, lse, dout, dlse):
+        """One block's dq, dk, dv, given the block's rows of the global out (B, Hq, rows, Ev), lse (B, Hq, rows),
+        dout (B, Hq, rows, Ev) and dlse (B, Hq, rows) or None; kv: the shard in hand (k, v).
+
+        The fused backward takes the global LSE, so the block's softmax is the final one. In float64 the CPU
+        kernel re-derives each row's LSE from the keys it is given (to undo the float32 rounding of lse),
+        which would renormalize over this block alone: there, it gets the block's own LSE and dout, dlse
+        scaled by the block's share exp(lse_block - lse), which gives the same gradients."""
+        block, shift, rng = self._block(blk, q, *kv)
+        if q.dtype == torch.float64 and self.ring.world > 1:
+            _, lse_block = ops.fused_forward(block, self.fwd_op, rng)
+            share = torch.exp((lse_block if shift is None else lse_block + shift) - lse).nan_to_num_(0.0)
+            dout, lse = dout * share.unsqueeze(-1).to(dout.dtype), lse_block
+            dlse = None if dlse is None else dlse * share
+        elif shift is not None:
+            lse = lse - shift
+        return ops.fused_backward(block, dout, out, lse, dlse, rng, self.bwd_op)
+
+    def backward(self, q, k, v, out, lse, dout, dlse):
+        """Gradients for this rank's q, k, v shards, given out/lse of forward and dout (B, Hq, N/P, Ev) and
+        dlse (B, Hq, N/P) (either may be None: its output was not used)."""
+        dout = torch.zeros_like(out) if dout is None else dout
+        if self.ring.world == 1:
+            return self._block_backward(self.steps[0][0], q, (k, v), out, lse, dout, dlse)
+        acc = _accumulator_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv, dkv_in_flight = (k.contiguous(), v.contiguous()), None
+        for step, blocks in enumerate(self.steps):
+            in_flight = self._shards(step, kv)
+            dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in kv)
+            with timed("compute_s"):
+                for blk in blocks:
+                    rows = slice(blk.q0, blk.q1)
+                    dlse_b = None if dlse is None else dlse[:, :, rows]
+                    dq_b, dk_b, dv_b = self._block_backward(blk, q, kv, out[:, :, rows], lse[:, :, rows],
+                                                            dout[:, :, rows], dlse_b)
+                    dq[:, :, rows] += dq_b
+                    dk[:, :, blk.k0:blk.k1] += dk_b
+                    dv[:, :, blk.k0:blk.k1] += dv_b
+            if dkv_in_flight is not None:  # what the ranks before this one added for the shard in hand
+                dk_before, dv_before = dkv_in_flight.wait()
+                dk, dv = dk_before.add_(dk), dv_before.add_(dv)
+            if self.ring.world > 1:  # on to the next rank; after the last step, back to the shard's owner
+                dkv_in_flight = self.ring.pass_on((dk, dv))
+            if in_flight is not None:
+                kv = in_flight.wait()
+        if dkv_in_flight is not None:
+            dk, dv = dkv_in_flight.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring_pass):
+        out, lse = ring_pass.forward(q, k, v)
+        ctx.ring_pass = ring_pass
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        dq, dk, dv = ctx.ring_pass.backward(*ctx.saved_tensors, dout, dlse)
+        return dq, dk, dv, None
+
+
+@accepts_dtensors
+def ring_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", window_size=None, softcap=None,
+                   alibi_slopes=None, scale=None, enable_gqa=False, dropout_p=0.0, return_lse=False, backend=None):
+    """Attention over a sequence split across the ranks of group, by passing K/V shards around a ring.
+
+    q (B, Hq, N/P, E), k (B, Hkv, N/P, E), v (B, Hkv, N/P, Ev): this rank's shards (pyattn.distributed.shard)
+    -> out (B, Hq, N/P, Ev), this rank's shard of the output (and with return_lse its lse (B, Hq, N/P) float32).
+    Causal masks, windows and ALiBi refer to global positions; the arguments mean what they mean in
+    pyattn.scaled_dot_product_attention on the whole sequence. Every rank of group calls it with the same
+    arguments and shapes. Dropout: each rank draws one (seed, offset) from its default generator per call and
+    every block gets its own stream of it, so a call is reproducible for fixed seeds and world size, but its
+    mask is not single-process pyattn's.
+    """
+    call = sharded_call("ring_attention", q, k, v, group, layout, is_causal, window_size, softcap, alibi_slopes,
+                        scale, enable_gqa, dropout_p, return_lse)
+    out, lse = _RingAttention.apply(q, k, v, _RingPass(call, backend))
+    return (out, lse) if return_lse else out
