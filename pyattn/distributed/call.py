@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import AttentionInputError, AttentionTypeError
 from ..inputs import AttnInputs, dense_inputs
 from .layout import check_layout, group_rank_and_size, rank_chunks
 
@@ -27,23 +28,23 @@ def sharded_call(caller, q, k, v, group, layout, is_causal, window_size, softcap
     check_layout(layout)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise AttentionTypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{caller}: {name} must be this rank's 4-D shard (B, H, N/P, D), got shape "
+            raise AttentionInputError(f"{caller}: {name} must be this rank's 4-D shard (B, H, N/P, D), got shape "
                              f"{tuple(t.shape)}")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     B, Hq, L, _ = q.shape
     if k.shape[0] != B or v.shape[0] != B or k.shape[2] != L or v.shape[2] != L or k.shape[1] != v.shape[1]:
-        raise ValueError(f"{caller}: q, k and v must be shards of one sequence, (B, Hq, N/P, E), (B, Hkv, N/P, E) and "
+        raise AttentionInputError(f"{caller}: q, k and v must be shards of one sequence, (B, Hq, N/P, E), (B, Hkv, N/P, E) and "
                          f"(B, Hkv, N/P, Ev) with the same B, Hkv and N/P; got {shapes}")
     if k.shape[1] != Hq and not enable_gqa:
-        raise ValueError(f"{caller}: k and v have {k.shape[1]} heads but q has {Hq}: pass enable_gqa=True (query heads "
+        raise AttentionInputError(f"{caller}: k and v have {k.shape[1]} heads but q has {Hq}: pass enable_gqa=True (query heads "
                          f"a multiple of key/value heads); got {shapes}")
     inp = dense_inputs(q, k, v, None, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes,
                        "top_left", return_lse)
     rank, world = group_rank_and_size(group, caller)
     per_rank = len(rank_chunks(rank, world, layout))
     if L % per_rank or L == 0:
-        raise ValueError(f"{caller}: a {layout!r} shard holds {per_rank} equal chunk(s), so its length must be a "
+        raise AttentionInputError(f"{caller}: a {layout!r} shard holds {per_rank} equal chunk(s), so its length must be a "
                          f"positive multiple of {per_rank}; got {shapes}")
     return ShardedCall(inp, group, rank, world, layout, L // per_rank)

@@ -8,6 +8,7 @@ balancing, when N is a multiple of 2P) shards buffers head-and-tail, which is la
 import functools
 
 import torch.distributed as dist
+from ..errors import AttentionInputError
 
 
 def _dtensor_types():
@@ -29,12 +30,12 @@ def accepts_dtensors(fn):
         mesh = q.device_mesh if isinstance(q, DTensor) else None
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, DTensor) or t.device_mesh != mesh or mesh.ndim != 1 or t.placements != (Shard(2),):
-                raise ValueError(f"{fn.__name__}: DTensor inputs must all be DTensors on one 1-D DeviceMesh, sharded "
+                raise AttentionInputError(f"{fn.__name__}: DTensor inputs must all be DTensors on one 1-D DeviceMesh, sharded "
                                  f"on the sequence dim (placements (Shard(2),)); {name} is "
                                  f"{getattr(t, 'placements', type(t).__name__)} on {getattr(t, 'device_mesh', None)}")
         group = mesh.get_group()
         if kwargs.get("group") not in (None, group):
-            raise ValueError(f"{fn.__name__}: group must be None or the DTensors' mesh group")
+            raise AttentionInputError(f"{fn.__name__}: group must be None or the DTensors' mesh group")
         res = fn(q.to_local(), k.to_local(), v.to_local(), **{**kwargs, "group": group})
         wrap = lambda t: DTensor.from_local(t, mesh, (Shard(2),), run_check=False)  # noqa: E731
         return tuple(map(wrap, res)) if isinstance(res, tuple) else wrap(res)

@@ -8,13 +8,14 @@ also torch's context_parallel head-tail order.
 """
 import torch
 import torch.distributed as dist
+from ..errors import AttentionInputError, AttentionTypeError
 
 LAYOUTS = ("contiguous", "zigzag")
 
 
 def check_layout(layout):
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise AttentionInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def group_rank_and_size(group, caller):
@@ -24,7 +25,7 @@ def group_rank_and_size(group, caller):
                            f"e.g. under torchrun)")
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError(f"{caller}: this process (global rank {dist.get_rank()}) is not a member of group")
+        raise AttentionInputError(f"{caller}: this process (global rank {dist.get_rank()}) is not a member of group")
     return rank, dist.get_world_size(group)
 
 
@@ -45,7 +46,7 @@ def shard_order(world, layout):
 def _chunk_len(n, world, layout, what):
     count = chunk_count(world, layout)
     if n % count:
-        raise ValueError(f"{what}: a sequence of {n} tokens cannot be split by layout {layout!r} over {world} ranks: "
+        raise AttentionInputError(f"{what}: a sequence of {n} tokens cannot be split by layout {layout!r} over {world} ranks: "
                          f"it needs a multiple of {count} tokens ({count} equal chunks); pad the sequence (and mask "
                          f"the padding) or change its length")
     return n // count
@@ -63,9 +64,9 @@ def positions(seq_len, *, group=None, layout="zigzag", device=None):
 
 def _seq_dim(x, seq_dim, caller):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{caller}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise AttentionTypeError(f"{caller}: x must be a torch.Tensor, got {type(x).__name__}")
     if not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(f"{caller}: seq_dim {seq_dim} is out of range for x of shape {tuple(x.shape)}")
+        raise AttentionInputError(f"{caller}: seq_dim {seq_dim} is out of range for x of shape {tuple(x.shape)}")
     return seq_dim % x.dim()
 
 
@@ -128,6 +129,6 @@ def unshard(x, *, group=None, layout="zigzag", seq_dim=-2):
     dim = _seq_dim(x, seq_dim, "unshard")
     rank, world = group_rank_and_size(group, "unshard")
     if layout == "zigzag" and x.shape[dim] % 2:
-        raise ValueError(f"unshard: a zigzag shard holds two equal chunks, so its length must be even; got x of shape "
+        raise AttentionInputError(f"unshard: a zigzag shard holds two equal chunks, so its length must be even; got x of shape "
                          f"{tuple(x.shape)} (seq_dim {seq_dim})")
     return _Unshard.apply(x, group, rank, world, layout, dim)

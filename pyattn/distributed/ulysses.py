@@ -7,6 +7,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
+from ..errors import AttentionInputError
 from ..functional import scaled_dot_product_attention
 from .call import sharded_call
 from .dtensor import accepts_dtensors
@@ -81,7 +82,7 @@ def ulysses_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", 
     inp, world, rank = call.inp, call.world, call.rank
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq % world or Hkv % world:
-        raise ValueError(f"ulysses_attention splits heads over the {world} ranks of group: query heads ({Hq}) and "
+        raise AttentionInputError(f"ulysses_attention splits heads over the {world} ranks of group: query heads ({Hq}) and "
                          f"key/value heads ({Hkv}) must be multiples of {world}; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)} (ring_attention has no such limit)")
     qh, kh, vh = (_Reshard.apply(t, True, call.group, world, call.layout) for t in (q, k, v))
