@@ -30,7 +30,7 @@ def parse_args():
     ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel"], default="default",
                     help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
                          "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo)")
-    ap.add_argument("--out", help="output folder (default benchmarks/results/<device>)")
+    ap.add_argument("--out", help="output folder (default benchmarks/results/<device>; CPU: cpu-<capability>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES))
@@ -85,9 +85,10 @@ def _memory_point(p, points):
 def main():
     args = parse_args()
     if args.preset == "context-parallel":
-        out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", "cpu")
+        meta = metadata("cpu")
+        out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", f"cpu-{meta['cpu_capability']}")
         os.makedirs(out_dir, exist_ok=True)
-        return context_parallel.run(args, out_dir, metadata("cpu"))
+        return context_parallel.run(args, out_dir, meta)
     if args.max_call_seconds is None:
         args.max_call_seconds = 4.0 if args.preset == "default" else float("inf")
     impls = implementations(args.device)

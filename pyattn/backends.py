@@ -188,7 +188,7 @@ class ReferenceBackend(Backend):
 # "cuda" is part of this build only when pyattn._C holds its kernels (build_info, no device probing)
 BACKENDS = {b.name: b for b in (TritonBackend(), CUDABackend(), CPUBackend(), TorchBackend(), ReferenceBackend())
             if b.name != "cuda" or "cuda" in ops.build_info()["backends"]}
-# auto's order per device, fastest first. CPU: benchmarks/results/cpu (the fused kernel beats torch's SDPA).
+# auto's order per device, fastest first. CPU: benchmarks/results/cpu-* (the fused kernel against torch's SDPA).
 # CUDA: the fused backends before torch's SDPA, as DESIGN.md asks; no GPU record exists yet to rank them, so
 # triton (every feature, wgmma on sm_90) leads the CUDA C++ kernels until one does.
 AUTO_ORDER = {"cpu": ("cpu", "torch", "reference"),
