@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pinned-$(shell cksum < requirements.txt | cut -d' ' -f1)
 RESULTS ?=
+STAGE ?=
 PYTEST_ARGS ?=
 
 .PHONY: install build test bench gpu-check clean
@@ -27,8 +28,9 @@ bench: install
 	$(PY) -m benchmarks $(if $(RESULTS),--out $(RESULTS),)
 
 # On a GPU machine, offline, with its system python3 (torch, triton, nvcc, pytest, pybind11 preinstalled).
+# Stages triton, cuda, sweep in that order (benchmarks/gpu_check.py); STAGE=name runs one alone.
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),)
+	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),)
 
 clean:
 	rm -rf build pyattn/_C*.so *.egg-info
