@@ -7,7 +7,7 @@ RESULTS ?=
 STAGE ?=
 PYTEST_ARGS ?=
 
-.PHONY: install build test bench gpu-check clean
+.PHONY: install build test bench gpu-check test-aarch64 clean
 
 install: $(STAMP) build
 
@@ -31,6 +31,11 @@ bench: install
 # Stages triton, cuda, sweep in that order (benchmarks/gpu_check.py); STAGE=name runs one alone.
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),)
+
+# Linux aarch64 under qemu-user, as root on an x86-64 Debian 12 host: sets up an arm64 root once (~25 min, cached in
+# /var/tmp), cross-compiles pyattn._C into it, runs the CPU tests on an emulated NEON CPU and on an SVE one (~15 min).
+test-aarch64:
+	tools/aarch64.sh setup build test
 
 clean:
 	rm -rf build pyattn/_C*.so *.egg-info
