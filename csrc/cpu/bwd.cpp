@@ -103,7 +103,7 @@ struct BwdState {
 
   explicit BwdState(const AttnBwdParams& p_) : p(p_), group(p.heads_q / p.heads_kv), E(p.head_dim),
       Ev(p.head_dim_v), Ep(kpad<T>(E)), Evp(kpad<T>(Ev)), seqs(p.batch), qh_off(p.batch * p.heads_q + 1, 0),
-      row_off(p.batch * p.heads_q + 1, 0), qh(0), rows(0), part(0) {
+      row_off(p.batch * p.heads_q + 1, 0) {
     const int64_t B = p.batch, Hq = p.heads_q;
     for (int64_t b = 0; b < B; ++b) {
       const Seq s = seqs[b] = get_seq(p, b);

@@ -1,5 +1,5 @@
 // Matmul operands in the layouts the micro-kernels want, and the matmul itself. The tile type T is the
-// kernels' choice (see kernel.h, TileFor):
+// kernels' choice (with_tile_type below):
 //   float  -> fp32 tiles, at::native::cpublas::brgemm: oneDNN's f32 brgemm wherever oneDNN runs at AVX2 or
 //             above, else torch's sgemm. fp16 and (where VNNI is not available) bf16 inputs are widened to
 //             fp32 when packed: fp16 brgemm ran at 40-80 GFLOP/s on the EPYC, the fp32 one at ~240.
@@ -182,6 +182,7 @@ void with_tile_type(Fn&& fn) {
 template <typename T>
 struct Buffer {
   c10::DataPtr data;
+  Buffer() = default;
   explicit Buffer(int64_t n) : data(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n, 1) * sizeof(T))) {}
   T* get() const { return static_cast<T*>(data.get()); }
 };
