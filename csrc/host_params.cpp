@@ -56,13 +56,147 @@ void check_like(const Host& host, const at::Tensor& t, const char* name, at::Int
   TORCH_CHECK(t.scalar_type() == dtype, host.tag, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
+void fill_alibi(const Host& host, AttnParams& p, const std::optional<at::Tensor>& alibi_slopes) {
+  if (!alibi_slopes.has_value()) return;
+  const at::Tensor& a = *alibi_slopes;
+  check_device(host, a, "alibi_slopes");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == p.batch && a.size(1) == p.heads_q && a.scalar_type() == at::kFloat,
+              host.tag, ": alibi_slopes must be float32 (B, Hq) = (", p.batch, ", ", p.heads_q, "), got ",
+              a.scalar_type(), " of shape ", a.sizes());
+  p.alibi_slopes = a.data_ptr<float>();
+  p.alibi_batch_stride = a.stride(0);
+  p.alibi_head_stride = a.stride(1);
+}
+
+void fill_sinks(const Host& host, AttnParams& p, const std::optional<at::Tensor>& sinks, at::ScalarType dtype) {
+  if (!sinks.has_value()) return;
+  const at::Tensor& s = *sinks;
+  check_device(host, s, "sinks");
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == p.heads_q && s.is_contiguous(), host.tag,
+              ": sinks must be a contiguous (Hq,) = (", p.heads_q, ") tensor, got shape ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kFloat || (s.scalar_type() == at::kDouble && dtype == at::kDouble &&
+              host.device.is_cpu()), host.tag, ": sinks must be float32 (float64 only with float64 inputs on the "
+              "CPU), got ", s.scalar_type());
+  p.sinks = s.data_ptr();
+  p.sinks_f64 = s.scalar_type() == at::kDouble;
+}
+
+void check_options(const Host& host, double softcap) {
+  TORCH_CHECK(softcap >= 0, host.tag, ": softcap must be >= 0 (0 = off), got ", softcap);
+}
+
+// A contiguous int32 (n,) tensor on the host's device, or nullptr when absent.
+const int32_t* int32_vector(const Host& host, const std::optional<at::Tensor>& t, const char* name, int64_t n) {
+  if (!t.has_value()) return nullptr;
+  check_device(host, *t, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kInt && t->is_contiguous(), host.tag,
+              ": ", name, " must be a contiguous int32 tensor of shape (", n, "), got ", t->scalar_type(),
+              " of shape ", t->sizes());
+  return t->data_ptr<int32_t>();
+}
+
+// On the CPU, every sequence's cache range, cache row and pages against the cache's extent.
+void check_kvcache_values(const Host& host, const AttnParams& p, int64_t cache_rows) {
+  const int64_t capacity = p.block_table != nullptr ? p.block_table_stride * p.page_size : p.seqlen_k;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t start = p.k_start != nullptr ? p.k_start[b] : 0, end = p.seqused_k[b];
+    TORCH_CHECK(0 <= start && start <= end && end <= capacity, host.tag, ": sequence ", b, " spans cache positions [",
+                start, ", ", end, ") (cache_leftpad, seqlens_k), outside the cache capacity ", capacity);
+    if (p.kv_batch_idx != nullptr)
+      TORCH_CHECK(0 <= p.kv_batch_idx[b] && p.kv_batch_idx[b] < cache_rows, host.tag, ": cache_batch_idx[", b,
+                  "] = ", p.kv_batch_idx[b], " is outside the cache's ", cache_rows, " rows");
+    if (p.block_table == nullptr) continue;
+    const int32_t* pages = p.block_table + b * p.block_table_stride;
+    for (int64_t i = start / p.page_size; i < (end + p.page_size - 1) / p.page_size; ++i)
+      TORCH_CHECK(0 <= pages[i] && pages[i] < cache_rows, host.tag, ": block_table[", b, ", ", i, "] = ", pages[i],
+                  " is not a page of the cache (", cache_rows, " pages)");
+  }
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
+    const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double scale,
+    int64_t window_left, int64_t window_right, double softcap) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    check_device(host, *t, name);
+    TORCH_CHECK(t->dim() == 4, host.tag, ": ", name, " must be 4-D, got shape ", t->sizes());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, host.tag,
+              ": q, k_cache, v_cache must share a dtype, got ", dt, ", ", k_cache.scalar_type(), ", ",
+              v_cache.scalar_type());
+  const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), E = q.size(3);
+  const int64_t rows = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2), Ev = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(3) == E, host.tag, ": head dim of q ", q.sizes(), " and k_cache ", k_cache.sizes(),
+              " differ");
+  TORCH_CHECK(v_cache.size(0) == rows && v_cache.size(1) == S && v_cache.size(2) == Hkv, host.tag, ": k_cache ",
+              k_cache.sizes(), " and v_cache ", v_cache.sizes(), " must agree in all but the last dim");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, host.tag, ": heads of q ", q.sizes(), " must be a multiple of heads of "
+              "k_cache ", k_cache.sizes());
+  check_options(host, softcap);
+  // (B, L, Hq, E) and (rows, S, Hkv, E) seen as the kernels' (batch, head, row, col)
+  const at::Tensor qv = q.transpose(1, 2), kv = k_cache.transpose(1, 2), vv = v_cache.transpose(1, 2);
+  p.q = q.data_ptr();
+  p.k = k_cache.data_ptr();
+  p.v = v_cache.data_ptr();
+  p.q_strides = strides4(qv);
+  p.k_strides = strides4(kv);
+  p.v_strides = strides4(vv);
+  p.batch = B;
+  p.heads_q = Hq;
+  p.heads_kv = Hkv;
+  p.seqlen_q = L;
+  p.seqlen_k = S;
+  p.head_dim = E;
+  p.head_dim_v = Ev;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = true;
+
+  p.seqused_k = int32_vector(host, seqlens_k, "seqlens_k", B);
+  p.k_start = int32_vector(host, cache_leftpad, "cache_leftpad", B);
+  if (block_table.has_value()) {
+    const at::Tensor& bt = *block_table;
+    check_device(host, bt, "block_table");
+    TORCH_CHECK(bt.dim() == 2 && bt.size(0) == B && bt.scalar_type() == at::kInt && bt.stride(1) == 1, host.tag,
+                ": block_table must be int32 (B, max_pages) = (", B, ", ...) with unit column stride, got ",
+                bt.scalar_type(), " of shape ", bt.sizes());
+    TORCH_CHECK(!cache_batch_idx.has_value(), host.tag, ": cache_batch_idx is for contiguous caches, not with "
+                "block_table");
+    p.block_table = bt.data_ptr<int32_t>();
+    p.block_table_stride = bt.stride(0);
+    p.page_size = S;
+    p.seqlen_k = bt.size(1) * S;
+  } else {
+    p.kv_batch_idx = int32_vector(host, cache_batch_idx, "cache_batch_idx", B);
+    TORCH_CHECK(cache_batch_idx.has_value() || rows >= B, host.tag, ": k_cache ", k_cache.sizes(), " has fewer rows "
+                "than the batch of q ", q.sizes(), " (pass cache_batch_idx to pick rows)");
+  }
+  if (host.device.is_cpu()) check_kvcache_values(host, p, rows);
+  fill_alibi(host, p, alibi_slopes);
+  fill_sinks(host, p, sinks, dt);
+
+  at::Tensor out = at::empty({B, L, Hq, Ev}, q.options());
+  at::Tensor lse = at::empty({B, Hq, L}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.out_strides = strides4(out.transpose(1, 2));
+  p.lse = lse.data_ptr<float>();
+  p.lse_strides = strides4(lse);
+  return {out, lse};
+}
 
 void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
-                 int64_t window_right, bool bottom_right, double softcap, double dropout_p) {
+                 int64_t window_right, bool bottom_right, double softcap, double dropout_p,
+                 const std::optional<at::Tensor>& sinks) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
     check_device(host, *t, name);
     TORCH_CHECK(t->dim() == 4, host.tag, ": ", name, " must be 4-D (B, H, seq, dim), got shape ", t->sizes());
@@ -80,7 +214,7 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
   TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, host.tag, ": heads of q ", q.sizes(),
               " must be a multiple of heads of k ", k.sizes());
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, host.tag, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(softcap >= 0, host.tag, ": softcap must be >= 0 (0 = off), got ", softcap);
+  check_options(host, softcap);
 
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -123,16 +257,8 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
     p.mask_strides = strides4(m);
     p.mask_kind = mt == at::kBool ? 1 : mt == dt ? 2 : 3;
   }
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
-    check_device(host, a, "alibi_slopes");
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == p.batch && a.size(1) == Hq && a.scalar_type() == at::kFloat, host.tag,
-                ": alibi_slopes must be float32 (B, Hq) = (", p.batch, ", ", Hq, "), got ", a.scalar_type(),
-                " of shape ", a.sizes());
-    p.alibi_slopes = a.data_ptr<float>();
-    p.alibi_batch_stride = a.stride(0);
-    p.alibi_head_stride = a.stride(1);
-  }
+  fill_alibi(host, p, alibi_slopes);
+  fill_sinks(host, p, sinks, dt);
 }
 
 std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor& q, const at::Tensor& v,

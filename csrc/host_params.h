@@ -26,7 +26,19 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
-                 int64_t window_right, bool bottom_right, double softcap, double dropout_p);
+                 int64_t window_right, bool bottom_right, double softcap, double dropout_p,
+                 const std::optional<at::Tensor>& sinks);
+
+// Validates kvcache_fwd's arguments (csrc/ops.cpp) and fills p for them, outputs included: out (B, L, Hq, Ev)
+// like q, lse (B, Hq, L) float32. The values of seqlens_k, cache_leftpad, cache_batch_idx and block_table are
+// checked against the cache when they live on the CPU; on a GPU reading them would synchronize, so there the
+// caller (pyattn.kvcache_attention) has checked them.
+std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
+    const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double scale,
+    int64_t window_left, int64_t window_right, double softcap);
 
 // out (B, Hq, L, Ev) like q, lse (B, Hq, L) float32; varlen rows past the last sequence are never visited,
 // so there they are allocated as the empty-row result (0, -inf). Sets p.out, p.lse.

@@ -13,20 +13,31 @@ TORCH_LIBRARY(pyattn, m) {
   // float32. mask: (B, Hq, L, S) view (stride 0 where broadcast), bool or float. Varlen: B == 1 holds
   // packed rows split by cu_seqlens. window_right == 0 is causal. rng_state: int64 (seed, offset), needed
   // when dropout_p > 0; a tensor, not ints, so that drawing it stays inside a traced graph (torch.compile).
+  // sinks: float32 (Hq,) sink logits, part of every row's softmax denominator (and of lse).
   // Semantics: csrc/params.h.
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, "
-      "int window_right, bool bottom_right, float softcap, float dropout_p, Tensor? rng_state) "
+      "int window_right, bool bottom_right, float softcap, float dropout_p, Tensor? rng_state, Tensor? sinks=None) "
       "-> (Tensor out, Tensor lse)");
-  // Gradients of fwd. dlse: optional gradient of lse. dmask (B, Hq, L, S) float32 when mask_grad,
-  // else an empty tensor.
+  // Gradients of fwd in q, k, v (and a float mask); out and lse are fwd's, sinks included (the sinks' own
+  // gradient is elementwise, pyattn/ops.py). dlse: optional gradient of lse. dmask (B, Hq, L, S) float32
+  // when mask_grad, else an empty tensor.
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? mask, "
       "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
       "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
-      "float dropout_p, Tensor? rng_state, bool mask_grad) "
+      "float dropout_p, Tensor? rng_state, bool mask_grad, Tensor? sinks=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+  // Attention over a KV cache (serving; forward only). q (B, L, Hq, E); caches (B_cache, S_max, Hkv, E|Ev), or
+  // paged (num_pages, page_size, Hkv, E|Ev) with block_table (B, max_pages) int32. Sequence b attends to cache
+  // positions [cache_leftpad[b] (or 0), seqlens_k[b]) of cache row cache_batch_idx[b] (or b); its queries are
+  // bottom-right aligned. window_right == 0 is causal. Appending new keys is the caller's (an in-place write
+  // before this op). -> out (B, L, Hq, Ev) contiguous, lse (B, Hq, L) float32. Semantics: csrc/params.h.
+  m.def(
+      "kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+      "Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? alibi_slopes, Tensor? sinks, float scale, "
+      "int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)");
   // The keep-mask (B, H, L, S) bool that the CPU kernels draw for (seed, offset): for tests and debugging.
   m.def(
       "cpu_dropout_mask(int batch, int heads, int seqlen_q, int seqlen_k, float dropout_p, int seed, "

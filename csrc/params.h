@@ -1,4 +1,4 @@
-// One plain struct shared by every fused kernel (CPU now, CUDA later): pointers, strides in elements,
+// One plain struct shared by every fused kernel (CPU and CUDA): pointers, strides in elements,
 // sizes and options. No torch types here, so device code can include it with nvcc alone.
 #pragma once
 #include <cstdint>
@@ -26,6 +26,11 @@ struct AttnParams {
   Strides4 mask_strides;
   int mask_kind = 0;  // 0 none, 1 bool, 2 same dtype as q, 3 float32
 
+  // Optional sink logits (Hq,) (gpt-oss): each row's softmax denominator gains exp(sink); no value is
+  // attached, and lse includes it. float32; float64 (sinks_f64) only for float64 inputs, on the CPU.
+  const void* sinks = nullptr;
+  bool sinks_f64 = false;
+
   // Optional float32 ALiBi slopes (B, Hq): adds -slope * |i' - j|.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0, alibi_head_stride = 0;
@@ -33,11 +38,23 @@ struct AttnParams {
   const int32_t* cu_seqlens_q = nullptr;  // (B + 1,)
   const int32_t* cu_seqlens_k = nullptr;  // (B + 1,)
 
+  // KV-cache mode (seqused_k != nullptr; kvcache_fwd): sequence b attends to cache positions
+  // [k_start[b], seqused_k[b]) (k_start: cache_leftpad, else 0) of k/v batch row kv_batch_idx[b] (else b);
+  // key j of the sequence is cache position k_start[b] + j. Paged (block_table != nullptr): cache position
+  // pos lives in page block_table[b * block_table_stride + pos / page_size], row pos % page_size, and the k/v
+  // strides' batch steps pages, row steps rows within a page.
+  const int32_t* seqused_k = nullptr;     // (B,)
+  const int32_t* k_start = nullptr;       // (B,) or nullptr
+  const int32_t* kv_batch_idx = nullptr;  // (B,) or nullptr
+  const int32_t* block_table = nullptr;   // (B, max_pages) or nullptr
+  int64_t block_table_stride = 0;
+  int64_t page_size = 0;
+
   int64_t batch = 0;     // B (number of sequences in varlen mode)
   int64_t heads_q = 0;   // Hq
   int64_t heads_kv = 0;  // Hkv; Hq % Hkv == 0, q head h reads kv head h / (Hq / Hkv)
   int64_t seqlen_q = 0;  // L (max over sequences in varlen mode)
-  int64_t seqlen_k = 0;  // S (max over sequences in varlen mode)
+  int64_t seqlen_k = 0;  // S (max over sequences in varlen mode; cache capacity in KV-cache mode)
   int64_t head_dim = 0;    // E
   int64_t head_dim_v = 0;  // Ev
 
@@ -65,7 +82,6 @@ struct AttnBwdParams : AttnParams {
   void* dv = nullptr;  // (B, Hkv, S, Ev), contiguous
   Strides4 dq_strides, dk_strides, dv_strides;  // varlen rows are indexed through these
   float* dmask = nullptr;  // optional (B, Hq, L, S) float32, contiguous: d(loss)/d(score added by mask)
-  bool deterministic = true;
 };
 
 }  // namespace pyattn

@@ -89,8 +89,10 @@ class _Problem:
 
 
 def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            window_left, window_right, bottom_right, softcap, dropout_p, rng_state):
+            window_left, window_right, bottom_right, softcap, dropout_p, rng_state, sinks=None):
     """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
+    if sinks is not None:
+        raise NotImplementedError("pyattn triton: sinks are not implemented in the Triton kernels yet")
     pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
                   window_right, softcap, dropout_p)
     out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=q.dtype, device=q.device)

@@ -11,6 +11,7 @@ import torch
 from . import ops, reference
 from .errors import AttentionInputError
 from .inputs import AttnInputs
+from .kvcache_inputs import KVCacheInputs
 
 TORCH_FEATURES = {"bool mask", "float mask", "causal", "dropout", "gqa"}
 # torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
@@ -56,15 +57,22 @@ class Backend:
         """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
         raise NotImplementedError
 
+    def kvcache_forward(self, inp: KVCacheInputs):
+        """-> out (B, L, Hq, Ev), lse (B, Hq, L) float32 (the cache already holds the appended keys)."""
+        raise NotImplementedError
+
 
 ALL_FEATURES = frozenset({"bool mask", "float mask", "sliding window", "causal", "bottom_right alignment",
-                          "softcap", "alibi", "dropout", "varlen", "return_lse", "gqa"})
+                          "softcap", "alibi", "dropout", "varlen", "return_lse", "gqa", "sinks"})
+# kvcache_attention's features (KVCacheInputs.uses()); "kvcache gradient" is left to the reference backend
+KVCACHE_FEATURES = frozenset({"kvcache", "paged kv cache", "cache_batch_idx", "cache_leftpad"})
 
 
 class FusedBackend(Backend):
     """A backend whose kernels implement the fwd/bwd op pair of csrc/ops.cpp."""
     op_name = "fwd"
     bwd_op_name = "bwd"
+    kvcache_op_name = "kvcache_fwd"
 
     def extra_reasons(self, inp):
         if inp.dropout_p >= 1.0:
@@ -73,6 +81,9 @@ class FusedBackend(Backend):
 
     def forward(self, inp):
         return ops.fused_forward(inp, self.op_name)
+
+    def kvcache_forward(self, inp):
+        return ops.kvcache_forward(inp, self.kvcache_op_name)
 
 
 @functools.cache
@@ -88,7 +99,7 @@ class TritonBackend(FusedBackend):
     """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
     interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
     name = "triton"
-    features = ALL_FEATURES
+    features = ALL_FEATURES - {"sinks"}
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
@@ -118,7 +129,7 @@ class CPUBackend(FusedBackend):
     vectors, brgemm matmuls (bf16 on VNNI tiles where oneDNN takes them)."""
     name = "cpu"
     devices = ("cpu",)
-    features = ALL_FEATURES
+    features = ALL_FEATURES | KVCACHE_FEATURES
 
     def unavailable_reason(self):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
@@ -134,7 +145,7 @@ class CUDABackend(FusedBackend):
     name = "cuda"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    features = ALL_FEATURES - {"dropout"}
+    features = ALL_FEATURES - {"dropout", "sinks"}
     max_head_dim = 256  # padded to 64, 128, 192 or 256 (csrc/cuda/generate.py)
 
     def unavailable_reason(self):
@@ -179,10 +190,13 @@ class ReferenceBackend(Backend):
     """Naive math (pyattn.reference): every feature, any device, L x S memory."""
     name = "reference"
     devices = ("cpu", "cuda", "meta", "mps", "xpu")
-    features = ALL_FEATURES
+    features = ALL_FEATURES | KVCACHE_FEATURES | {"kvcache gradient"}
 
     def forward(self, inp):
         return reference.attention(inp)
+
+    def kvcache_forward(self, inp):
+        return reference.kvcache_attention(inp)
 
 
 # "cuda" is part of this build only when pyattn._C holds its kernels (build_info, no device probing)

@@ -1,30 +1,31 @@
 """The public functions: validate -> normalize (pyattn.inputs) -> choose a backend -> run -> user shapes."""
 from . import backends, routing
 from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
+from .kvcache import explain_kvcache
 
 
 def _run(inp, backend):
-    out, lse = backends.choose(inp, backend).forward(inp)
-    return out, lse
+    return backends.choose(inp, backend).forward(inp)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window_size=None, softcap=None, alibi_slopes=None,
-                                 causal_alignment="top_left", return_lse=False, backend=None):
+                                 causal_alignment="top_left", sinks=None, return_lse=False, backend=None):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, plus FlashAttention's extras.
+    sinks (Hq,): per-head sink logits (gpt-oss), in every row's softmax denominator, with no value.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev), and with return_lse also the
     float32 log-sum-exp (..., L) of the scores. attn_mask may also be a torch.nn.attention.bias.CausalBias.
     See DESIGN.md's API contract.
     """
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                       softcap, alibi_slopes, causal_alignment, return_lse)
+                       softcap, alibi_slopes, causal_alignment, return_lse, sinks)
     return dense_outputs(inp, *_run(inp, backend))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
                      scale=None, window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left",
-                     dropout_p=0.0, return_lse=False, backend=None):
+                     dropout_p=0.0, sinks=None, return_lse=False, backend=None):
     """Packed sequences: q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev) -> (total_q, Hq, Ev).
 
     Sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v;
@@ -32,22 +33,29 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     q, k, v = autocast(q, k, v)
     inp = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                        window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse)
+                        window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse, sinks)
     out, lse = _run(inp, backend)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-            window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", return_lse=False,
-            backend=None):
+            window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", sinks=None,
+            return_lse=False, backend=None, **kvcache):
     """Which backend would run these arguments, and why each other one would not; for torch's arguments alone,
-    also where pyattn.enable() sends a call of torch's function with them."""
+    also where pyattn.enable() sends a call of torch's function with them. With kvcache_attention's keywords
+    (cache_seqlens=...), the same for kvcache_attention(query, key, value, ...): key and value are the caches."""
+    if kvcache:
+        if "cache_seqlens" not in kvcache:
+            raise TypeError(f"explain() got unexpected keyword arguments {sorted(kvcache)}")
+        extras = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                      scale=scale, return_lse=return_lse, backend=backend)
+        return explain_kvcache(query, key, value, is_causal=is_causal, **extras, **kvcache)
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                       softcap, alibi_slopes, causal_alignment, return_lse)
+                       softcap, alibi_slopes, causal_alignment, return_lse, sinks)
     lines = backends.explain_inputs(inp, backend)
     torch_arguments_only = window_size is None and softcap is None and alibi_slopes is None \
-        and causal_alignment == "top_left" and not return_lse
+        and causal_alignment == "top_left" and not return_lse and sinks is None
     if torch_arguments_only:
         lines += "\n" + routing.explain_route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return lines

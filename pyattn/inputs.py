@@ -37,6 +37,7 @@ class AttnInputs:
     dropout_p: float
     return_lse: bool
     out_shape: tuple  # the user-facing output shape; lse is out_shape[:-1]
+    sinks: Optional[torch.Tensor] = None  # (Hq,) float32 sink logits, or None
 
     @property
     def device(self):
@@ -81,6 +82,8 @@ class AttnInputs:
             feats.append("return_lse")
         if self.q.shape[1] != self.k.shape[1]:
             feats.append("gqa")
+        if self.sinks is not None:
+            feats.append("sinks")
         return feats
 
 
@@ -176,6 +179,24 @@ def _alibi(alibi_slopes, batch_shape, device):
     return slopes.reshape(-1, batch_shape[-1])
 
 
+def _sinks(sinks, heads, query):
+    """(Hq,) sink logits -> float32 (Hq,) (another floating dtype is converted, differentiably), or float64 for
+    float64 inputs (where float32 logits would cap the precision)."""
+    device = query.device
+    if sinks is None:
+        return None
+    _check_tensor("sinks", sinks)
+    if not sinks.is_floating_point():
+        raise AttentionTypeError(f"sinks must be a floating tensor (float32 per head), got {sinks.dtype} "
+                                 f"(shape {_shape(sinks)})")
+    if sinks.device != device:
+        raise AttentionInputError(f"sinks is on {sinks.device} but query is on {device}")
+    if sinks.dim() != 1 or sinks.shape[0] != heads:
+        raise AttentionInputError(f"sinks must have shape (Hq,) = ({heads},), one logit per query head, got "
+                                  f"{_shape(sinks)}")
+    return sinks.to(torch.float64 if query.dtype == torch.float64 else torch.float32).contiguous()
+
+
 def _mask(attn_mask, out_batch, L, S, query):
     """attn_mask broadcastable to out_batch + (L, S) -> (B, Hq, L, S) view (stride 0 where broadcast)."""
     if attn_mask is None:
@@ -235,7 +256,7 @@ def _as_bhld(t, batch_shape):
 
 
 def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
-                 alibi_slopes, causal_alignment, return_lse):
+                 alibi_slopes, causal_alignment, return_lse, sinks=None):
     """scaled_dot_product_attention's arguments -> AttnInputs (dense_outputs maps the results back)."""
     query, key, value, attn_mask = autocast(query, key, value, attn_mask)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -285,7 +306,8 @@ def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         alibi_slopes=_alibi(alibi_slopes, q_batch if q_batch else (1,), query.device),
         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=L, max_seqlen_k=S,
         scale=_scale(scale, E), window_left=left, window_right=right, bottom_right=bottom_right,
-        softcap=softcap, dropout_p=dropout_p, return_lse=return_lse, out_shape=(*q_batch, L, Ev))
+        softcap=softcap, dropout_p=dropout_p, return_lse=return_lse, out_shape=(*q_batch, L, Ev),
+        sinks=_sinks(sinks, q_batch[-1] if q_batch else 1, query))
 
 
 def dense_outputs(inp: AttnInputs, out, lse):
@@ -311,7 +333,7 @@ def _check_cu_seqlens(name, cu, total, max_seqlen):
 
 
 def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                  window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse):
+                  window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse, sinks=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
         if t.dim() != 3:
@@ -343,4 +365,4 @@ def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, scale=_scale(scale, q.shape[2]), window_left=left, window_right=right,
         bottom_right=bottom_right, softcap=softcap, dropout_p=dropout_p, return_lse=return_lse,
-        out_shape=(q.shape[0], hq, v.shape[2]))
+        out_shape=(q.shape[0], hq, v.shape[2]), sinks=_sinks(sinks, hq, q))

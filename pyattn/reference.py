@@ -38,6 +38,9 @@ def _dense(q, k, v, mask, alibi, inp: AttnInputs):
         bias = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
         s = s + bias.to(acc_dtype)
     s = s.masked_fill(~allowed, float("-inf"))
+    if inp.sinks is not None:  # a column per row that joins the softmax and is dropped after it
+        sink = inp.sinks.to(acc_dtype)[None, :, None, None].expand(*s.shape[:-1], 1)
+        s = torch.cat([s, sink], dim=-1)
     # softmax that gives 0 (and finite grads) for rows with no allowed key, as torch does
     row_max = (s.amax(dim=-1, keepdim=True) if S else s.new_full((*s.shape[:-1], 1), float("-inf"))).detach()
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # +inf stays: exp(inf - inf) is NaN, as in torch
@@ -46,6 +49,8 @@ def _dense(q, k, v, mask, alibi, inp: AttnInputs):
     empty = denom == 0  # log(0)'s gradient would be NaN: such rows get lse -inf with no gradient
     denom = denom.masked_fill(empty, 1.0)
     p = e / denom
+    if inp.sinks is not None:
+        p = p[..., :-1]
     lse = (row_max + torch.log(denom)).masked_fill(empty, float("-inf")).squeeze(-1).float()
     if inp.dropout_p > 0:
         p = torch.nn.functional.dropout(p, inp.dropout_p)
@@ -73,6 +78,29 @@ def attention(inp: AttnInputs):
         out = torch.cat([out, out.new_zeros(*out.shape[:2], pad, out.shape[3])], dim=2)
         lse = torch.cat([lse, lse.new_full((*lse.shape[:2], pad), float("-inf"))], dim=2)
     return out, lse
+
+
+def kvcache_attention(inp):
+    """A KVCacheInputs (pyattn.kvcache_inputs) -> out (B, L, Hq, Ev), lse (B, Hq, L): each sequence's keys gathered
+    from its cache row or pages (differentiably), then naive attention."""
+    outs, lses = [], []
+    page_size = inp.k_cache.shape[1]
+    for b, end in enumerate(inp.seqlens_k.tolist()):
+        start = int(inp.cache_leftpad[b]) if inp.cache_leftpad is not None else 0
+        pos = torch.arange(start, end, device=inp.device)
+        if inp.paged:
+            pages, rows = inp.block_table[b].to(torch.int64)[pos // page_size], pos % page_size
+            k, v = inp.k_cache[pages, rows], inp.v_cache[pages, rows]
+        else:
+            row = int(inp.cache_batch_idx[b]) if inp.cache_batch_idx is not None else b
+            k, v = inp.k_cache[row, pos], inp.v_cache[row, pos]
+        alibi = None if inp.alibi_slopes is None else inp.alibi_slopes[b:b + 1]
+        # (S_b, Hkv, D) -> (1, Hkv, S_b, D); q (L, Hq, D) -> (1, Hq, L, D)
+        out, lse = _dense(inp.q[b:b + 1].transpose(1, 2), k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                          alibi, inp)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -15,11 +15,11 @@ from .ops import register_attention_op
 def triton_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
                cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                scale: float, window_left: int, window_right: int, bottom_right: bool, softcap: float,
-               dropout_p: float, rng_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+               dropout_p: float, rng_state: Optional[Tensor], sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) -> out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
     with _on_device(q):
         return launch.forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state)
+                              scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state, sinks)
 
 
 @torch.library.custom_op("pyattn::triton_bwd", mutates_args=())
@@ -27,7 +27,8 @@ def triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
                mask: Optional[Tensor], alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                window_left: int, window_right: int, bottom_right: bool, softcap: float, dropout_p: float,
-               rng_state: Optional[Tensor], mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               rng_state: Optional[Tensor], mask_grad: bool,
+               sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv like q, k, v; dmask (B, Hq, L, S) float32 when mask_grad, else empty."""
     with _on_device(q):
         return launch.backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,

@@ -1,6 +1,6 @@
 // Host API of the fused CPU kernel: dtype and RNG checks, the shared checks and allocation of
 // host_params.h, dispatch to the kernels of the CPU capability in use (dispatch.h) by dtype. Registers
-// pyattn::fwd, bwd and cpu_dropout_mask for CPU.
+// pyattn::fwd, bwd, kvcache_fwd and cpu_dropout_mask for CPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -75,11 +75,12 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, double scale, int64_t window_left,
                                        int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-                                       const std::optional<at::Tensor>& rng_state) {
+                                       const std::optional<at::Tensor>& rng_state,
+                                       const std::optional<at::Tensor>& sinks) {
   check_dtype(q);
   AttnParams p;
   fill_params(kHost, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
   set_rng(p, rng_state);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -94,17 +95,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, bool mask_grad) {
+    const std::optional<at::Tensor>& rng_state, bool mask_grad, const std::optional<at::Tensor>& sinks) {
   check_dtype(q);
   AttnBwdParams p;
   fill_params(kHost, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
   set_rng(p, rng_state);
   auto [dq, dk, dv, dmask] =
       prepare_bwd(kHost, p, dout, q, k, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);
   if (q.numel() + k.numel() + v.numel() == 0) return {dq, dk, dv, dmask};
   kernels().bwd[slot(q.scalar_type())](p);
   return {dq, dk, dv, dmask};
+}
+
+// q (B, L, Hq, E) over a KV cache (csrc/ops.cpp) -> out (B, L, Hq, Ev), lse (B, Hq, L) float32
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                               const std::optional<at::Tensor>& block_table,
+                                               const std::optional<at::Tensor>& cache_batch_idx,
+                                               const std::optional<at::Tensor>& cache_leftpad,
+                                               const std::optional<at::Tensor>& alibi_slopes,
+                                               const std::optional<at::Tensor>& sinks, double scale,
+                                               int64_t window_left, int64_t window_right, double softcap) {
+  check_dtype(q);
+  AttnParams p;
+  auto [out, lse] = fill_kvcache_params(kHost, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx,
+                                        cache_leftpad, alibi_slopes, sinks, scale, window_left, window_right,
+                                        softcap);
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  kernels().fwd[slot(q.scalar_type())](p);
+  return {out, lse};
 }
 
 // (B, H, L, S) bool: the keep-mask the kernels draw for (seed, offset).
@@ -128,6 +148,7 @@ at::Tensor cpu_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int6
 TORCH_LIBRARY_IMPL(pyattn, CPU, m) {
   m.impl("fwd", &fwd);
   m.impl("bwd", &bwd);
+  m.impl("kvcache_fwd", &kvcache_fwd);
 }
 
 // No tensor arguments, so no dispatch key to select CPU: registered for every backend.

@@ -61,7 +61,7 @@ std::pair<int64_t, int64_t> chunk_queries(const Band& band, int64_t c, int64_t n
 
 // lse is stored in float32, which would cap float64 gradients near 1e-7 relative error. For float64,
 // lse2 (log2 units, rows of one (sequence, q head)) is refined to full precision:
-// lse2 += log2(sum_j 2^(s_ij - lse2)). qt: Q^T (E, L) as a B operand.
+// lse2 += log2(sum_j 2^(s_ij - lse2) + 2^(sink - lse2)). qt: Q^T (E, L) as a B operand.
 template <typename scalar_t>
 void refine_lse(const AttnParams& p, const Seq& seq, int64_t b, int64_t h, const double* qt, double* lse2) {
   const Scores<scalar_t, double> sc(p, seq, b, h);
@@ -80,8 +80,11 @@ void refine_lse(const AttnParams& p, const Seq& seq, int64_t b, int64_t h, const
         for (int64_t c = 0; c < mi; ++c) sum[i0 + c] += std::exp2(st[r * kBlockQ + c] * cf - lse2[i0 + c]);
     }
   }
-  for (int64_t i = 0; i < L; ++i)
+  const double sink = p.sinks != nullptr ? sink_logit(p, h) * kLog2e : neg_inf<double>();
+  for (int64_t i = 0; i < L; ++i) {
+    sum[i] += std::exp2(sink - lse2[i]);
     if (sum[i] > 0) lse2[i] += std::log2(sum[i]);
+  }
 }
 
 // What the key-block tasks share, written by the prepass and read-only after it. Per (sequence, q head)

@@ -102,6 +102,32 @@ void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& ro
   matmul(M, Ev, nj, pa, ldp, vb, Ev, o, Ev, true);
 }
 
+// K^T (kpad(E) rows, ld ldk, column 0 = key j0) and V (rows from key j0, ld Ev) of keys [j0, j0 + nj) of
+// kv head hk, as B operands: read run by run, a page at a time when the cache is paged (no gather copy).
+template <typename scalar_t, typename T>
+void pack_keys(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, int64_t j0, int64_t nj, T* kt,
+               int64_t ldk, T* vb) {
+  const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, hk), vr(p, seq, b, p.v, p.v_strides, hk);
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, kcol = p.k_strides.col, vcol = p.v_strides.col;
+  for (int64_t j = j0, n; j < j0 + nj; j += n) {
+    n = kr.run(j, j0 + nj - j);
+    pack_b(kr.row(j), kcol, kr.row_stride, E, n, kt + b_col<T>(j - j0), ldk);
+  }
+  if (kVnni<T> && p.block_table != nullptr && (p.page_size % 2 || seq.k0 % 2)) {
+    // VNNI pairs consecutive keys, which odd page ends split: pack pair by pair, the second row by its distance
+    for (int64_t j = j0; j < j0 + nj; j += 2) {
+      const scalar_t* r0 = vr.row(j);
+      const int64_t rows = std::min<int64_t>(2, j0 + nj - j);
+      pack_b(r0, rows == 2 ? vr.row(j + 1) - r0 : 0, vcol, rows, Ev, vb + (j - j0) * Ev, Ev);
+    }
+    return;
+  }
+  for (int64_t j = j0, n; j < j0 + nj; j += n) {
+    n = vr.run(j, j0 + nj - j);
+    pack_b(vr.row(j), vr.row_stride, vcol, n, Ev, vb + (j - j0) * Ev, Ev);
+  }
+}
+
 // q rows of the tile -> w.q as the A operand.
 template <typename scalar_t, typename T, typename acc>
 void load_q(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T, acc>& w) {
@@ -113,10 +139,10 @@ void load_q(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T,
            p.head_dim, w.q.get() + g * rows.n * Ep);
 }
 
-// Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf. o is
-// normalized in place.
+// Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf. A sink
+// joins l (and lse) with no value: such rows get 0 and the sink. o is normalized in place; m, l may change.
 template <typename scalar_t, typename acc>
-void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, acc* o, const acc* m, const acc* l) {
+void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, acc* o, acc* m, acc* l) {
   auto* out = static_cast<scalar_t*>(p.out);
   const Strides4 os = p.out_strides, ls = p.lse_strides;
   const int64_t Ev = p.head_dim_v;
@@ -125,8 +151,15 @@ void store_rows(const AttnParams& p, const Seq& seq, const Rows& rows, acc* o, c
     for (int64_t i = 0; i < rows.n; ++i) {
       const int64_t r = g * rows.n + i, row = seq.q0 + rows.i0 + i;
       scalar_t* dst = out + seq.tb * os.batch + h * os.head + row * os.row;
+      acc keep = 1;  // what the sink leaves of o's scale
+      if (p.sinks != nullptr) {
+        const acc sink = acc(sink_logit(p, h) * kLog2e), m_new = nan_max(m[r], sink);
+        keep = std::exp2(m[r] - m_new);
+        l[r] = l[r] * keep + std::exp2(sink - m_new);
+        m[r] = m_new;
+      }
       // l is 0 for a fully masked row (-> 0, -inf), NaN for a row that met a NaN (-> NaN, NaN)
-      const acc inv = l[r] == 0 ? acc(0) : 1 / l[r];
+      const acc inv = l[r] == 0 ? acc(0) : keep / l[r];
       acc* o_r = o + r * Ev;
       if (os.col == 1) {
         scale_row(o_r, Ev, inv);
@@ -145,10 +178,6 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   using acc = acc_t<scalar_t>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, group = Hq / Hkv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const Strides4 ks = p.k_strides, vs = p.v_strides;
-
   std::vector<int64_t> kv_off(B * Hkv + 1, 0);
   int64_t max_blocks = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -162,10 +191,8 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   T* kv = kv_buf.get();
   parallel_tasks(B * Hkv, [] { return 0; }, [&](int64_t t, int) {
     const Seq& s = seqs[t / Hkv];
-    const int64_t hk = t % Hkv;
     T* kt = kv + kv_off[t];
-    pack_b(k + s.tb * ks.batch + hk * ks.head + s.k0 * ks.row, ks.col, ks.row, E, s.S, kt);
-    pack_b(v + s.tb * vs.batch + hk * vs.head + s.k0 * vs.row, vs.row, vs.col, s.S, Ev, kt + Ep * s.S);
+    pack_keys<scalar_t>(p, s, t / Hkv, t % Hkv, 0, s.S, kt, s.S, kt + Ep * s.S);
   });
 
   // Tasks ordered by q block, last first: under causal masks the last blocks cost the most.
@@ -200,9 +227,6 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   using acc = acc_t<scalar_t>;
   const int64_t B = p.batch, Hkv = p.heads_kv, group = p.heads_q / Hkv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v;
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const Strides4 ks = p.k_strides, vs = p.v_strides;
   const int64_t M = group * p.seqlen_q;  // rows per tile, >= any sequence's group * L
   const int64_t part = M * (Ev + 2);  // one task's partial: o (M, Ev), m (M,), l (M,)
 
@@ -235,9 +259,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
     for (int64_t j0 = keys[b].first + c * kChunkBlocks * kBlockK; j0 < j_end; j0 += kBlockK) {
       // K^T and V of this key block -> scratch B operands
       const int64_t nj = std::min(kBlockK, j_end - j0);
-      const int64_t j = seq.k0 + j0;
-      pack_b(k + seq.tb * ks.batch + hk * ks.head + j * ks.row, ks.col, ks.row, E, nj, w.kt.get());
-      pack_b(v + seq.tb * vs.batch + hk * vs.head + j * vs.row, vs.row, vs.col, nj, Ev, w.v.get());
+      pack_keys<scalar_t>(p, seq, b, hk, j0, nj, w.kt.get(), nj, w.v.get());
       attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
     }
   });

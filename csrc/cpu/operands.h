@@ -76,17 +76,19 @@ void pack_a(const S* src, int64_t sm, int64_t sk, int64_t M, int64_t K, T* dst) 
   }
 }
 
-// dst = B operand (K, N) with ld_b = N, from src[k * sk + n * sn]. A transposing pack (sn != 1) goes
-// 32 columns at a time, so the source rows it reads stay in L1 while the destination is written in runs.
+// dst = B operand (K, N) with ld_b = ld (N when ld < 0), from src[k * sk + n * sn]. A transposing pack
+// (sn != 1) goes 32 columns at a time, so the source rows it reads stay in L1 while the destination is
+// written in runs.
 template <typename T, typename S>
-void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst) {
+void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst, int64_t ld = -1) {
+  if (ld < 0) ld = N;
   const int64_t step = sn == 1 ? N : 32;
   for (int64_t n0 = 0; n0 < N; n0 += step) {
     const int64_t n1 = std::min(N, n0 + step);
     if constexpr (kVnni<T> && std::is_same_v<S, T>) {
       // Same 16-bit type: move bits, a VNNI pair (k, k + 1) of column n as one 32-bit word.
       for (int64_t k = 0; k < K; k += 2) {
-        uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * N);
+        uint32_t* d = reinterpret_cast<uint32_t*>(dst + k * ld);
         const bool pair = k + 1 < K;
         if (sk == 1 && pair) {
           // prefetch the next columns' source rows: reads in column order hide them from the hardware
@@ -110,7 +112,7 @@ void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst) 
       for (int64_t k = 0; k < K; k += 2) {
         const S* s0 = src + k * sk;
         const S* s1 = s0 + sk;
-        T* d = dst + k * N;
+        T* d = dst + k * ld;
         if (k + 1 < K) {
           for (int64_t n = n0; n < n1; ++n) {
             d[2 * n] = static_cast<T>(s0[n * sn]);
@@ -126,7 +128,7 @@ void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst) 
     } else {
       for (int64_t k = 0; k < K; ++k) {
         const S* s = src + k * sk;
-        T* d = dst + k * N;
+        T* d = dst + k * ld;
         if (sn == 1) {
           convert_row(s + n0, d + n0, n1 - n0);
         } else {

@@ -12,16 +12,49 @@ namespace pyattn::cpu {
 
 // One sequence of the batch: where its rows live in the tensors, and its lengths.
 struct Seq {
-  int64_t tb = 0;  // batch index into the tensors (varlen: 0)
-  int64_t q0 = 0, k0 = 0;  // first row in q / out / lse and in k / v (varlen: cu_seqlens)
+  int64_t tb = 0;  // batch index into q / out / lse (varlen: 0)
+  int64_t kb = 0;  // batch index into k / v: tb, or the KV-cache row (kv_batch_idx); unused when paged
+  int64_t q0 = 0, k0 = 0;  // first row in q / out / lse and in k / v (varlen: cu_seqlens; KV cache: k_start)
   int64_t L = 0, S = 0;
 };
 
 inline Seq get_seq(const AttnParams& p, int64_t b) {
-  if (p.cu_seqlens_q == nullptr) return {b, 0, 0, p.seqlen_q, p.seqlen_k};
+  if (p.seqused_k != nullptr) {
+    const int64_t k0 = p.k_start != nullptr ? p.k_start[b] : 0;
+    return {b, p.kv_batch_idx != nullptr ? p.kv_batch_idx[b] : b, 0, k0, p.seqlen_q, p.seqused_k[b] - k0};
+  }
+  if (p.cu_seqlens_q == nullptr) return {b, b, 0, 0, p.seqlen_q, p.seqlen_k};
   const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
-  return {0, q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+  return {0, 0, q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
 }
+
+// The sink logit of q head h (p.sinks != nullptr), natural units.
+inline double sink_logit(const AttnParams& p, int64_t h) {
+  return p.sinks_f64 ? static_cast<const double*>(p.sinks)[h] : double(static_cast<const float*>(p.sinks)[h]);
+}
+
+// Rows of one kv head of k or v for a sequence: key j (0-based in the sequence) and how many keys from j on
+// are evenly strided (to the end of its page; all of them without paging).
+template <typename scalar_t>
+struct KeyRows {
+  const scalar_t* base;  // (kb, head) of a dense tensor; (page 0, head) when paged
+  int64_t row_stride, page_stride, k0, page_size;
+  const int32_t* pages;  // this sequence's block_table row, or nullptr
+
+  KeyRows(const AttnParams& p, const Seq& s, int64_t b, const void* t, const Strides4& st, int64_t hk)
+      : base(static_cast<const scalar_t*>(t) + hk * st.head), row_stride(st.row), page_stride(st.batch), k0(s.k0),
+        page_size(p.page_size), pages(p.block_table != nullptr ? p.block_table + b * p.block_table_stride : nullptr) {
+    if (pages == nullptr) base += s.kb * st.batch;
+  }
+  const scalar_t* row(int64_t j) const {
+    const int64_t pos = k0 + j;
+    if (pages == nullptr) return base + pos * row_stride;
+    return base + pages[pos / page_size] * page_stride + pos % page_size * row_stride;
+  }
+  int64_t run(int64_t j, int64_t n) const {
+    return pages == nullptr ? n : std::min(n, page_size - (k0 + j) % page_size);
+  }
+};
 
 // Query i may see keys [lo(i), hi(i)); key j is seen by queries [qlo(j), qhi(j)). Both bounds grow
 // with their argument, so block ranges come from the block's end rows.

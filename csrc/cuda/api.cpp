@@ -93,13 +93,15 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
                                        const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, double scale, int64_t window_left,
                                        int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-                                       const std::optional<at::Tensor>& /*rng_state: no dropout here*/) {
+                                       const std::optional<at::Tensor>& /*rng_state: no dropout here*/,
+                                       const std::optional<at::Tensor>& sinks) {
   const Host host = host_of(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   AttnParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+  TORCH_CHECK(p.sinks == nullptr, "pyattn cuda: sinks are not supported by the CUDA C++ kernels yet");
   const Choice choice = check_kernel_limits(p, q, dropout_p);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
@@ -123,13 +125,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double softcap, double dropout_p, const std::optional<at::Tensor>& /*rng_state*/,
-    bool mask_grad) {
+    bool mask_grad, const std::optional<at::Tensor>& sinks) {
   const Host host = host_of(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), dout = aligned(dout_in);
   AttnBwdParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
   const int d = check_kernel_limits(p, q, dropout_p).head_dim;
   auto [dq, dk, dv, dmask] =
       prepare_bwd(host, p, dout, q, k, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);
