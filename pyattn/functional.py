@@ -39,18 +39,21 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, lse[0]) if return_lse else out
 
 
-def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=None, scale=None, enable_gqa=False, *,
             window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", sinks=None,
             return_lse=False, backend=None, **kvcache):
     """Which backend would run these arguments, and why each other one would not; for torch's arguments alone,
     also where pyattn.enable() sends a call of torch's function with them. With kvcache_attention's keywords
-    (cache_seqlens=...), the same for kvcache_attention(query, key, value, ...): key and value are the caches."""
+    (cache_seqlens=...), the same for kvcache_attention(query, key, value, ...): key and value are the caches.
+    is_causal=None means each function's default (False for attention, True for kvcache_attention)."""
     if kvcache:
         if "cache_seqlens" not in kvcache:
             raise TypeError(f"explain() got unexpected keyword arguments {sorted(kvcache)}")
         extras = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                       scale=scale, return_lse=return_lse, backend=backend)
-        return explain_kvcache(query, key, value, is_causal=is_causal, **extras, **kvcache)
+        return explain_kvcache(query, key, value, is_causal=True if is_causal is None else is_causal, **extras,
+                               **kvcache)
+    is_causal = False if is_causal is None else is_causal
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                        softcap, alibi_slopes, causal_alignment, return_lse, sinks)
     lines = backends.explain_inputs(inp, backend)

@@ -48,6 +48,10 @@ class KVCacheInputs:
         return self.q.dtype
 
     @property
+    def is_causal(self):
+        return self.window_right == 0 and self.window_left < 0
+
+    @property
     def paged(self):
         return self.block_table is not None
 

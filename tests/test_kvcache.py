@@ -1,0 +1,321 @@
+"""kvcache_attention: contiguous and paged caches, in-place append, ragged lengths, sinks, and bad calls that must
+leave the cache untouched. The oracle is the same call on the reference backend in float64."""
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import pyattn
+from conftest import backend_params, dtype_id, half_dtype
+
+KV_BACKENDS = backend_params(["cpu"])
+
+
+@dataclass
+class KVCase:
+    id: str
+    lens: tuple  # cache_seqlens per sequence (before the append)
+    L: int = 1  # queries per sequence
+    L_new: int = 1  # appended tokens (0: none)
+    Hq: int = 4
+    Hkv: int = 2
+    D: int = 16
+    S_max: int = 48
+    kw: dict = field(default_factory=dict)
+
+
+CASES = [
+    KVCase("decode", (5, 0, 33)),
+    KVCase("decode-mqa", (7, 40), Hq=4, Hkv=1),
+    KVCase("decode-noappend", (5, 1, 30), L_new=0),
+    KVCase("chunk", (0, 9, 20), L=6, L_new=6),
+    KVCase("chunk-long-gqa", (3, 20), L=40, L_new=40, Hq=8, Hkv=2, S_max=80),  # group * L > one tile
+    KVCase("window", (5, 30), L=3, L_new=3, kw=dict(window_size=(6, 0))),
+    KVCase("noncausal", (5, 30), L=3, L_new=3, kw=dict(is_causal=False)),
+    KVCase("softcap-alibi", (12, 3), L=2, L_new=2, kw=dict(softcap=5.0, alibi=True)),
+    KVCase("sinks", (0, 17, 31), L=2, L_new=2, kw=dict(sinks=True)),
+    KVCase("dv", (6, 11), kw=dict(Dv=8)),
+]
+
+
+def make(case: KVCase, dtype, page_size=None, generator_seed=0):
+    """Inputs of a case: q, caches (contiguous, or paged with shuffled pages), k_new/v_new, kwargs."""
+    g = torch.Generator().manual_seed(generator_seed)
+    B, Dv = len(case.lens), case.kw.get("Dv", case.D)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    q = rand(B, case.L, case.Hq, case.D)
+    kc, vc = rand(B, case.S_max, case.Hkv, case.D), rand(B, case.S_max, case.Hkv, Dv)
+    kw = dict(cache_seqlens=torch.tensor(case.lens, dtype=torch.int32))
+    if case.L_new:
+        kw.update(k_new=rand(B, case.L_new, case.Hkv, case.D), v_new=rand(B, case.L_new, case.Hkv, Dv))
+    for name in ("window_size", "softcap", "is_causal"):
+        if name in case.kw:
+            kw[name] = case.kw[name]
+    if case.kw.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(case.Hq, generator=g) * 0.3
+    if case.kw.get("sinks"):
+        kw["sinks"] = torch.randn(case.Hq, generator=g)
+    if page_size is not None:
+        kc, vc, kw["block_table"] = paged(kc, vc, page_size, g)
+    return q, kc, vc, kw
+
+
+def paged(kc, vc, page_size, g):
+    """(B, S_max, H, D) caches -> (num_pages, page_size, H, D) with a random page order plus spare pages."""
+    B, S_max = kc.shape[:2]
+    per_seq = -(-S_max // page_size)
+    pad = per_seq * page_size - S_max
+    kc = torch.cat([kc, kc.new_zeros(B, pad, *kc.shape[2:])], 1).reshape(B * per_seq, page_size, *kc.shape[2:])
+    vc = torch.cat([vc, vc.new_zeros(B, pad, *vc.shape[2:])], 1).reshape(B * per_seq, page_size, *vc.shape[2:])
+    spare = 3
+    perm = torch.randperm(B * per_seq + spare, generator=g)
+    k_pages = torch.randn(B * per_seq + spare, *kc.shape[1:], dtype=torch.float64).to(kc.dtype)
+    v_pages = torch.randn(B * per_seq + spare, *vc.shape[1:], dtype=torch.float64).to(vc.dtype)
+    k_pages[perm[:B * per_seq]], v_pages[perm[:B * per_seq]] = kc, vc
+    return k_pages, v_pages, perm[:B * per_seq].view(B, per_seq).to(torch.int32)
+
+
+def run(q, kc, vc, kw, backend, dtype=None):
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() and t.dim() == 4 else t  # noqa: E731
+    kw = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    kc, vc = cast(kc).clone(), cast(vc).clone()
+    out, lse = pyattn.kvcache_attention(cast(q), kc, vc, return_lse=True, backend=backend, **kw)
+    return out, lse, kc, vc
+
+
+def tol(dtype):
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+PAGE_SIZES = (None, 1, 16, 256)
+
+
+def grid():
+    """Every case x layout x dtype on the CPU capability in use; on the lower ones, fp32/bf16 and two layouts."""
+    for bp in KV_BACKENDS:
+        full = bp.id == "cpu"
+        for dtype in DTYPES if full else (torch.float32, torch.bfloat16):
+            for page_size in PAGE_SIZES if full else (None, 16):
+                layout = "contiguous" if page_size is None else f"page{page_size}"
+                for case in CASES:
+                    yield pytest.param(case, page_size, dtype, *bp.values, marks=bp.marks,
+                                       id=f"{case.id}-{layout}-{dtype_id(dtype)}-{bp.id}")
+
+
+@pytest.mark.parametrize("case,page_size,dtype,backend,device", grid())
+def test_kvcache_matches_reference(case, page_size, dtype, backend, device):
+    q, kc, vc, kw = make(case, torch.float64, page_size)
+    o_out, o_lse, o_kc, _ = run(q, kc, vc, kw, "reference")
+    out, lse, kc2, vc2 = run(q, kc, vc, kw, backend, dtype)
+    assert out.shape == o_out.shape and out.dtype == dtype and lse.shape == o_lse.shape
+    scale = max(1.0, o_out.abs().max().item())
+    assert (out.double() - o_out).abs().max().item() <= tol(dtype) * scale
+    finite = torch.isfinite(o_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse.double() - o_lse)[finite].abs().max().item() <= max(tol(dtype), 1e-5) * 10
+    assert torch.equal(kc2.double(), o_kc.to(dtype).double()), "the append wrote other cache entries than expected"
+
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("page_size", [1, 3, 16], ids=lambda p: f"page{p}")
+def test_paged_equals_contiguous(page_size, dtype, backend, device):
+    """The same cache contents paged (shuffled, non-contiguous pages) or contiguous give identical results."""
+    for case in (CASES[0], CASES[3], CASES[4]):
+        q, kc, vc, kw = make(case, dtype)
+        qp, kp, vp, kwp = make(case, dtype, page_size)
+        pages = kwp["block_table"].to(torch.int64)
+        B, S_max = kc.shape[:2]
+        kc = kp[pages].flatten(1, 2)[:, :S_max]
+        vc = vp[pages].flatten(1, 2)[:, :S_max]
+        a = run(q, kc, vc, kw, backend)[:2]
+        b = run(q, kp, vp, kwp, backend)[:2]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), case.id
+
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
+def test_append_then_attend_equals_dense(backend, device):
+    """Appending L_new tokens then attending equals bottom-right causal attention on the whole sequences."""
+    case = CASES[3]
+    q, kc, vc, kw = make(case, torch.float64)
+    out, _, kc2, vc2 = run(q, kc, vc, kw, backend)
+    for b, n in enumerate(case.lens):
+        k, v = kc2[b, :n + case.L_new].transpose(0, 1), vc2[b, :n + case.L_new].transpose(0, 1)
+        assert torch.equal(kc2[b, n:n + case.L_new], kw["k_new"][b])
+        want = pyattn.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, window_size=(-1, 0),
+                                                   causal_alignment="bottom_right", enable_gqa=True,
+                                                   backend="reference")
+        torch.testing.assert_close(out[b].transpose(0, 1), want, rtol=1e-10, atol=1e-10)
+
+
+def test_cache_batch_idx_and_leftpad():
+    """cache_batch_idx picks rows; cache_leftpad starts each sequence later (positions counted from there)."""
+    case = CASES[0]
+    q, kc, vc, kw = make(case, torch.float64)
+    kw["cache_batch_idx"] = torch.tensor([2, 0, 1], dtype=torch.int32)
+    kw["cache_seqlens"] = torch.tensor([9, 4, 30], dtype=torch.int32)
+    kw["cache_leftpad"] = torch.tensor([3, 0, 11], dtype=torch.int32)
+    kc, vc = torch.cat([kc, kc[:1]]), torch.cat([vc, vc[:1]])  # 4 rows for 3 sequences
+    o_ref = run(q, kc, vc, kw, "reference")
+    o_cpu = run(q, kc, vc, kw, "cpu")
+    torch.testing.assert_close(o_cpu[0], o_ref[0], rtol=1e-10, atol=1e-10)
+    for b, (row, start, n) in enumerate(zip((2, 0, 1), (3, 0, 11), (9, 4, 30))):
+        k = o_ref[2][row, start:n + 1].transpose(0, 1)
+        v = o_ref[3][row, start:n + 1].transpose(0, 1)
+        want = pyattn.scaled_dot_product_attention(q[b].transpose(0, 1), k, v, enable_gqa=True, backend="reference")
+        torch.testing.assert_close(o_ref[0][b].transpose(0, 1), want, rtol=1e-10, atol=1e-10)
+
+
+def test_kvcache_gradients_by_finite_differences():
+    """With autograd on, the reference backend runs it: gradients of q, the caches and the sinks in float64."""
+    case = KVCase("tiny", (3, 0, 6), L=2, L_new=0, Hq=2, Hkv=1, D=4, S_max=8, kw=dict(sinks=True))
+    q, kc, vc, kw = make(case, torch.float64, page_size=3)
+    kw["sinks"] = kw["sinks"].double()
+
+    def f(q, kc, vc, sinks):
+        return pyattn.kvcache_attention(q, kc, vc, **{**kw, "sinks": sinks})
+
+    args = (q.requires_grad_(), kc.requires_grad_(), vc.requires_grad_(), kw["sinks"].requires_grad_())
+    assert "reference" in pyattn.explain(*args[:3], **{**kw, "sinks": args[3]}).split("chosen")[0].splitlines()[-1]
+    torch.autograd.gradcheck(f, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("api", ["dense", "varlen"])
+def test_sinks_gradients_by_finite_differences(api, backend):
+    """sinks fwd + bwd in float64: q, k, v and sinks against finite differences (lse is float32 by contract, so
+    its gradient is compared with the reference's instead)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64) for n in (5, 7, 7))
+    sinks = torch.randn(3, generator=g, dtype=torch.float64)
+    if api == "dense":
+        def f(q, k, v, sinks):
+            return pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, sinks=sinks, return_lse=True,
+                                                       backend=backend)[0]
+    else:
+        cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 7], dtype=torch.int32)
+        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+
+        def f(q, k, v, sinks):
+            return pyattn.varlen_attention(q, k, v, cu_q, cu_k, 3, 4, is_causal=True, sinks=sinks, return_lse=True,
+                                           backend=backend)[0]
+    args = tuple(t.requires_grad_() for t in (q, k, v, sinks))
+    torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
+def test_sinks_lse_gradient_matches_reference(backend, device):
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    sinks = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for name in (backend, "reference"):
+        out, lse = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, sinks=sinks, return_lse=True,
+                                                       backend=name)
+        grads.append(torch.autograd.grad((out.sum(-1) * lse.cos()).sum() + lse.sum(), (q, k, v, sinks)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sinks_fully_masked_row_gives_zero_and_the_sink():
+    q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1] = False
+    sinks = torch.tensor([0.5, -1.0])
+    for backend in ("cpu", "reference"):
+        out, lse = pyattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, sinks=sinks, return_lse=True,
+                                                       backend=backend)
+        assert torch.equal(out[0, :, 1], torch.zeros(2, 8)) and torch.allclose(lse[0, :, 1], sinks), backend
+
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
+def test_sinks_half_matches_reference(backend, device):
+    dtype = half_dtype(backend)
+    q, k, v = (torch.randn(1, 4, 40, 16, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(4) * 2
+    want = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, sinks=sinks, backend="reference")
+    got = pyattn.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, sinks=sinks,
+                                              backend=backend)
+    assert (got.double() - want).abs().max() < 3e-2
+
+
+def _bad_calls():
+    """(id, kwargs update, expected message part): each must raise before writing anything."""
+    return [
+        ("page-out-of-range", dict(block_table=lambda kw: kw["block_table"].masked_fill(
+            torch.zeros_like(kw["block_table"], dtype=torch.bool).index_fill_(1, torch.tensor([0]), True), 99)),
+         "block_table"),
+        ("over-capacity", dict(cache_seqlens=lambda kw: torch.tensor([5, 0, 48], dtype=torch.int32)), "capacity"),
+        ("negative-seqlen", dict(cache_seqlens=lambda kw: torch.tensor([5, -1, 3], dtype=torch.int32)), "capacity"),
+        ("seqlens-dtype", dict(cache_seqlens=lambda kw: kw["cache_seqlens"].long()), "int32"),
+        ("k-new-dtype", dict(k_new=lambda kw: kw["k_new"].double()), "k_new"),
+        ("k-new-alone", dict(v_new=lambda kw: None), "together"),
+        ("k-new-heads", dict(k_new=lambda kw: kw["k_new"][:, :, :1]), "k_new"),
+        ("sinks-shape", dict(sinks=lambda kw: torch.zeros(3)), "sinks"),
+        ("batch-idx-with-pages", dict(cache_batch_idx=lambda kw: torch.zeros(3, dtype=torch.int32)),
+         "cache_batch_idx"),
+        ("leftpad-past-seqlen", dict(cache_leftpad=lambda kw: torch.tensor([6, 0, 0], dtype=torch.int32)),
+         "cache_leftpad"),
+    ]
+
+
+@pytest.mark.parametrize("bad", _bad_calls(), ids=lambda b: b[0])
+def test_bad_calls_leave_the_cache_untouched(bad):
+    _, update, message = bad
+    q, kc, vc, kw = make(CASES[0], torch.float32, page_size=16)
+    for name, fn in update.items():
+        kw[name] = fn(kw)
+    k_before, v_before = kc.clone(), vc.clone()
+    with pytest.raises((ValueError, TypeError), match=message) as e:
+        pyattn.kvcache_attention(q, kc, vc, **kw)
+    assert isinstance(e.value, RuntimeError)
+    assert torch.equal(kc, k_before) and torch.equal(vc, v_before)
+
+
+def test_contiguous_cache_errors():
+    q, kc, vc, kw = make(CASES[0], torch.float32)
+    with pytest.raises(ValueError, match="B_cache"):
+        pyattn.kvcache_attention(q, kc[:2], vc[:2], **kw)
+    kw["cache_batch_idx"] = torch.tensor([0, 5, 1], dtype=torch.int32)
+    before = kc.clone()
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        pyattn.kvcache_attention(q, kc, vc, **kw)
+    assert torch.equal(kc, before)
+
+
+def test_op_checks_indices_itself():
+    """The CPU op checks the indices too (on the CPU that costs nothing): a direct call cannot read out of bounds."""
+    q, kc, vc, kw = make(CASES[0], torch.float32, page_size=16)
+    bt = kw["block_table"].clone()
+    bt[1, 0] = 1000
+    with pytest.raises(RuntimeError, match="block_table"):
+        torch.ops.pyattn.kvcache_fwd(q, kc, vc, torch.tensor([5, 3, 2], dtype=torch.int32), bt, None, None, None,
+                                     None, 0.25, -1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="capacity"):
+        torch.ops.pyattn.kvcache_fwd(q, kc, vc, torch.tensor([5, 3, 2000], dtype=torch.int32), kw["block_table"],
+                                     None, None, None, None, 0.25, -1, 0, 0.0)
+
+
+def test_opcheck_kvcache_fwd():
+    for page_size in (None, 16):
+        q, kc, vc, kw = make(CASES[8], torch.float32, page_size)
+        args = (q, kc, vc, kw["cache_seqlens"] + 2, kw.get("block_table"), None, None, None, kw["sinks"], 0.25, -1, 0,
+                0.0)
+        torch.library.opcheck(torch.ops.pyattn.kvcache_fwd.default, args)
+
+
+def test_compiled_decode_step_matches_eager():
+    q, kc, vc, kw = make(CASES[0], torch.float32, page_size=16)
+    step = torch.compile(pyattn.kvcache_attention, fullgraph=True)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = pyattn.kvcache_attention(q, kc, vc, **kw)
+    got = step(q, kc2, vc2, **kw)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)
+
+
+def test_explain_covers_kvcache():
+    q, kc, vc, kw = make(CASES[0], torch.float32, page_size=16)
+    text = pyattn.explain(q, kc, vc, **kw)
+    assert "kvcache" in text and "paged kv cache" in text and "chosen" in text
+    assert "torch" in text and "cannot" in text
