@@ -145,7 +145,7 @@ class CUDABackend(FusedBackend):
     name = "cuda"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    features = ALL_FEATURES - {"dropout", "sinks"}
+    features = ALL_FEATURES - {"dropout"}
     max_head_dim = 256  # padded to 64, 128, 192 or 256 (csrc/cuda/generate.py)
 
     def unavailable_reason(self):

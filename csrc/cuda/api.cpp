@@ -101,7 +101,6 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   AttnParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
               window_left, window_right, bottom_right, softcap, dropout_p, sinks);
-  TORCH_CHECK(p.sinks == nullptr, "pyattn cuda: sinks are not supported by the CUDA C++ kernels yet");
   const Choice choice = check_kernel_limits(p, q, dropout_p);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
