@@ -116,6 +116,24 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   return {out, lse};
 }
 
+// Decoding (one query per sequence) with GQA: the G = Hq / Hkv query heads that share a kv head become G rows
+// of one head, as FlashAttention does (seqlenq_ngroups_swapped), so a 128-row block holds G real rows, not 1,
+// and K/V are read once per kv head. A lone query sits at the last position and sees every key (the right
+// window and causality are moot), unless a left window or a per-q-head term (ALiBi, sinks) applies.
+void pack_gqa_decode(AttnParams& p) {
+  const int64_t G = p.heads_q / p.heads_kv;
+  if (p.seqlen_q != 1 || G == 1 || p.window_left >= 0 || p.alibi_slopes != nullptr || p.sinks != nullptr) return;
+  // q, out (B, Hq, 1, D) and lse (B, Hq, 1) seen as (B, Hkv, G, D) and (B, Hkv, G): row g of head hk is q head
+  // hk * G + g
+  for (Strides4* st : {&p.q_strides, &p.out_strides, &p.lse_strides}) {
+    st->row = st->head;
+    st->head *= G;
+  }
+  p.seqlen_q = G;
+  p.heads_q = p.heads_kv;
+  p.window_right = -1;
+}
+
 // q (B, L, Hq, E), caches (B_cache, S_max, Hkv, E|Ev) or paged (num_pages, page_size, Hkv, E|Ev) with
 // block_table (B, max_pages) -> out (B, L, Hq, Ev), lse (B, Hq, L) float32. The sm_80 forward in KV-cache mode
 // (csrc/params.h): per-sequence key ranges, cache rows and pages are read on the device, so the sm_90a (TMA)
@@ -139,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q_in, const at:
                                         softcap);
   const Choice choice = check_kernel_limits(p, q, 0.0);
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
+  pack_gqa_decode(p);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_instantiation(q.scalar_type() == at::kBFloat16, choice.head_dim, uses_window(p), [&](auto b, auto dim, auto w) {
     run_fwd<decltype(b)::value, decltype(dim)::value, decltype(w)::value>(p, stream);
