@@ -141,11 +141,13 @@ class CPUBackend(FusedBackend):
 
 
 class CUDABackend(FusedBackend):
-    """CUDA C++ tensor-core kernels (csrc/cuda): mma.sync m16n8k16 on sm_80 and newer, fwd + bwd."""
+    """CUDA C++ tensor-core kernels (csrc/cuda): mma.sync m16n8k16 on sm_80 and newer, fwd + bwd; kvcache_fwd
+    (contiguous or paged caches) on the sm_80 forward."""
     name = "cuda"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    features = ALL_FEATURES - {"dropout", "sinks"}
+    features = (ALL_FEATURES - {"dropout"}) | KVCACHE_FEATURES
+    kvcache_op_name = "kvcache_fwd"  # csrc/cuda/api.cpp registers it for the CUDA dispatch key
     max_head_dim = 256  # padded to 64, 128, 192 or 256 (csrc/cuda/generate.py)
 
     def unavailable_reason(self):

@@ -12,7 +12,9 @@ def inputs(E=64, Ev=64, dtype=torch.bfloat16, dropout_p=0.0):
 
 def test_declares_every_feature_but_dropout():
     cuda = backends.CUDABackend()
-    assert cuda.features == backends.ALL_FEATURES - {"dropout"}
+    assert cuda.features == (backends.ALL_FEATURES - {"dropout"}) | backends.KVCACHE_FEATURES
+    assert "sinks" in cuda.features and "kvcache gradient" not in cuda.features
+    assert cuda.kvcache_op_name == "kvcache_fwd"
     assert cuda.dtypes == (torch.float16, torch.bfloat16) and cuda.max_head_dim == 256
 
 

@@ -2,7 +2,9 @@
 cores (HMMA in the SASS) and keep everything in registers (no spills).
 
 A representative subset keeps `make test` short: bf16, head dim 128, with and without the window, forward and
-backward on the sm_80 path (mma.sync: HMMA), and on sm_90a also the TMA + wgmma forward (HGMMA). `python -m pyattn.inspect --arch sm_80|sm_90 --backend cuda` reports every instantiation."""
+backward on the sm_80 path (mma.sync: HMMA), and on sm_90a also the TMA + wgmma forward (HGMMA). The forward's
+KV-cache mode (kvcache_fwd, contiguous or paged) and its sinks are runtime branches of the same kernels: no
+instantiation of their own. `python -m pyattn.inspect --arch sm_80|sm_90 --backend cuda` reports every instantiation."""
 import pytest
 
 from pyattn import cuda_aot, inspect

@@ -1,6 +1,6 @@
 // Host API of the CUDA kernels: checks (messages name the argument and its shape), device guard, the
 // current stream, allocation, and the choice of instantiation (dtype x padded head dim x window).
-// Registers pyattn::fwd and bwd for CUDA. Compiled only in CUDA builds (setup.py).
+// Registers pyattn::fwd, bwd and kvcache_fwd for CUDA. Compiled only in CUDA builds (setup.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -101,7 +101,6 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   AttnParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
               window_left, window_right, bottom_right, softcap, dropout_p, sinks);
-  TORCH_CHECK(p.sinks == nullptr, "pyattn cuda: sinks are not supported by the CUDA C++ kernels yet");
   const Choice choice = check_kernel_limits(p, q, dropout_p);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
@@ -112,6 +111,56 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
       if (choice.sm90 && run_fwd_sm90<kBf16, kWindow>(p, q.size(2), k.size(2), q.size(0), stream)) return;
     }
     run_fwd<kBf16, decltype(dim)::value, kWindow>(p, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+// Decoding (one query per sequence) with GQA: the G = Hq / Hkv query heads that share a kv head become G rows
+// of one head, as FlashAttention does (seqlenq_ngroups_swapped), so a 128-row block holds G real rows, not 1,
+// and K/V are read once per kv head. A lone query sits at the last position and sees every key (the right
+// window and causality are moot), unless a left window or a per-q-head term (ALiBi, sinks) applies.
+void pack_gqa_decode(AttnParams& p) {
+  const int64_t G = p.heads_q / p.heads_kv;
+  if (p.seqlen_q != 1 || G == 1 || p.window_left >= 0 || p.alibi_slopes != nullptr || p.sinks != nullptr) return;
+  // q, out (B, Hq, 1, D) and lse (B, Hq, 1) seen as (B, Hkv, G, D) and (B, Hkv, G): row g of head hk is q head
+  // hk * G + g
+  for (Strides4* st : {&p.q_strides, &p.out_strides, &p.lse_strides}) {
+    st->row = st->head;
+    st->head *= G;
+  }
+  p.seqlen_q = G;
+  p.heads_q = p.heads_kv;
+  p.window_right = -1;
+}
+
+// q (B, L, Hq, E), caches (B_cache, S_max, Hkv, E|Ev) or paged (num_pages, page_size, Hkv, E|Ev) with
+// block_table (B, max_pages) -> out (B, L, Hq, Ev), lse (B, Hq, L) float32. The sm_80 forward in KV-cache mode
+// (csrc/params.h): per-sequence key ranges, cache rows and pages are read on the device, so the sm_90a (TMA)
+// forward, whose boxes need evenly strided rows, does not take it. The values of seqlens_k, cache_leftpad,
+// cache_batch_idx and block_table are the caller's to check (pyattn.kvcache_attention does).
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q_in, const at::Tensor& k_cache_in,
+                                               const at::Tensor& v_cache_in, const at::Tensor& seqlens_k,
+                                               const std::optional<at::Tensor>& block_table,
+                                               const std::optional<at::Tensor>& cache_batch_idx,
+                                               const std::optional<at::Tensor>& cache_leftpad,
+                                               const std::optional<at::Tensor>& alibi_slopes,
+                                               const std::optional<at::Tensor>& sinks, double scale,
+                                               int64_t window_left, int64_t window_right, double softcap) {
+  const Host host = host_of(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  // (B, L, H, D) tensors: aligned() checks the same 16-byte rule on any 4-D layout
+  const at::Tensor q = aligned(q_in), k_cache = aligned(k_cache_in), v_cache = aligned(v_cache_in);
+  AttnParams p;
+  auto [out, lse] = fill_kvcache_params(host, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx,
+                                        cache_leftpad, alibi_slopes, sinks, scale, window_left, window_right,
+                                        softcap);
+  const Choice choice = check_kernel_limits(p, q, 0.0);
+  if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
+  pack_gqa_decode(p);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_instantiation(q.scalar_type() == at::kBFloat16, choice.head_dim, uses_window(p), [&](auto b, auto dim, auto w) {
+    run_fwd<decltype(b)::value, decltype(dim)::value, decltype(w)::value>(p, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -153,6 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
 TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
   m.impl("fwd", &fwd);
   m.impl("bwd", &bwd);
+  m.impl("kvcache_fwd", &kvcache_fwd);
 }
 
 }  // namespace pyattn::cuda

@@ -1,6 +1,7 @@
 // Forward: one CTA per (query block, head, batch); warp w owns query rows [16w, 16w+16) of the block.
 // Q stays in smem; K and V blocks stream through one buffer each: V(j) loads during S = Q K(j)^T and the
-// softmax, K(j+1) during O += P V(j). Online softmax in the exp2 domain, all in registers.
+// softmax, K(j+1) during O += P V(j). Online softmax in the exp2 domain, all in registers. The same kernel
+// serves KV caches (p.seqused_k): key rows come through key_row, which follows the page table when paged.
 #pragma once
 #include "cuda/scores.cuh"
 #include "cuda/smem_tile.cuh"
@@ -30,8 +31,13 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
   const ScoreMod<kBf16, kWindow> mod(p, s, b, h);
 
   const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, s, s.q_row0, h, m0);
-  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, s, s.k_row0, hk, 0);
-  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, s, s.k_row0, hk, 0);
+  const T* k = key_base<T>(p, p.k, p.k_strides, s, hk);
+  const T* v = key_base<T>(p, p.v, p.v_strides, s, hk);
+  // keys [n0, n0 + kN) of k or v (t: the tensor) -> smem
+  auto load_keys = [&](T* smem, const T* base, const Strides4& st, const void* t, int n0, int cols) {
+    load_tile_rows<kN, D, kThreads>(smem, [&](int r) { return key_row(p, base, st, s, b, n0 + r); }, s.len_k - n0,
+                                    cols, t);
+  };
   const int E = static_cast<int>(p.head_dim), Ev = static_cast<int>(p.head_dim_v);
 
   int j_lo, j_hi;
@@ -39,9 +45,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
   const int n_first = j_lo / kN, n_last = j_hi < j_lo ? n_first - 1 : j_hi / kN;
 
   load_tile<kM, D, kThreads>(sQ, q, p.q_strides.row, s.len_q - m0, E, p.q);
-  if (n_first <= n_last)
-    load_tile<kN, D, kThreads>(sK, k + n_first * kN * p.k_strides.row, p.k_strides.row, s.len_k - n_first * kN,
-                               E, p.k);
+  if (n_first <= n_last) load_keys(sK, k, p.k_strides, p.k, n_first * kN, E);
   cp_async_commit();
 
   float o[D / 8][4] = {};
@@ -52,7 +56,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
     const int n0 = nb * kN;
     cp_async_wait_all();
     __syncthreads();  // K(nb) landed; every warp finished reading V(nb-1)
-    load_tile<kN, D, kThreads>(sV, v + n0 * p.v_strides.row, p.v_strides.row, s.len_k - n0, Ev, p.v);
+    load_keys(sV, v, p.v_strides, p.v, n0, Ev);
     cp_async_commit();
 
     float sc[kN / 8][4] = {};
@@ -62,7 +66,7 @@ __global__ void __launch_bounds__(FwdTiles<D>::kWarps * 32)
     cp_async_wait_all();
     __syncthreads();  // V(nb) landed; every warp finished reading K(nb)
     if (nb < n_last) {
-      load_tile<kN, D, kThreads>(sK, k + (n0 + kN) * p.k_strides.row, p.k_strides.row, s.len_k - n0 - kN, E, p.k);
+      load_keys(sK, k, p.k_strides, p.k, n0 + kN, E);
       cp_async_commit();
     }
     gemm_pb<kBf16, D, kN / 16>(o, sc, sV, 0);

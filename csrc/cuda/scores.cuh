@@ -11,23 +11,31 @@ namespace pyattn::cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Rows of sequence b: dense tensors offset by batch, varlen ones (B == 1) by cu_seqlens.
+// Rows of sequence b: dense tensors offset by batch, varlen ones (B == 1) by cu_seqlens, KV caches
+// (p.seqused_k) by cache row and first cache position (csrc/params.h).
 struct Seq {
-  int64_t q_row0 = 0, k_row0 = 0;  // first packed row (0 when dense)
+  int64_t q_row0 = 0, k_row0 = 0;  // first packed row (0 when dense); KV cache: k_row0 = first cache position
   int len_q = 0, len_k = 0;
-  int64_t batch = 0;  // batch index into the tensors (0 when varlen)
-  int shift = 0;      // i' - i: len_k - len_q when bottom_right
+  int64_t batch = 0;     // batch index into q / out / lse (0 when varlen)
+  int64_t kv_batch = 0;  // batch index into k / v: batch, or the KV-cache row (unused when paged)
+  int shift = 0;         // i' - i: len_k - len_q when bottom_right
 };
 
 __device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
   Seq s;
-  if (p.cu_seqlens_q) {
+  if (p.seqused_k) {
+    s.batch = b;
+    s.kv_batch = p.kv_batch_idx ? p.kv_batch_idx[b] : b;
+    s.k_row0 = p.k_start ? p.k_start[b] : 0;
+    s.len_q = static_cast<int>(p.seqlen_q);
+    s.len_k = p.seqused_k[b] - static_cast<int>(s.k_row0);
+  } else if (p.cu_seqlens_q) {
     s.q_row0 = p.cu_seqlens_q[b];
     s.k_row0 = p.cu_seqlens_k[b];
     s.len_q = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
     s.len_k = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
   } else {
-    s.batch = b;
+    s.batch = s.kv_batch = b;
     s.len_q = static_cast<int>(p.seqlen_q);
     s.len_k = static_cast<int>(p.seqlen_k);
   }
@@ -38,6 +46,26 @@ __device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
 // Element offset of row `row` of sequence s, head h, in a tensor with strides st.
 __device__ __forceinline__ int64_t row_offset(const Strides4& st, const Seq& s, int64_t row0, int h, int row) {
   return s.batch * st.batch + h * st.head + (row0 + row) * st.row;
+}
+
+// Key rows of sequence s in k or v (strides st) for kv head hk: key_base once, then key_row per key j (the
+// sequence's j-th key, at cache position k_row0 + j). Dense and varlen rows are evenly strided; paged caches
+// (p.block_table) find each row's page in sequence b's block_table row. A row is contiguous in the head dim
+// either way, so 16-byte copies of it stay valid.
+template <typename T>
+__device__ __forceinline__ const T* key_base(const AttnParams& p, const void* t, const Strides4& st, const Seq& s,
+                                             int hk) {
+  const T* base = static_cast<const T*>(t) + hk * st.head;
+  return p.block_table ? base : base + s.kv_batch * st.batch + s.k_row0 * st.row;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* key_row(const AttnParams& p, const T* base, const Strides4& st, const Seq& s,
+                                            int b, int j) {
+  if (!p.block_table) return base + j * st.row;
+  const int pos = static_cast<int>(s.k_row0) + j, page_size = static_cast<int>(p.page_size);
+  const int page = p.block_table[b * p.block_table_stride + pos / page_size];
+  return base + page * st.batch + (pos % page_size) * st.row;
 }
 
 // Keys a block of queries [i0, i1] can see: [lo, hi] (hi < lo when none), from the window and the length.

@@ -13,20 +13,28 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * D + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8;
 }
 
-// Copies rows [0, kRows) x cols [0, D) of a global tile (row stride in elements, unit column stride,
-// 16-byte aligned rows) into smem with cp.async. Rows >= rows_valid and columns >= cols_valid (a multiple
-// of 8) become zeros, so partial tiles and padded head dims add nothing to the products. `any` is a valid
-// address read by nobody: predicated-off copies still need one.
-template <int kRows, int D, int kThreads, typename T>
-__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int rows_valid,
-                                          int cols_valid, const void* any) {
+// Copies rows [0, kRows) x cols [0, D) of a global tile into smem with cp.async; row r starts at row_of(r)
+// (unit column stride, 16-byte aligned). Rows >= rows_valid and columns >= cols_valid (a multiple of 8) become
+// zeros, so partial tiles and padded head dims add nothing to the products. `any` is a valid address read by
+// nobody: predicated-off copies still need one.
+template <int kRows, int D, int kThreads, typename T, typename RowOf>
+__device__ __forceinline__ void load_tile_rows(T* smem, RowOf row_of, int rows_valid, int cols_valid,
+                                               const void* any) {
   constexpr int kChunks = D / 8;
   for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = idx % kChunks;
     const bool pred = r < rows_valid && c * 8 < cols_valid;
-    const void* src = pred ? static_cast<const void*>(gmem + r * row_stride + c * 8) : any;
+    const void* src = pred ? static_cast<const void*>(row_of(r) + c * 8) : any;
     cp_async_16(smem + swizzled<D>(r, c), src, pred);
   }
+}
+
+// The same for evenly strided rows (row stride in elements).
+template <int kRows, int D, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int rows_valid,
+                                          int cols_valid, const void* any) {
+  load_tile_rows<kRows, D, kThreads>(smem, [=](int r) { return gmem + r * row_stride; }, rows_valid, cols_valid,
+                                     any);
 }
 
 // A operand (16x16) at rows [r0, r0+16), cols [k0, k0+16) of a [rows][D] tile: ldmatrix matrices 0..3 are

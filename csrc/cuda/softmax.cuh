@@ -51,20 +51,29 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kTiles][4], float (&o)[
 }
 
 // out = o / l and lse = m + log(l) (natural units) for the 16 rows starting at query m0 + r_warp of head h;
-// rows that saw no key (l == 0) get out 0 and lse -inf. A NaN score made its P, so l and o, NaN (whatever fmaxf
-// kept as the max): the tests below are written so that NaN reaches out and lse, and backward's P through lse.
+// rows that saw no key (l == 0) get out 0 and lse -inf. A sink (p.sinks, float32 (Hq,)) joins l with no value:
+// l = l * 2^(m - m') + 2^(sink - m') at m' = max(m, sink), and o keeps the factor 2^(m - m') / l; a row with no
+// key then gets out 0 and lse = sink. A NaN score made its P, so l and o, NaN (whatever fmaxf kept as the
+// max): the tests below are written so that NaN reaches out and lse, and backward's P through lse.
 template <bool kBf16, int D>
 __device__ __forceinline__ void store_out_lse(const AttnParams& p, const Seq& s, int h, int m0, int r_warp,
                                               const RowStats& st, const float (&o)[D / 8][4]) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t lse0 = s.batch * p.lse_strides.batch + h * p.lse_strides.head + s.q_row0 * p.lse_strides.row;
+  const float sink = p.sinks ? static_cast<const float*>(p.sinks)[h] * kLog2e : -INFINITY;
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(st.l[r]);
-    inv[r] = l == 0.f ? 0.f : 1.f / l;
+    float l = quad_sum(st.l[r]), m = st.m[r], keep = 1.f;
+    if (sink != -INFINITY) {
+      const float m_new = fmaxf(m, sink);
+      keep = exp2f(m - m_new);  // 0 for a row with no key (m = -inf)
+      l = l * keep + exp2f(sink - m_new);
+      m = m_new;
+    }
+    inv[r] = l == 0.f ? 0.f : keep / l;
     const int i = m0 + r_warp + g + 8 * r;
-    if (t == 0 && i < s.len_q) p.lse[lse0 + i * p.lse_strides.row] = l == 0.f ? -INFINITY : st.m[r] * kLn2 + logf(l);
+    if (t == 0 && i < s.len_q) p.lse[lse0 + i * p.lse_strides.row] = l == 0.f ? -INFINITY : m * kLn2 + logf(l);
   }
   auto* out = static_cast<elem_t<kBf16>*>(p.out) + row_offset(p.out_strides, s, s.q_row0, h, m0);
   store_acc<kBf16, D>(out, p.out_strides.row, o, r_warp, s.len_q - m0, static_cast<int>(p.head_dim_v), inv);
