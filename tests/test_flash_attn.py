@@ -187,3 +187,152 @@ def test_flash_attn_func(forced, backend, device, opts, shape, dtype):
         return ref_attn(q, k, v, alibi_slopes=alibi_slopes, upcast=upcast, **opts)
 
     check(ours, ref, t, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(["cpu", "reference", "triton"], lower_capabilities=False))
+def test_packed_forms_equal_flash_attn_func(forced, backend, device):
+    """qkvpacked/kvpacked are flash_attn_func on the unpacked views; gradients land in the packed tensor."""
+    B, S, H, Hk, D = 2, 7, 4, 2, 16
+    qkv = torch.randn(B, S, 3, H, D, device=device, requires_grad=True)
+    q = torch.randn(B, S, H, D, device=device)
+    kv = torch.randn(B, S, 2, Hk, D, device=device, requires_grad=True)
+    out = flash_attn_qkvpacked_func(qkv, causal=True)
+    assert torch.equal(out, flash_attn_func(*qkv.unbind(2), causal=True))
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+    out, lse, s_dmask = flash_attn_kvpacked_func(q, kv, window_size=(2, 1), return_attn_probs=True)
+    ref = flash_attn_func(q, *kv.unbind(2), window_size=(2, 1), return_attn_probs=True)
+    assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1]) and lse.shape == (B, H, S)
+    out.sum().backward()
+    assert kv.grad.shape == kv.shape
+
+
+def test_no_copy_for_the_layout(monkeypatch):
+    """The kernel op gets (B, H, S, D) views of the caller's (B, S, H, D) storage: nothing is copied."""
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("cpu",))
+    q, k, v = torch.randn(2, 5, 4, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    seen = []
+    real = torch.ops.pyattn.fwd
+
+    class Spy:
+        def __call__(self, *args):
+            seen.append(args[:3])
+            return real(*args)
+    monkeypatch.setattr(torch.ops.pyattn, "fwd", Spy())
+    flash_attn_func(q, k, v, causal=True)
+    qkv = torch.randn(2, 5, 3, 4, 16)
+    flash_attn_qkvpacked_func(qkv)
+    (q1, k1, v1), (q2, k2, v2) = seen
+    for ours, theirs in ((q1, q), (k1, k), (v1, v)):
+        assert ours.data_ptr() == theirs.data_ptr() and ours.stride() == theirs.transpose(1, 2).stride()
+    for i, t in enumerate((q2, k2, v2)):
+        assert t.data_ptr() == qkv[:, :, i].data_ptr()
+
+
+@pytest.mark.parametrize("backend,device", backend_params(["cpu", "reference", "triton"], lower_capabilities=False))
+def test_dropout(forced, backend, device):
+    """Same seed, same result; the result is pyattn's own dropout (bottom-right) with that seed; and the kept
+    weights are rescaled by 1 / (1 - p): with q = k = 0 and v = 1 every output has mean 1 over many rows."""
+    q, k, v = torch.randn(2, 6, 2, 16, device=device), torch.randn(2, 9, 2, 16, device=device), \
+        torch.randn(2, 9, 2, 16, device=device)
+    torch.manual_seed(3)
+    a = flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    torch.manual_seed(3)
+    b = flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+    torch.manual_seed(3)
+    c = pyattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.3,
+                                            is_causal=True, causal_alignment="bottom_right")
+    assert torch.equal(a, b) and torch.equal(a, c.transpose(1, 2))
+    assert not torch.allclose(a, flash_attn_func(q, k, v, causal=True))
+    z = torch.zeros(1, 64, 2, 8, device=device)
+    out = flash_attn_func(z, z, torch.ones(1, 64, 2, 8, device=device), dropout_p=0.5)
+    assert abs(out.mean().item() - 1.0) < 0.05 and out.std().item() > 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------
+# varlen
+
+LENS = [pytest.param(((3, 0, 11), (8, 4, 6)), id="3seq-with-empty"), pytest.param(((9,), (4,)), id="Sq>Sk")]
+VARLEN_OPTS = [
+    pytest.param({"causal": True}, id="causal"),
+    pytest.param({"window_size": (2, 1), "softcap": 3.0}, id="window-softcap"),
+    pytest.param({"causal": True, "alibi": True}, id="causal-alibi"),
+]
+
+
+def packed(lens_q, lens_k, H, Hk, D, device):
+    cu = lambda lens: torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)  # noqa: E731
+    return dict(q=torch.randn(sum(lens_q), H, D, device=device), k=torch.randn(sum(lens_k), Hk, D, device=device),
+                v=torch.randn(sum(lens_k), Hk, D, device=device), cu_seqlens_q=cu(lens_q), cu_seqlens_k=cu(lens_k))
+
+
+def ref_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, upcast=True, **opts):
+    """Every sequence through ref_attn on its own: out (total_q, H, Dv), lse (H, total_q)."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        out, lse = ref_attn(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                            alibi_slopes=None if alibi_slopes is None else alibi_slopes[b], upcast=upcast, **opts)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+@pytest.mark.parametrize("backend,device", DENSE_BACKENDS)
+@pytest.mark.parametrize("opts", VARLEN_OPTS)
+@pytest.mark.parametrize("lens", LENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_flash_attn_varlen_func(forced, backend, device, opts, lens, dtype):
+    skip_dtype(backend, dtype)
+    if backend == "triton" and opts.get("alibi"):
+        pytest.skip("the Triton interpreter is slow")
+    opts = dict(opts)
+    t = packed(*lens, 4, 2, 16, device)
+    if opts.pop("alibi", False):
+        t["alibi_slopes"] = torch.rand(len(lens[0]), 4, device=device)
+    mq, mk = max(lens[0]), max(lens[1])
+
+    def ours(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None):
+        out, lse, s_dmask = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, mq, mk,
+                                                   alibi_slopes=alibi_slopes, return_attn_probs=True, **opts)
+        assert s_dmask.numel() == 0
+        return out, lse
+
+    check(ours, lambda **x: ref_varlen(**x, **opts), t, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(["cpu", "reference", "triton"], lower_capabilities=False))
+def test_varlen_packed_forms(forced, backend, device):
+    lens = (5, 2, 7)
+    cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32, device=device)
+    qkv = torch.randn(14, 3, 4, 16, device=device)
+    out, lse, _ = flash_attn_varlen_qkvpacked_func(qkv, cu, 7, causal=True, return_attn_probs=True)
+    ref = flash_attn_varlen_func(*qkv.unbind(1), cu, cu, 7, 7, causal=True, return_attn_probs=True)
+    assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1]) and lse.shape == (4, 14)
+    q, kv = torch.randn(14, 4, 16, device=device), torch.randn(14, 2, 2, 16, device=device)
+    out = flash_attn_varlen_kvpacked_func(q, kv, cu, cu, max(lens), max(lens), window_size=(1, 1))
+    assert torch.equal(out, flash_attn_varlen_func(q, *kv.unbind(1), cu, cu, 7, 7, window_size=(1, 1)))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(["cpu", "reference"], lower_capabilities=False))
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (3, 0), "softcap": 2.0}], ids=["causal", "win"])
+def test_varlen_paged(forced, backend, device, page_size, opts):
+    """block_table: k/v as pages; the result equals the contiguous call on the same keys."""
+    lens_q, lens_k, Hk = (3, 5), (9, 6), 2
+    t = packed(lens_q, lens_k, 4, Hk, 16, device)
+    per_seq = -(-max(lens_k) // page_size)
+    pages = 2 * per_seq + 3
+    k_pages, v_pages = torch.randn(pages, page_size, Hk, 16), torch.randn(pages, page_size, Hk, 16)
+    perm = torch.randperm(pages)
+    block_table = torch.stack([perm[b * per_seq:(b + 1) * per_seq] for b in range(2)]).to(torch.int32)
+    flat_k = k_pages[block_table.long()].flatten(1, 2)  # (B, per_seq * page_size, Hk, D)
+    flat_v = v_pages[block_table.long()].flatten(1, 2)
+    k = torch.cat([flat_k[b, :n] for b, n in enumerate(lens_k)])
+    v = torch.cat([flat_v[b, :n] for b, n in enumerate(lens_k)])
+    args = (t["cu_seqlens_q"], t["cu_seqlens_k"], max(lens_q), max(lens_k))
+    out, lse, _ = flash_attn_varlen_func(t["q"], k_pages.to(device), v_pages.to(device), *args, **opts,
+                                         return_attn_probs=True, block_table=block_table.to(device))
+    ref_out, ref_lse = ref_varlen(t["q"], k.to(device), v.to(device), t["cu_seqlens_q"], t["cu_seqlens_k"], **opts)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
