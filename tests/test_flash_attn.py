@@ -336,3 +336,116 @@ def test_varlen_paged(forced, backend, device, page_size, opts):
     ref_out, ref_lse = ref_varlen(t["q"], k.to(device), v.to(device), t["cu_seqlens_q"], t["cu_seqlens_k"], **opts)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache
+
+KV_CASES = [
+    pytest.param({}, id="plain"),
+    pytest.param({"causal": True, "rotary": "interleaved"}, id="causal-rotary"),
+    pytest.param({"rotary": "halves"}, id="noncausal-rotary-halves"),  # every query at cache_seqlens
+    pytest.param({"causal": True, "rotary": "halves", "page_size": 3}, id="paged-rotary"),
+    pytest.param({"causal": True, "rotary": "interleaved", "batch_idx": True, "leftpad": True}, id="batch_idx-leftpad"),
+    pytest.param({"window_size": (4, 0), "rotary": "interleaved", "leftpad": True}, id="local-rotary-leftpad"),
+    pytest.param({"causal": True, "softcap": 3.0, "alibi": True, "page_size": 2, "leftpad": True},
+                 id="paged-leftpad-softcap-alibi"),
+    pytest.param({"causal": True, "new": 0}, id="no-new-keys"),
+    pytest.param({"causal": True, "rotary": "interleaved", "int_seqlens": True, "batch_idx": True}, id="int-seqlens"),
+]
+
+
+def kv_setup(case, device, B=3, L=4, H=4, Hk=2, D=32, rd=16, capacity=20):
+    """A cache (contiguous or paged), new keys and the arguments of one call; the logical cache of each sequence
+    (B, capacity, Hk, D) before the call, for the oracle."""
+    L_new = case.get("new", L)
+    if case.get("int_seqlens"):
+        cache_seqlens = 7
+        seqlens = torch.full((B,), 7, dtype=torch.int32)
+    else:
+        seqlens = cache_seqlens = torch.randint(3, capacity - L_new + 1, (B,), dtype=torch.int32)
+    kw = dict(causal=case.get("causal", False), window_size=case.get("window_size", (-1, -1)),
+              softcap=case.get("softcap", 0.0), cache_seqlens=cache_seqlens)
+    if case.get("page_size"):
+        ps = case["page_size"]
+        per_seq = -(-capacity // ps)
+        pages = B * per_seq + 2
+        k_cache, v_cache = torch.randn(pages, ps, Hk, D), torch.randn(pages, ps, Hk, D)
+        kw["block_table"] = torch.randperm(pages)[:B * per_seq].view(B, per_seq).to(torch.int32)
+        capacity = per_seq * ps
+        logical = lambda c: c[kw["block_table"].long()].flatten(1, 2)  # noqa: E731
+    else:
+        rows = B + 2 if case.get("batch_idx") else B
+        k_cache, v_cache = torch.randn(rows, capacity, Hk, D), torch.randn(rows, capacity, Hk, D)
+        if case.get("batch_idx"):
+            kw["cache_batch_idx"] = torch.randperm(rows)[:B].to(torch.int32)
+        idx = kw.get("cache_batch_idx", torch.arange(B)).long()
+        logical = lambda c: c[idx]  # noqa: E731
+    if case.get("leftpad"):
+        kw["cache_leftpad"] = torch.randint(0, 3, (B,), dtype=torch.int32)
+    if case.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(B, H)
+    q = torch.randn(B, L, H, D)
+    k, v = (torch.randn(B, L_new, Hk, D), torch.randn(B, L_new, Hk, D)) if L_new else (None, None)
+    if case.get("rotary"):
+        angle = torch.rand(capacity, rd // 2) * 6.3
+        kw.update(rotary_cos=angle.cos(), rotary_sin=angle.sin(), rotary_interleaved=case["rotary"] == "interleaved")
+    kw = {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    return q, k_cache, v_cache, k, v, kw, seqlens, logical
+
+
+def ref_kvcache(q, k_cache, v_cache, k, v, kw, seqlens, logical, dtype=None):
+    """Rotary on q and k at flash-attn's positions, the append, then ref_attn per sequence on keys
+    [cache_leftpad[b], cache_seqlens[b] + L_new) of its logical cache, in float64 (dtype None: the oracle) or in
+    dtype (the baseline). -> out, lse, the appended keys (float64)."""
+    B, L = q.shape[:2]
+    L_new = 0 if k is None else k.shape[1]
+    K, V = logical(k_cache).double(), logical(v_cache).double()
+    if "rotary_cos" in kw:
+        cos, sin, inter = kw["rotary_cos"].cpu(), kw["rotary_sin"].cpu(), kw["rotary_interleaved"]
+        pos_k = seqlens.long()[:, None] + torch.arange(L_new)
+        local = kw["window_size"] != (-1, -1)
+        pos_q = seqlens.long()[:, None] + (torch.arange(L) if kw["causal"] or local else torch.zeros(L, dtype=torch.long))
+        q, k = rope_ref(q, cos, sin, pos_q, inter), rope_ref(k, cos, sin, pos_k, inter)
+    for b in range(B):
+        n = int(seqlens[b])
+        if L_new:
+            K[b, n:n + L_new], V[b, n:n + L_new] = k[b].double(), v[b].double()
+    outs, lses = [], []
+    leftpad = kw.get("cache_leftpad", torch.zeros(B, dtype=torch.int32)).cpu()
+    alibi = kw.get("alibi_slopes")
+    for b in range(B):
+        lo, hi = int(leftpad[b]), int(seqlens[b]) + L_new
+        cast = lambda x: x.to(dtype or torch.float64)  # noqa: E731
+        out, lse = ref_attn(cast(q[b:b + 1]), cast(K[b:b + 1, lo:hi]), cast(V[b:b + 1, lo:hi]), causal=kw["causal"],
+                            window_size=kw["window_size"], softcap=kw["softcap"], upcast=dtype is None,
+                            alibi_slopes=None if alibi is None else alibi[b].cpu())
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses), k
+
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
+@pytest.mark.parametrize("case", KV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_flash_attn_with_kvcache(forced, backend, device, case, dtype):
+    q, k_cache, v_cache, k, v, kw, seqlens, logical = kv_setup(case, device)
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    q, k_cache, v_cache, k, v = map(cast, (q, k_cache, v_cache, k, v))
+    for name in ("rotary_cos", "rotary_sin"):
+        if name in kw:
+            kw[name] = kw[name].to(dtype)
+    oracle = ref_kvcache(q.cpu(), k_cache.cpu(), v_cache.cpu(), cast(k), cast(v), kw, seqlens, logical)
+    baseline = ref_kvcache(q.cpu(), k_cache.cpu(), v_cache.cpu(), cast(k), cast(v), kw, seqlens, logical, dtype)
+    kc, vc = k_cache.to(device), v_cache.to(device)
+    new = {} if k is None else {"k": k.to(device), "v": v.to(device)}
+    out, lse = flash_attn_with_kvcache(q.to(device), kc, vc, **new, **kw, return_softmax_lse=True)
+    assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert_close_to_oracle("out", out.cpu(), baseline[0], oracle[0], dtype)
+    assert_close_to_oracle("lse", lse.cpu(), baseline[1], oracle[1], dtype)
+    if k is not None:  # the (rotated) new keys were written in place at cache_seqlens[b] ...
+        written = logical(kc.cpu())
+        for b in range(q.shape[0]):
+            n = int(seqlens[b])
+            torch.testing.assert_close(written[b, n:n + k.shape[1]].double(), oracle[2][b].double(),
+                                       atol=ATOL[dtype] * 10 if dtype != torch.bfloat16 else 3e-2, rtol=1e-2)
