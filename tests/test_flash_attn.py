@@ -449,3 +449,74 @@ def test_flash_attn_with_kvcache(forced, backend, device, case, dtype):
             n = int(seqlens[b])
             torch.testing.assert_close(written[b, n:n + k.shape[1]].double(), oracle[2][b].double(),
                                        atol=ATOL[dtype] * 10 if dtype != torch.bfloat16 else 3e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument errors flash-attn raises: RuntimeError (what flash-attn's checks raise), and ValueError/TypeError
+
+def _kv(**kw):
+    q, kc, vc = torch.randn(2, 3, 4, 32), torch.zeros(2, 16, 2, 32), torch.zeros(2, 16, 2, 32)
+    k, v = torch.randn(2, 3, 2, 32), torch.randn(2, 3, 2, 32)
+    angle = torch.rand(16, 8)
+    args = dict(k=k, v=v, rotary_cos=angle.cos(), rotary_sin=angle.sin(), cache_seqlens=4, causal=True)
+    args.update(kw)
+    return flash_attn_with_kvcache(q, kc, vc, **args), kc
+
+
+ERRORS = [
+    pytest.param(lambda: flash_attn_func(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)),
+                 "same headdim", id="headdim-mismatch"),
+    pytest.param(lambda: flash_attn_func(torch.randn(1, 4, 6, 16), torch.randn(1, 4, 4, 16),
+                                         torch.randn(1, 4, 4, 16)), "must divide", id="heads-do-not-divide"),
+    pytest.param(lambda: flash_attn_func(torch.randn(1, 4, 2, 16), torch.randn(1, 5, 2, 16),
+                                         torch.randn(1, 4, 2, 16)), "same seqlen", id="k-v-seqlen"),
+    pytest.param(lambda: flash_attn_func(torch.randn(4, 2, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16)),
+                 "4-D", id="rank"),
+    pytest.param(lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 16)), "qkv", id="qkv-not-3"),
+    pytest.param(lambda: flash_attn_varlen_func(torch.randn(4, 2, 16), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
+                                                torch.tensor([0, 4], dtype=torch.int32),
+                                                torch.tensor([0, 4], dtype=torch.int32), 4, 4),
+                 "same headdim", id="varlen-headdim"),
+    pytest.param(lambda: flash_attn_varlen_func(torch.randn(4, 2, 16), torch.randn(2, 4, 2, 16),
+                                                torch.randn(2, 4, 2, 16), torch.tensor([0, 4], dtype=torch.int32),
+                                                torch.tensor([0, 4], dtype=torch.int32), 4, 4, dropout_p=0.1,
+                                                block_table=torch.zeros(1, 2, dtype=torch.int32)),
+                 "dropout", id="varlen-paged-dropout"),
+    pytest.param(lambda: _kv(k=None, v=None), "new key / value", id="rotary-without-k"),
+    pytest.param(lambda: _kv(rotary_cos=torch.ones(16, 20), rotary_sin=torch.ones(16, 20)), "headdim",
+                 id="rotary_dim>headdim"),
+    pytest.param(lambda: _kv(rotary_sin=torch.ones(16, 4)), "rotary_sin", id="cos-sin-shapes"),
+    pytest.param(lambda: _kv(rotary_cos=torch.ones(16, 8, dtype=torch.float64)), "dtype", id="cos-dtype"),
+    pytest.param(lambda: _kv(cache_seqlens=None), "cache_seqlens", id="k-without-cache_seqlens"),
+    pytest.param(lambda: _kv(rotary_cos=torch.ones(5, 8), rotary_sin=torch.ones(5, 8)), "positions",
+                 id="cos-too-short"),
+    pytest.param(lambda: _kv(cache_seqlens=14, rotary_cos=None, rotary_sin=None), "capacity",
+                 id="append-past-the-cache"),
+]
+
+
+@pytest.mark.parametrize("call,words", ERRORS)
+def test_argument_errors(call, words):
+    with pytest.raises(RuntimeError, match=words) as e:
+        call()
+    assert isinstance(e.value, (ValueError, TypeError))
+
+
+def test_bad_call_writes_nothing():
+    """A call that raises leaves the cache as it was (flash-attn checks before it launches)."""
+    kc = torch.zeros(2, 16, 2, 32)
+    for bad in (dict(cache_seqlens=14), dict(rotary_cos=torch.ones(5, 8), rotary_sin=torch.ones(5, 8))):
+        args = {"k": torch.randn(2, 3, 2, 32), "v": torch.randn(2, 3, 2, 32), "cache_seqlens": 4, **bad}
+        if "rotary_cos" not in args:
+            args.update(rotary_cos=torch.ones(16, 8), rotary_sin=torch.zeros(16, 8))
+        with pytest.raises(RuntimeError):
+            flash_attn_with_kvcache(torch.randn(2, 3, 4, 32), kc, torch.zeros(2, 16, 2, 32), **args)
+        assert not kc.any()
+
+
+def test_kvcache_whole_cache_and_num_splits():
+    """cache_seqlens None (no new keys): every cache position is attended; num_splits changes nothing."""
+    q, kc, vc = torch.randn(2, 1, 4, 16), torch.randn(2, 6, 2, 16), torch.randn(2, 6, 2, 16)
+    out = flash_attn_with_kvcache(q, kc, vc)
+    assert torch.equal(out, flash_attn_with_kvcache(q, kc, vc, cache_seqlens=6, num_splits=4))
+    torch.testing.assert_close(out.double(), ref_attn(q, kc, vc)[0], atol=1e-5, rtol=1e-5)
