@@ -49,25 +49,26 @@ def _s_dmask(q):
     return torch.empty((0,), dtype=q.dtype, device=q.device)
 
 
-def _check_dense(q, k, v):
+def _check(q, k, v, layout):
+    """q, k, v in layout "(batch_size, seqlen, nheads, headdim)" or "(total, nheads, headdim)": flash-attn's checks."""
+    ndim = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise AttentionInputError(f"{name} must be a 4-D tensor (batch_size, seqlen, nheads, headdim), "
-                                      f"got {_shape(t)}")
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            raise AttentionInputError(f"{name} must be a {ndim}-D tensor {layout}, got {_shape(t)}")
     shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
-    if not q.shape[0] == k.shape[0] == v.shape[0]:
+    if ndim == 4 and not q.shape[0] == k.shape[0] == v.shape[0]:
         raise AttentionInputError(f"q, k and v must have the same batch_size, got {shapes}")
-    if k.shape[:3] != v.shape[:3]:
+    if k.shape[:-1] != v.shape[:-1]:
         raise AttentionInputError(f"k and v must have the same seqlen and nheads_k, got {shapes}")
-    if q.shape[3] != k.shape[3]:
+    if q.shape[-1] != k.shape[-1]:
         raise AttentionInputError(f"q and k must have the same headdim, got {shapes}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise AttentionInputError(f"Number of heads in key/value must divide number of heads in query, got {shapes}")
 
 
 def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
     """q (B, Sq, H, D), k/v (B, Sk, Hk, D) -> out (B, Sq, H, Dv) [, lse (B, H, Sq), S_dmask]."""
-    _check_dense(q, k, v)
+    _check(q, k, v, "(batch_size, seqlen, nheads, headdim)")
     # (B, S, H, D) -> (B, H, S, D) views: the kernels read them through their strides
     out, lse = scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=softmax_scale,
@@ -75,19 +76,6 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         **_options(causal, window_size, softcap))
     out = out.transpose(1, 2)
     return (out, _flash_lse(lse), _s_dmask(q)) if return_attn_probs else out
-
-
-def _check_varlen(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise AttentionInputError(f"{name} must be a 3-D tensor (total, nheads, headdim), got {_shape(t)}")
-    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
-    if k.shape[:2] != v.shape[:2]:
-        raise AttentionInputError(f"k and v must have the same total_k and nheads_k, got {shapes}")
-    if q.shape[2] != k.shape[2]:
-        raise AttentionInputError(f"q and k must have the same headdim, got {shapes}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise AttentionInputError(f"Number of heads in key/value must divide number of heads in query, got {shapes}")
 
 
 def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, alibi_slopes,
@@ -133,7 +121,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
         out, lse = _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, softmax_scale, alibi_slopes,
                                  block_table, **options)
     else:
-        _check_varlen(q, k, v)
+        _check(q, k, v, "(total, nheads, headdim)")
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     scale=softmax_scale, alibi_slopes=alibi_slopes, causal_alignment="bottom_right",
                                     dropout_p=dropout_p, return_lse=True, **options)
