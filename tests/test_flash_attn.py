@@ -16,7 +16,7 @@ from pyattn import backends
 from pyattn.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
-from conftest import ATOL, assert_close_to_oracle, backend_device, backend_params, check_fwd_bwd, dtype_id
+from conftest import ATOL, assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
 
 DENSE_BACKENDS = backend_params(["cpu", "reference", "triton", "cuda"], lower_capabilities=False)
 # kvcache_attention runs on the CPU kernel and the reference (the GPU backends leave it to the reference: auto)
@@ -405,7 +405,8 @@ def ref_kvcache(q, k_cache, v_cache, k, v, kw, seqlens, logical, dtype=None):
         cos, sin, inter = kw["rotary_cos"].cpu(), kw["rotary_sin"].cpu(), kw["rotary_interleaved"]
         pos_k = seqlens.long()[:, None] + torch.arange(L_new)
         local = kw["window_size"] != (-1, -1)
-        pos_q = seqlens.long()[:, None] + (torch.arange(L) if kw["causal"] or local else torch.zeros(L, dtype=torch.long))
+        steps = torch.arange(L) if kw["causal"] or local else torch.zeros(L, dtype=torch.long)  # fixed: all at 0
+        pos_q = seqlens.long()[:, None] + steps
         q, k = rope_ref(q, cos, sin, pos_q, inter), rope_ref(k, cos, sin, pos_k, inter)
     for b in range(B):
         n = int(seqlens[b])
