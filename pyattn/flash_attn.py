@@ -29,8 +29,9 @@ def _shape(t):
 def _options(causal, window_size, softcap):
     """flash-attn's options -> pyattn's keywords: any negative window side is unbounded (-1), causal is
     window right = 0 (pyattn folds it), softcap <= 0 is off (None)."""
-    if not isinstance(causal, bool):
+    if isinstance(causal, torch.Tensor) or not hasattr(type(causal), "__bool__"):
         raise AttentionTypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = bool(causal)  # flash-attn's C++ binding takes any truthy scalar (numpy.bool_, 0/1)
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
