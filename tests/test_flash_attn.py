@@ -249,6 +249,23 @@ def test_dropout(forced, backend, device):
     assert abs(out.mean().item() - 1.0) < 0.05 and out.std().item() > 0.05
 
 
+@pytest.mark.parametrize("backend,device", DENSE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=dtype_id)
+def test_every_dtype_of_each_backend(forced, backend, device, dtype):
+    """float16 too (the grids above use fp32, fp64, bf16): each backend's dtypes through the packed GQA path."""
+    if backend == "triton" and dtype not in (torch.float16, torch.float32):
+        pytest.skip("the Triton interpreter: float32 and float16")
+    if backend == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("the CUDA C++ kernels take float16/bfloat16")
+    t = {n: x.to(device) for n, x in tensors(2, 5, 11, 4, 2, 16).items()}
+
+    def ours(q, k, v):
+        out, lse, _ = flash_attn_kvpacked_func(q, torch.stack([k, v], 2), causal=True, return_attn_probs=True)
+        return out, lse
+
+    check(ours, lambda q, k, v, upcast: ref_attn(q, k, v, causal=True, upcast=upcast), t, dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # varlen
 
@@ -428,7 +445,7 @@ def ref_kvcache(q, k_cache, v_cache, k, v, kw, seqlens, logical, dtype=None):
 
 @pytest.mark.parametrize("backend,device", KV_BACKENDS)
 @pytest.mark.parametrize("case", KV_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=dtype_id)
 def test_flash_attn_with_kvcache(forced, backend, device, case, dtype):
     q, k_cache, v_cache, k, v, kw, seqlens, logical = kv_setup(case, device)
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
