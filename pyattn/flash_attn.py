@@ -26,9 +26,10 @@ def _shape(t):
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _options(causal, window_size, softcap):
-    """flash-attn's options -> pyattn's keywords: any negative window side is unbounded (-1), causal is
-    window right = 0 (pyattn folds it), softcap <= 0 is off (None)."""
+def _options(causal, window_size, softcap, seqlen_k):
+    """flash-attn's options -> pyattn's keywords: a window side that is negative or >= seqlen_k (the longest key
+    sequence, or the cache) is unbounded (-1), as flash-attn clamps it; causal is window right = 0 (pyattn folds
+    it); softcap <= 0 is off (None)."""
     if isinstance(causal, torch.Tensor) or not hasattr(type(causal), "__bool__"):
         raise AttentionTypeError(f"causal must be a bool, got {type(causal).__name__}")
     causal = bool(causal)  # flash-attn's C++ binding takes any truthy scalar (numpy.bool_, 0/1)
@@ -36,7 +37,7 @@ def _options(causal, window_size, softcap):
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
         raise AttentionInputError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
-    window = (max(left, -1), max(right, -1))
+    window = tuple(-1 if w < 0 or w >= seqlen_k else w for w in (left, right))
     return dict(is_causal=causal, window_size=None if window == (-1, -1) else window,
                 softcap=softcap if softcap > 0 else None)
 
@@ -74,7 +75,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     out, lse = scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=softmax_scale,
         enable_gqa=True, alibi_slopes=alibi_slopes, causal_alignment="bottom_right", return_lse=True,
-        **_options(causal, window_size, softcap))
+        **_options(causal, window_size, softcap, k.shape[1]))
     out = out.transpose(1, 2)
     return (out, _flash_lse(lse), _s_dmask(q)) if return_attn_probs else out
 
@@ -113,7 +114,7 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, dropout_p, so
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, return_attn_probs, block_table=None):
     """q (total_q, H, D), k/v (total_k, Hk, D) -> out (total_q, H, Dv) [, lse (H, total_q), S_dmask]."""
-    options = _options(causal, window_size, softcap)
+    options = _options(causal, window_size, softcap, max_seqlen_k)
     if block_table is not None:
         if not isinstance(q, torch.Tensor) or q.dim() != 3 or not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise AttentionInputError(f"with block_table, q must be (total_q, nheads, headdim) and k, v "
@@ -278,17 +279,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
         raise AttentionInputError(f"k_cache must be 4-D (batch_size_cache, seqlen_cache, nheads_k, headdim), got "
                                   f"{_shape(k_cache)}")
-    options = _options(causal, window_size, softcap)
+    paged = isinstance(block_table, torch.Tensor) and block_table.dim() == 2
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    options = _options(causal, window_size, softcap, capacity)
     if cache_seqlens is None:
         if k is not None:
             raise AttentionInputError("If key is supplied, cache_seqlens must also be passed in")
-        paged = isinstance(block_table, torch.Tensor) and block_table.dim() == 2
-        cache_seqlens = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+        cache_seqlens = capacity
     if rotary_cos is not None or rotary_sin is not None:
-        # flash-attn's rule: local when a window side is set and smaller than the cache
-        seqlen_k = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-        local = any(0 <= w < seqlen_k for w in options["window_size"] or ())
-        q, k = _rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, causal or local)
+        local = options["window_size"] is not None  # a window side set below the cache's length
+        q, k = _rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, options["is_causal"] or local)
     out, lse = kvcache_attention(q, k_cache, v_cache, k_new=k, v_new=v, cache_seqlens=cache_seqlens,
                                  block_table=block_table, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                                  alibi_slopes=alibi_slopes, scale=softmax_scale, return_lse=True, **options)

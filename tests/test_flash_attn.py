@@ -266,6 +266,18 @@ def test_every_dtype_of_each_backend(forced, backend, device, dtype):
     check(ours, lambda q, k, v, upcast: ref_attn(q, k, v, causal=True, upcast=upcast), t, dtype)
 
 
+def test_window_side_of_seqlen_k_or_more_is_unbounded():
+    """flash-attn clamps a window side >= seqlen_k (max_seqlen_k for varlen) to -1 before its kernels see it: with
+    seqlen_q > seqlen_k, window (-1, seqlen_k) then lets every query see every key (the band formula alone would
+    leave the first queries none)."""
+    q, k, v = torch.randn(1, 13, 2, 16), torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    assert torch.equal(flash_attn_func(q, k, v, window_size=(-1, 6)), flash_attn_func(q, k, v))
+    assert not torch.equal(flash_attn_func(q, k, v, window_size=(-1, 5)), flash_attn_func(q, k, v))
+    cu_q, cu_k = torch.tensor([0, 13], dtype=torch.int32), torch.tensor([0, 6], dtype=torch.int32)
+    args = (q[0], k[0], v[0], cu_q, cu_k, 13, 6)
+    assert torch.equal(flash_attn_varlen_func(*args, window_size=(6, 6)), flash_attn_varlen_func(*args))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # varlen
 
