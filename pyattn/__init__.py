@@ -1,5 +1,5 @@
 """pyattn: fused attention for PyTorch."""
-from . import distributed
+from . import distributed, flash_attn
 from .backends import available_backends
 from .errors import AttentionInputError, AttentionTypeError
 from .functional import explain, scaled_dot_product_attention, varlen_attention
@@ -11,4 +11,4 @@ from .routing import disable, enable, enabled
 __version__ = "0.1.0"
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "kvcache_attention", "MultiheadAttention", "replace_attention", "explain",
            "available_backends", "build_info", "enable", "disable", "enabled", "AttentionInputError",
-           "AttentionTypeError", "distributed"]
+           "AttentionTypeError", "distributed", "flash_attn"]
