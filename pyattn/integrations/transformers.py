@@ -71,7 +71,7 @@ def attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
 
 
 # arguments of some models' attention that change its math and that pyattn's kernels do not compute
-UNSUPPORTED = {"position_bias": "T5-style relative attention bias", "s_aux": "attention sinks"}
+UNSUPPORTED = {"position_bias": "T5-style relative attention bias"}
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -80,13 +80,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
     attention_mask is what attention_mask() returned (or a mask the caller prepared): None or (B, S) padding
     means causality and window come from the module and run in the kernel; a 4-D mask is applied as given.
+    s_aux (Hq,): gpt-oss's per-head attention sinks, which pyattn computes as `sinks`.
     """
     unsupported = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
     if unsupported:
         raise AttentionInputError(f"pyattn's transformers attention does not take {', '.join(unsupported)} "
                                   f"({', '.join(UNSUPPORTED[n] for n in unsupported)}); "
                                   "use attn_implementation='eager'")
-    opts = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1], softcap=softcap)
+    opts = dict(dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
+                sinks=kwargs.get("s_aux"))
     if attention_mask is not None and attention_mask.dim() == 4:
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, **opts)
     else:
