@@ -37,11 +37,14 @@ struct FwdScratch {
   std::unique_ptr<acc[]> m, l;  // (kBlockQ,) running max (log2 domain) and sum
   std::unique_ptr<uint8_t[]> keep;  // (kBlockK,) dropout
   std::unique_ptr<T[]> kt, v;  // decode: one key block of K^T (kpad(E), kBlockK) and V (kpad(kBlockK), Ev)
+  std::unique_ptr<T[]> qt;  // decode: Q^T (kpad(E), kBlockQ) as a B operand
+  std::unique_ptr<acc[]> st;  // decode: S^T (kBlockK, kBlockQ)
   FwdScratch(int64_t E, int64_t Ev, bool decode)
       : q(new T[kBlockQ * kpad<T>(E)]), s(new acc[kBlockQ * kBlockK]),
         p(std::is_same_v<T, acc> ? nullptr : new T[kBlockQ * kpad<T>(kBlockK)]), o(new acc[kBlockQ * Ev]),
         m(new acc[kBlockQ]), l(new acc[kBlockQ]), keep(new uint8_t[kBlockK]),
-        kt(decode ? new T[kpad<T>(E) * kBlockK] : nullptr), v(decode ? new T[kpad<T>(kBlockK) * Ev] : nullptr) {}
+        kt(decode ? new T[kpad<T>(E) * kBlockK] : nullptr), v(decode ? new T[kpad<T>(kBlockK) * Ev] : nullptr),
+        qt(decode ? new T[kpad<T>(E) * kBlockQ] : nullptr), st(decode ? new acc[kBlockK * kBlockQ] : nullptr) {}
   ~FwdScratch() { matmul_release<T>(); }
 };
 
@@ -58,15 +61,17 @@ void init_rows(int64_t M, int64_t Ev, acc* o, acc* m, acc* l) {
   std::fill(l, l + M, acc(0));
 }
 
-// One key block [j0, j0 + nj) for the tile's rows (q already in w.q): scores, online softmax update of
-// o (M, Ev), m, l (M,), then o += P V. kt: K^T block (column 0 = key j0), ld ldk; vb: V from key j0, ld Ev.
+// ld of the probabilities as an A operand (w.s itself, or w.p)
+template <typename T, typename acc>
+constexpr int64_t kLdP = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
+
+// The raw scores of key block [j0, j0 + nj) in w.s (M, nj; ld kBlockK) -> online softmax update of o (M, Ev),
+// m, l (M,); returns the probabilities as the A operand of P V (ld kLdP).
 template <typename scalar_t, typename T, typename acc>
-void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
-                  const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
-  const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
-  const int64_t ldp = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
+const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
+                       FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
+  const int64_t Ev = p.head_dim_v, ldp = kLdP<T, acc>;
   const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
-  matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), kBlockK, false);
   for (int64_t g = 0; g < rows.heads; ++g) {
     // per-head score math: ALiBi slope and mask differ per head
     const int64_t h = rows.h0 + g;
@@ -96,20 +101,30 @@ void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& ro
       }
     }
   }
-  const T* pa = nullptr;
-  if constexpr (std::is_same_v<T, acc>) pa = w.s.get();
-  else pa = w.p.get();
-  matmul(M, Ev, nj, pa, ldp, vb, Ev, o, Ev, true);
+  if constexpr (std::is_same_v<T, acc>) return w.s.get();
+  else return w.p.get();
 }
 
-// K^T (kpad(E) rows, ld ldk, column 0 = key j0) and V (rows from key j0, ld Ev) of keys [j0, j0 + nj) of
-// kv head hk, as B operands: read run by run, a page at a time when the cache is paged (no gather copy).
+// One key block [j0, j0 + nj) for the tile's rows (q already in w.q): scores, online softmax update of
+// o (M, Ev), m, l (M,), then o += P V. kt: K^T block (column 0 = key j0), ld ldk; vb: V from key j0, ld Ev.
+template <typename scalar_t, typename T, typename acc>
+void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
+                  const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
+  matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), kBlockK, false);
+  const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l);
+  matmul(M, Ev, nj, pa, kLdP<T, acc>, vb, Ev, o, Ev, true);
+}
+
+// K^T (kpad(E) rows, ld ldk, column 0 = key j0; skipped when kt is null) and V (rows from key j0, ld Ev) of
+// keys [j0, j0 + nj) of kv head hk, as B operands: read run by run, a page at a time when the cache is paged
+// (no gather copy).
 template <typename scalar_t, typename T>
 void pack_keys(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, int64_t j0, int64_t nj, T* kt,
                int64_t ldk, T* vb) {
   const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, hk), vr(p, seq, b, p.v, p.v_strides, hk);
   const int64_t E = p.head_dim, Ev = p.head_dim_v, kcol = p.k_strides.col, vcol = p.v_strides.col;
-  for (int64_t j = j0, n; j < j0 + nj; j += n) {
+  for (int64_t j = j0, n; kt != nullptr && j < j0 + nj; j += n) {
     n = kr.run(j, j0 + nj - j);
     pack_b(kr.row(j), kcol, kr.row_stride, E, n, kt + b_col<T>(j - j0), ldk);
   }
@@ -128,6 +143,37 @@ void pack_keys(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, int64
   }
 }
 
+// Whether decode can read the cache's rows as matmul operands where they lie: the tile type is the input type,
+// rows have unit column stride, VNNI's pairs need no padding, and pages are not so small that a matmul per
+// page would cost more than packing.
+template <typename scalar_t, typename T>
+bool direct_keys(const AttnParams& p) {
+  return std::is_same_v<scalar_t, T> && p.k_strides.col == 1 && p.v_strides.col == 1 &&
+         (!kVnni<T> || p.head_dim % 2 == 0) && (p.block_table == nullptr || p.page_size >= 8);
+}
+
+// Decode's key block without packing K: S^T (nj, M) = K (the cache rows as they lie, page by page) @ Q^T (w.qt),
+// transposed into w.s; then the softmax and o += P V from V packed (a plain copy, or VNNI's key pairs: one
+// matmul over the block's keys, so paged and contiguous caches sum in the same order and agree bit for bit).
+// The transposing pack of K^T took ~40% of a bf16 decode step (perf, S = 32k, one thread).
+template <typename scalar_t, typename T, typename acc>
+void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, const Rows& rows, int64_t j0,
+                         int64_t nj, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
+  const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
+  const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, hk);
+  acc* st = w.st.get();
+  for (int64_t j = j0, n; j < j0 + nj; j += n) {
+    n = kr.run(j, j0 + nj - j);
+    matmul(n, M, E, reinterpret_cast<const T*>(kr.row(j)), kr.row_stride, w.qt.get(), M, st + (j - j0) * M, M,
+           false);
+  }
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t c = 0; c < nj; ++c) w.s[r * kBlockK + c] = st[c * M + r];
+  const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l);
+  pack_keys<scalar_t, T>(p, seq, b, hk, j0, nj, nullptr, 0, w.v.get());
+  matmul(M, Ev, nj, pa, kLdP<T, acc>, w.v.get(), Ev, o, Ev, true);
+}
+
 // q rows of the tile -> w.q as the A operand.
 template <typename scalar_t, typename T, typename acc>
 void load_q(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T, acc>& w) {
@@ -137,6 +183,16 @@ void load_q(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T,
   for (int64_t g = 0; g < rows.heads; ++g)
     pack_a(q + seq.tb * qs.batch + (rows.h0 + g) * qs.head + (seq.q0 + rows.i0) * qs.row, qs.row, qs.col, rows.n,
            p.head_dim, w.q.get() + g * rows.n * Ep);
+}
+
+// q rows of the tile -> w.qt as Q^T (kpad(E), M), a B operand (decode's direct path).
+template <typename scalar_t, typename T, typename acc>
+void load_qt(const AttnParams& p, const Seq& seq, const Rows& rows, FwdScratch<T, acc>& w) {
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const Strides4 qs = p.q_strides;
+  for (int64_t g = 0; g < rows.heads; ++g)
+    pack_b(q + seq.tb * qs.batch + (rows.h0 + g) * qs.head + (seq.q0 + rows.i0) * qs.row, qs.col, qs.row,
+           p.head_dim, rows.n, w.qt.get() + b_col<T>(g * rows.n), rows.size());
 }
 
 // Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf. A sink
@@ -243,6 +299,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   }
   const int64_t n_tasks = first.back();
   std::vector<acc> parts(n_tasks * part);
+  const bool direct = direct_keys<scalar_t, T>(p);
 
   parallel_tasks(n_tasks, [&] { return FwdScratch<T, acc>(E, Ev, true); }, [&](int64_t t, FwdScratch<T, acc>& w) {
     const int64_t bh = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
@@ -254,13 +311,18 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
     acc* l = m + M;
     init_rows(rows.size(), Ev, o, m, l);
     if (rows.size() == 0) return;
-    load_q<scalar_t>(p, seq, rows, w);
+    if (direct) load_qt<scalar_t>(p, seq, rows, w);
+    else load_q<scalar_t>(p, seq, rows, w);
     const int64_t j_end = std::min(keys[b].second, keys[b].first + (c + 1) * kChunkBlocks * kBlockK);
     for (int64_t j0 = keys[b].first + c * kChunkBlocks * kBlockK; j0 < j_end; j0 += kBlockK) {
-      // K^T and V of this key block -> scratch B operands
       const int64_t nj = std::min(kBlockK, j_end - j0);
-      pack_keys<scalar_t>(p, seq, b, hk, j0, nj, w.kt.get(), nj, w.v.get());
-      attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
+      if (direct) {
+        attend_block_direct<scalar_t>(p, seq, b, hk, rows, j0, nj, w, o, m, l);
+      } else {
+        // K^T and V of this key block -> scratch B operands
+        pack_keys<scalar_t>(p, seq, b, hk, j0, nj, w.kt.get(), nj, w.v.get());
+        attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
+      }
     }
   });
 
