@@ -1,4 +1,4 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving] [--out DIR] ...
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving] ...
 
 Sweeps sequence length for naive attention, torch SDPA (and FlexAttention on CUDA) and every pyattn
 backend; writes JSON records and a markdown table under benchmarks/results/<device>/ and prints a summary.
@@ -30,8 +30,8 @@ def parse_args():
     ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel", "serving"],
                     default="default",
                     help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
-                         "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo); serving: kvcache_attention "
-                         "decode and chunked prefill over contiguous and paged caches (CPU)")
+                         "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo); "
+                         "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches (CPU)")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>; CPU: cpu-<capability>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)

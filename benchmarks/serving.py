@@ -244,8 +244,8 @@ def _line(r):
 
 
 def markdown_table(records):
-    rows = ["| workload | B | S (lengths) | layout | impl | ms | GB/s of cache | of copy bandwidth | GFLOP/s | "
-            "x torch-sdpa | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("| workload | B | S (lengths) | layout | impl | ms | GB/s of cache | of copy bandwidth | GFLOP/s | "
+             "x torch-sdpa | status |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     torch_ms = {(r["workload"], r["B"], r["S"], r["layout"]): r["ms"] for r in records
                 if r["impl"] == "torch-sdpa" and r["ms"] is not None}
     order = {w: i for i, w in enumerate(WORKLOADS)}
@@ -287,7 +287,7 @@ def run(args, out_dir, meta):
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (1 GiB tensor copy, read + write, best of 5)")
     records = measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps)
     meta = {**meta, "copy_gbps": copy_gbps, "max_call_seconds": max_call_s, "time_limit_seconds": time_limit,
-            "shape": dict(Hq=HQ, Hkv=HKV, D=D, page_size=PAGE, dtype="bf16")}
+            "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PAGE, "dtype": "bf16"}}
     meta["quick"] = bool(args.quick)
     stem = "serving"
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
