@@ -216,7 +216,9 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, log=print)
                     series = (rec["impl"], rec["workload"], layout)
                     predicted = last[series][0] / 1e3 * rec["tokens"] / last[series][1] if series in last else 0
                     extra = extra_bytes(rec["impl"], B, rec["L"], S)
-                    if time.time() - start > time_limit:
+                    if rec["L"] > int(lengths.min()):
+                        note = f"chunk of {rec['L']} is longer than the shortest sequence ({int(lengths.min())})"
+                    elif time.time() - start > time_limit:
                         note = f"run time limit {time_limit:.0f} s reached"
                     elif extra > 0.7 * measure.available_bytes("cpu"):
                         note = f"needs {fmt_bytes(extra)} beyond the cache: does not fit"
