@@ -1,4 +1,4 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel] [--out DIR] ...
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving] ...
 
 Sweeps sequence length for naive attention, torch SDPA (and FlexAttention on CUDA) and every pyattn
 backend; writes JSON records and a markdown table under benchmarks/results/<device>/ and prints a summary.
@@ -14,7 +14,7 @@ import torch
 
 import pyattn
 
-from . import context_parallel, measure
+from . import context_parallel, measure, serving
 from .impls import implementations
 from .memory import measure_in_child
 from .plots import plot_memory, plot_speed
@@ -27,9 +27,11 @@ def parse_args():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer lengths and passes")
-    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel"], default="default",
+    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel", "serving"],
+                    default="default",
                     help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
-                         "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo)")
+                         "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo); "
+                         "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches (CPU)")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>; CPU: cpu-<capability>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
@@ -39,7 +41,8 @@ def parse_args():
     ap.add_argument("--decode-seqlens", nargs="+", type=int)
     ap.add_argument("--max-call-seconds", type=float,
                     help="skip a point whose time per call, extrapolated from the previous length, exceeds this "
-                         "(default 4 for the sweep; no limit for the targets and decode presets)")
+                         "(default 4 for the sweep, 3 for serving (0.5 quick); no limit for the targets and decode "
+                         "presets)")
     ap.add_argument("--time-limit", type=float, help="seconds; past it, remaining points are recorded as skipped")
     ap.add_argument("--memory", action="store_true", help="measure CPU peak memory per point in a child process")
     return ap.parse_args()
@@ -84,11 +87,11 @@ def _memory_point(p, points):
 
 def main():
     args = parse_args()
-    if args.preset == "context-parallel":
+    if args.preset in ("context-parallel", "serving"):  # CPU-only presets with their own records and tables
         meta = metadata("cpu")
         out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", f"cpu-{meta['cpu_capability']}")
         os.makedirs(out_dir, exist_ok=True)
-        return context_parallel.run(args, out_dir, meta)
+        return (context_parallel if args.preset == "context-parallel" else serving).run(args, out_dir, meta)
     if args.max_call_seconds is None:
         args.max_call_seconds = 4.0 if args.preset == "default" else float("inf")
     impls = implementations(args.device)

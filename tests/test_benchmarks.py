@@ -46,3 +46,23 @@ def test_context_parallel_preset_writes_records(tmp_path):
         assert r["bytes_sent"] == (r["P"] - 1) * 2 * r["B"] * r["H"] * r["N_per_rank"] * r["D"] * 4
     assert "| 512 | 4 | 128 |" in (tmp_path / "context-parallel.md").read_text()
     assert (tmp_path / "context-parallel.png").stat().st_size > 0
+
+
+def test_serving_preset_writes_records(tmp_path):
+    """--preset serving at tiny sizes: decode over contiguous and paged caches, batch 1 and 16, every impl
+    checked and timed; prefill chunks (512) longer than the caches are recorded as skipped with the reason."""
+    args = ["--preset", "serving", "--seqlens", "64", "128", "--out", str(tmp_path)]
+    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "serving.json").read_text())
+    assert data["meta"]["copy_gbps"] > 0
+    records = data["records"]
+    decode = [r for r in records if r["workload"] == "decode"]
+    assert {(r["impl"], r["layout"], r["B"], r["S"]) for r in decode} == {
+        (i, lay, b, s) for i in ("pyattn-cpu", "torch-sdpa", "naive") for lay in ("contiguous", "paged")
+        for b in (1, 16) for s in (64, 128)}
+    for r in decode:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_fraction"] > 0
+    assert all(r["status"] == "skipped" and "longer than" in r["note"] for r in records if r["workload"] == "prefill")
+    assert "| decode | 16 | 128 (64..128) | paged | pyattn-cpu |" in (tmp_path / "serving.md").read_text()

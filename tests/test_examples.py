@@ -38,3 +38,12 @@ def test_context_parallel_follows_one_process_loss_curve():
     assert len(pairs) == 3, result.stdout
     assert all(abs(a - b) <= 1e-3 for a, b in pairs), pairs
     assert pairs[-1][0] < 0.6 * pairs[0][0], pairs
+
+
+def test_serve_paged_matches_one_request_at_a_time():
+    """examples/serve_paged.py: continuous batching over a paged cache with a free-page pool (requests join and
+    leave, pages are reused) generates the tokens each request gets alone with a contiguous cache."""
+    out = run("serve_paged.py", "--requests", "6", "--pages", "20")
+    assert "same tokens as one request at a time: True" in out, out
+    assert int(re.search(r"up to (\d+);", out).group(1)) > 1, out
+    assert int(re.search(r"(\d+) page allocations reused", out).group(1)) > 0, out
