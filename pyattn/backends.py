@@ -172,8 +172,9 @@ class TorchBackend(Backend):
     features = frozenset(TORCH_FEATURES)
 
     def extra_reasons(self, inp):
-        return ["causal together with a float mask"] if inp.is_causal and inp.mask is not None and \
-            inp.mask.dtype != torch.bool else []
+        # mask first: KVCacheInputs (mask None, refused by feature) has no is_causal
+        return ["causal together with a float mask"] if inp.mask is not None and inp.mask.dtype != torch.bool and \
+            inp.is_causal else []
 
     def forward(self, inp):
         mask = inp.mask
