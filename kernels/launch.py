@@ -13,7 +13,8 @@ from .fwd import _attn_fwd, _attn_fwd_combine
 MASK_KINDS = {None: 0, torch.bool: 1}  # anything else is a float mask (2)
 DOT_PRECISION = {True: "tf32", False: "ieee"}
 
-TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HEAD_DIM_V", "HAS_RIGHT", "HAS_LEFT"]
+# KV_CACHE: the forward's only (the autotuner skips a key its kernel lacks)
+TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HEAD_DIM_V", "HAS_RIGHT", "HAS_LEFT", "KV_CACHE"]
 TUNED = {"fwd": (_attn_fwd, configs.fwd_autotune_configs, configs.prune_fwd),
          "dkdv": (_attn_bwd_dkdv, configs.bwd_autotune_configs,
                   functools.partial(configs.prune_bwd, kernel=configs.DKDV_TILES)),
@@ -126,6 +127,7 @@ def kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx
     q_, k_, v_, out_ = (t.transpose(1, 2) for t in (q, k_cache, v_cache, out))
     pb = _Problem(q_, k_, v_, None, alibi_slopes, None, L, capacity, window_left, window_right, softcap, 0.0,
                   kvcache=True)
+    pb.tuned = pb.tuned and not paged  # paged tiles are chosen apart (configs.FWD_PAGED_TILES), not autotuned
     tail = _pointers(q, None, alibi_slopes, None, seqlens_k, None, sinks, block_table, cache_batch_idx,
                      cache_leftpad)
     flags = dict(HAS_SINKS=sinks is not None, KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=cache_batch_idx is not None,
@@ -148,7 +150,7 @@ def _launch_forward(pb, q, k, v, out, lse, tail, mask, alibi_slopes, sinks, page
               scale, softcap, window_left, window_right, int(bottom_right), dropout_p, pb.seq_bucket)
     rows = pb.group * pb.max_q
     block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
-        configs.fwd_default(max(pb.E, pb.Ev), pb.cc)
+        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"])
     splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
     if splits == 1:
         dst_out, dst_lse = out.unsqueeze(0), lse.unsqueeze(0)
