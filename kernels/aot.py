@@ -80,13 +80,14 @@ def variants(cc):
                     dict(_flags(128, True), **NO_CACHE, BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=16, USE_TMA=cc >= 90,
                          WARP_SPECIALIZE=False), warps, stages))
         # KV cache (kvcache_fwd): split-KV decoding over a contiguous cache and over pages, and a chunked prefill
-        # over pages (as launch.kvcache_forward runs them: pointer loads, sinks, alibi per sequence)
+        # over pages (as launch.kvcache_forward runs them: TMA on sm_90 for a contiguous cache, pointer loads for
+        # pages; sinks, alibi per sequence)
         for paged in (False, True):
             kind = "paged" if paged else "contiguous"
             cache = dict(KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=not paged, HAS_LEFTPAD=True, HAS_SINKS=True)
             out.append((f"fwd_kvcache_{kind}_decode_split_{dt}_d128", _attn_fwd, split_ptrs,
                         dict(_flags(128, True, HAS_ALIBI=True), **cache, BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=16,
-                             USE_TMA=False, WARP_SPECIALIZE=False), warps, stages))
+                             USE_TMA=cc >= 90 and not paged, WARP_SPECIALIZE=False), warps, stages))
         pbm, pbn, pwarps, pstages = configs.fwd_default(128, cc, paged=True)
         out.append((f"fwd_kvcache_paged_prefill_{dt}_d128_causal", _attn_fwd, {**qkv, "Out": ptr, **FWD_SIDE_PTRS,
                                                                                   "Mask": ptr},

@@ -132,10 +132,11 @@ def kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx
                      cache_leftpad)
     flags = dict(HAS_SINKS=sinks is not None, KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=cache_batch_idx is not None,
                  HAS_LEFTPAD=cache_leftpad is not None)
-    # pointer loads, no TMA: pages are not one box, and decoding is bound by the cache's bytes, not the loads' form
     pages = (block_table.stride(0) if paged else 0, k_cache.shape[1])
+    # a contiguous cache row is one box for TMA, as a varlen sequence is; pages are read by pointer loads
+    use_tma = not paged and _tma_ok(pb.cc, k_, v_)
     _launch_forward(pb, q_, k_, v_, out_, lse, tail, None, alibi_slopes, sinks, pages, scale, window_left,
-                    window_right, True, softcap, 0.0, False, flags)
+                    window_right, True, softcap, 0.0, use_tma, flags)
     return out, lse
 
 

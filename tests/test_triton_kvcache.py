@@ -144,6 +144,23 @@ def test_kvcache_matches_oracle(backend, device, case, page_size, dtype):
             torch.testing.assert_close(y, c, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[6], CASES[8]], ids=lambda c: c.id)
+def test_kvcache_tma_path(backend, device, case, monkeypatch):
+    """A contiguous cache's K/V through tensor descriptors (sm_90 on a GPU; forced under the interpreter), with an
+    empty sequence, cache rows picked by cache_batch_idx and leftpad: matches the oracle."""
+    from pyattn.kernels import configs, launch
+    if device == "cpu":
+        monkeypatch.setattr(configs, "TMA_IN_INTERPRETER", True)
+    t = case.make(device)
+    cc = 0 if device == "cpu" else configs.arch(torch.cuda.current_device())
+    assert launch._tma_ok(cc, t["k_cache"].half()) == (device == "cpu" or cc >= 90)
+    base, oracle = run(case, t, torch.float16, "reference"), run(case, t, torch.float64, "reference")
+    for batch_idx in (False, True):
+        ours = run(case, t, torch.float16, backend, batch_idx=batch_idx)
+        for name, y, b, o in zip(("out", "lse"), ours, base, oracle):
+            assert_close_to_oracle(name, y.cpu(), b.cpu(), o.cpu(), torch.float16)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[-1]], ids=lambda c: c.id)
 def test_kvcache_cache_batch_idx(backend, device, case):
     """Rows picked by cache_batch_idx from a bigger cache give what a cache of exactly those rows gives."""
