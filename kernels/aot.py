@@ -18,9 +18,13 @@ FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
 # dims and the other strides are multiples of 16 (as Triton's launcher marks them for head dims 64/128/256;
 # without that mark the head-dim masks split loads into 2-byte pieces and nothing is pipelined)
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd", "stride_dvd",
-                "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr", "stride_lr"}
+                "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr"}
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 HEAD_DIMS_CAUSAL = ((64, False), (64, True), (128, False), (128, True))  # and d256 causal, in bf16
+# the forward's side inputs (all but Q, K, V, Out, Mask) and its KV-cache flags off
+FWD_SIDE_PTRS = {"Lse": "*fp32", "Alibi": "*fp32", "CuSeqQ": "*i32", "CuSeqK": "*i32", "Rng": "*i64",
+                 "Sinks": "*fp32", "BlockTable": "*i32", "CacheIdx": "*i32", "Leftpad": "*i32"}
+NO_CACHE = dict(KV_CACHE=False, PAGED=False, HAS_CACHE_IDX=False, HAS_LEFTPAD=False, HAS_SINKS=False)
 
 
 def _source(fn, pointers, constexprs):
@@ -56,10 +60,9 @@ def variants(cc):
         for d, causal in HEAD_DIMS_CAUSAL + (((256, True),) if dt == "bf16" else ()):
             tag = f"{dt}_d{d}{'_causal' if causal else ''}"
             bm, bn, warps, stages = configs.fwd_default(d, cc)
-            fwd_ptrs = {**qkv, "Out": ptr, "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",
-                        "CuSeqK": "*i32", "Rng": "*i64"}
+            fwd_ptrs = {**qkv, "Out": ptr, **FWD_SIDE_PTRS, "Mask": ptr}
             out.append((f"fwd_{tag}", _attn_fwd, fwd_ptrs,
-                        dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, USE_TMA=cc >= 90,
+                        dict(_flags(d, causal), **NO_CACHE, BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=1, USE_TMA=cc >= 90,
                              WARP_SPECIALIZE=False), warps, stages))
             dkdv_tiles, dq_tiles = configs.bwd_default(d, cc)
             bwd_ptrs = {**qkv, "DOut": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, "DQ": ptr,
@@ -72,14 +75,29 @@ def variants(cc):
             out.append((f"bwd_dq_{tag}", _attn_bwd_dq, bwd_ptrs,
                         dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, MASK_GRAD=False), warps, stages))
         bm, bn, warps, stages = configs.decode_tiles(4, 128)
-        out.append((f"fwd_decode_split_{dt}_d128", _attn_fwd,
-                    {**qkv, "Out": "*fp32", "Lse": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32",
-                     "CuSeqK": "*i32", "Rng": "*i64"},
-                    dict(_flags(128, True), BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=16, USE_TMA=cc >= 90,
+        split_ptrs = {**qkv, "Out": "*fp32", **FWD_SIDE_PTRS, "Mask": ptr}
+        out.append((f"fwd_decode_split_{dt}_d128", _attn_fwd, split_ptrs,
+                    dict(_flags(128, True), **NO_CACHE, BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=16, USE_TMA=cc >= 90,
                          WARP_SPECIALIZE=False), warps, stages))
-        out.append((f"fwd_decode_combine_{dt}_d128", _attn_fwd_combine,
-                    {"OutPart": "*fp32", "LsePart": "*fp32", "Out": ptr, "Lse": "*fp32"},
-                    dict(BLOCK_R=16, HEAD_DIM_V=128, SPLITS=16), 4, 1))
+        # KV cache (kvcache_fwd): split-KV decoding over a contiguous cache and over pages, and a chunked prefill
+        # over pages (as launch.kvcache_forward runs them: TMA on sm_90 for a contiguous cache, pointer loads for
+        # pages; sinks, alibi per sequence)
+        for paged in (False, True):
+            kind = "paged" if paged else "contiguous"
+            cache = dict(KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=not paged, HAS_LEFTPAD=True, HAS_SINKS=True)
+            out.append((f"fwd_kvcache_{kind}_decode_split_{dt}_d128", _attn_fwd, split_ptrs,
+                        dict(_flags(128, True, HAS_ALIBI=True), **cache, BLOCK_M=bm, BLOCK_N=bn, NUM_SPLITS=16,
+                             USE_TMA=cc >= 90 and not paged, WARP_SPECIALIZE=False), warps, stages))
+        pbm, pbn, pwarps, pstages = configs.fwd_default(128, cc, paged=True)
+        out.append((f"fwd_kvcache_paged_prefill_{dt}_d128_causal", _attn_fwd, {**qkv, "Out": ptr, **FWD_SIDE_PTRS,
+                                                                                  "Mask": ptr},
+                    dict(_flags(128, True), KV_CACHE=True, PAGED=True, HAS_CACHE_IDX=False, HAS_LEFTPAD=False,
+                         HAS_SINKS=False, BLOCK_M=pbm, BLOCK_N=pbn, NUM_SPLITS=1, USE_TMA=False,
+                         WARP_SPECIALIZE=False), pwarps, pstages))
+        for sinks in (False, True):
+            out.append((f"fwd_decode_combine_{dt}_d128{'_sinks' if sinks else ''}", _attn_fwd_combine,
+                        {"OutPart": "*fp32", "LsePart": "*fp32", "Out": ptr, "Lse": "*fp32", "Sinks": "*fp32"},
+                        dict(BLOCK_R=16, HEAD_DIM_V=128, SPLITS=16, HAS_SINKS=sinks), 4, 1))
         out.append((f"bwd_preprocess_{dt}_d128", _attn_bwd_preprocess,
                     {"Out": ptr, "DOut": ptr, "DLse": "*fp32", "Delta": "*fp32"},
                     dict(BLOCK_M=64, HEAD_DIM_V=128, HAS_DLSE=False), 4, 1))

@@ -73,18 +73,26 @@ DKDV_TILES = {(80, 64): (64, 32, 8, 2), (80, 128): (16, 64, 8, 2), (80, 256): (1
               (90, 64): (32, 128, 8, 2), (90, 128): (16, 128, 8, 2), (90, 256): (16, 32, 8, 2)}
 DQ_TILES = {(80, 64): (128, 32, 8, 2), (80, 128): (64, 32, 4, 3), (80, 256): (32, 32, 4, 2),
             (90, 64): (128, 64, 8, 2), (90, 128): (128, 64, 8, 2), (90, 256): (32, 64, 8, 2)}
+# the paged KV-cache forward where its per-key page and row offsets need a smaller tile: sm_90 d128 spilled 8 bytes
+# at 128x128 (255 registers, pyattn.inspect); 128x64 with 3 stages fits in 224. Elsewhere FWD_TILES fit.
+FWD_PAGED_TILES = {(90, 128): (128, 64, 8, 3)}
 INTERPRETER_TILES = (16, 32, 1, 1)  # several blocks even for the tests' small shapes
+
+
+def _key(head_dim, cc):
+    return 90 if cc >= 90 else 80, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
 def _pick(table, head_dim, cc):
     if INTERPRET:
         return INTERPRETER_TILES
-    return table[(90 if cc >= 90 else 80, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)]
+    return table[_key(head_dim, cc)]
 
 
-def fwd_default(head_dim, cc):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward without autotuning."""
-    return _pick(FWD_TILES, head_dim, cc)
+def fwd_default(head_dim, cc, paged=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward without autotuning (paged: K/V through pages)."""
+    tiles = _pick(FWD_TILES, head_dim, cc)
+    return FWD_PAGED_TILES.get(_key(head_dim, cc), tiles) if paged and not INTERPRET else tiles
 
 
 def decode_tiles(rows, head_dim):

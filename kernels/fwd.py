@@ -2,24 +2,28 @@
 
 One program = BLOCK_M packed rows (GQA heads sharing K/V, see tiles.py) x one split of the keys. With
 NUM_SPLITS > 1 (decoding: few rows, many keys) each split writes a partial (out, lse) and _attn_fwd_combine
-merges them.
+merges them. Sinks (HAS_SINKS) join each row's softmax denominator once: in the epilogue, or in the combine.
+
+KV_CACHE: K/V are caches and sequence b reads keys [leftpad[b], seqlens_k[b]) of cache row CacheIdx[b] (or b),
+or, PAGED, of the pages block_table[b, :] (K/V (num_pages, Hkv, page_size, E) by their strides); its queries are
+bottom-right aligned to its own key count.
 """
 import triton
 import triton.language as tl
 
-from .scores import band_and_bounds, biased, capped, dropout_keep, row_terms
-from .tiles import key_blocks, row_block, segment
+from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
+from .tiles import cache_span, key_blocks, key_rows, row_block, segment
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base,
-               stride_kn, stride_kd, stride_vn, stride_vd, lo, hi,
+def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_start, page_size,
+               stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, lo, hi,
                ip, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, seqlen_k, head_dim, head_dim_v,
                scale, softcap, window_left, window_right, dropout_p,
                BANDED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PAGED: tl.constexpr):
     """Key blocks [lo, hi): BANDED ones check the window and the key length per element."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -32,9 +36,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base,
             v = v_desc.load([start_n, 0])
         else:
             n_ok = offs_n < seqlen_k
-            k = tl.load(K + k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            k_rows, v_rows = key_rows(offs_n, n_ok, Pages, k_start, page_size, stride_kb, stride_kn, stride_vb,
+                                      stride_vn, PAGED)
+            k = tl.load(K + k_base + k_rows[:, None] + offs_d[None, :] * stride_kd,
                         mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-            v = tl.load(V + v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v = tl.load(V + v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd,
                         mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
         s = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
         s = biased(s, ip[:, None], offs_n[None, :], row_ok[:, None], mask_rows[:, None], stride_mn,
@@ -58,25 +64,30 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
+def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockTable, CacheIdx, Leftpad,
               stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
-              stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E)
+              stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E); KV_CACHE: (B_cache or pages, Hkv, ., E)
               stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
               stride_os, stride_ob, stride_oh, stride_om, stride_od,  # out (splits, B, Hq, L, Ev)
               stride_ls, stride_lb, stride_lh, stride_lm,  # lse (splits, B, Hq, L) float32
               stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S), stride 0 where broadcast
               stride_ab, stride_ah,  # alibi slopes (B, Hq) float32
+              stride_bt, page_size,  # block_table (B, max_pages) int32; KV_CACHE: CuSeqK holds seqlens_k (B,)
               H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
               scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
               NUM_SPLITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              WARP_SPECIALIZE: tl.constexpr):
+              WARP_SPECIALIZE: tl.constexpr, HAS_SINKS: tl.constexpr, KV_CACHE: tl.constexpr,
+              PAGED: tl.constexpr, HAS_CACHE_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip = row_block(
         pid_m, tl.program_id(2), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M)
+    if KV_CACHE:  # this sequence's keys, and its queries aligned to their end
+        k_start, len_k = cache_span(CuSeqK, Leftpad, b, HAS_LEFTPAD)
+        ip = offs_i + (len_k - len_q)
     if pid_m * BLOCK_M >= group * len_q:
         return
     b_ptr = 0 if VARLEN else b  # varlen tensors are one packed batch
@@ -93,8 +104,16 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
                                                   seqlen_k, stride_mb, stride_mh, stride_mm, stride_ab, stride_ah,
                                                   HAS_ALIBI, DROPOUT, BLOCK_M)
 
-    k_base = b64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_base = b64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    # K/V of this sequence and kv head: paged keys add their page and row per key (key_rows)
+    kv_row = b64
+    if HAS_CACHE_IDX:
+        kv_row = tl.load(CacheIdx + b).to(tl.int64)
+    k_base = kv_row * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = kv_row * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    if PAGED:
+        k_base = kv_head.to(tl.int64) * stride_kh
+        v_base = kv_head.to(tl.int64) * stride_vh
+    pages = BlockTable + b64 * stride_bt
     k_desc = None
     v_desc = None
     if USE_TMA:  # zero-filled past len_k and head_dim, so no load masks
@@ -114,14 +133,22 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
     # three runs of key blocks: band edge, interior (no per-element checks), band edge / sequence end
     for seg in tl.static_range(3):
         seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, stride_kn, stride_kd,
-                                   stride_vn, stride_vd, seg_lo, seg_hi, ip, row_ok, mask_rows, stride_mn, slopes,
-                                   seed, rng_rows, len_k, head_dim, head_dim_v, scale, softcap, window_left,
-                                   window_right, dropout_p, seg != 1, BLOCK_N, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
-                                   HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PRECISION,
-                                   WARP_SPECIALIZE and seg == 1)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, pages, k_start, page_size,
+                                   stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, seg_lo, seg_hi, ip,
+                                   row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, len_k, head_dim, head_dim_v,
+                                   scale, softcap, window_left, window_right, dropout_p, seg != 1, BLOCK_N, HEAD_DIM,
+                                   HEAD_DIM_V, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA,
+                                   DOT_PRECISION, WARP_SPECIALIZE and seg == 1, PAGED)
 
-    # rows that saw no key: out 0, lse -inf (torch gives 0 for fully masked rows)
+    if HAS_SINKS and NUM_SPLITS == 1:  # the sink's exp joins the denominator (no value); split-KV: the combine
+        sink = tl.load(Sinks + head, mask=row_ok, other=float("-inf")) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    # rows that saw no key (and no sink): out 0, lse -inf (torch gives 0 for fully masked rows)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -136,23 +163,34 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
 
 
 @triton.jit
-def _attn_fwd_combine(OutPart, LsePart, Out, Lse, num_rows, num_splits, head_dim_v,
-                      stride_ps, stride_pr, stride_pd,  # partial out (splits, rows, Ev) float32
+def _attn_fwd_combine(OutPart, LsePart, Out, Lse, Sinks, num_rows, num_splits, H_Q, seqlen_q, head_dim_v,
+                      stride_ps, stride_pr, stride_pd,  # partial out (splits, rows, Ev) float32, rows (B, Hq, L)
                       stride_qs, stride_qr,  # partial lse (splits, rows) float32
-                      stride_or, stride_od,  # out (rows, Ev)
-                      stride_lr,  # lse (rows,) float32
-                      BLOCK_R: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLITS: tl.constexpr):
-    """Merges per-split (out, lse) of split-KV decoding: out = sum_s exp(lse_s - lse) out_s."""
+                      stride_ob, stride_oh, stride_om, stride_od,  # out (B, Hq, L, Ev), any strides
+                      stride_lb, stride_lh, stride_lm,  # lse (B, Hq, L) float32
+                      BLOCK_R: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLITS: tl.constexpr,
+                      HAS_SINKS: tl.constexpr):
+    """Merges per-split (out, lse) of split-KV decoding: out = sum_s exp(lse_s - lse) out_s, where lse also counts
+    the row's sink (once, here: the splits leave it out)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_s = tl.arange(0, SPLITS)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     r_ok = offs_r < num_rows
+    r = tl.where(r_ok, offs_r, 0)
+    b = (r // (H_Q * seqlen_q)).to(tl.int64)
+    head = (r // seqlen_q) % H_Q
+    i = (r % seqlen_q).to(tl.int64)
     lse_s = tl.load(LsePart + offs_s[:, None] * stride_qs + offs_r.to(tl.int64)[None, :] * stride_qr,
                     mask=(offs_s[:, None] < num_splits) & r_ok[None, :], other=float("-inf"))
     m = tl.max(lse_s, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + head, mask=r_ok, other=float("-inf"))
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_safe[None, :])  # (SPLITS, BLOCK_R)
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - m_safe)
     empty = total == 0.0
     w_sum = tl.where(empty, 1.0, total)
     w = w / w_sum[None, :]
@@ -163,7 +201,8 @@ def _attn_fwd_combine(OutPart, LsePart, Out, Lse, num_rows, num_splits, head_dim
                        other=0.0)
         w_s = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
         acc += part * w_s[:, None]
-    tl.store(Out + offs_r.to(tl.int64)[:, None] * stride_or + offs_dv[None, :] * stride_od,
+    o_rows = b * stride_ob + head.to(tl.int64) * stride_oh + i * stride_om
+    tl.store(Out + o_rows[:, None] + offs_dv[None, :] * stride_od,
              acc.to(Out.dtype.element_ty), mask=r_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    tl.store(Lse + offs_r.to(tl.int64) * stride_lr, tl.where(empty, float("-inf"), m_safe + tl.log(w_sum)),
-             mask=r_ok)
+    tl.store(Lse + b * stride_lb + head.to(tl.int64) * stride_lh + i * stride_lm,
+             tl.where(empty, float("-inf"), m_safe + tl.log(w_sum)), mask=r_ok)

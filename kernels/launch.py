@@ -1,5 +1,6 @@
 """Launchers: allocate outputs, pick tiles and grids, and call the kernels. Inputs arrive validated and
-normalized (pyattn.inputs): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides."""
+normalized (pyattn.inputs): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides; KV-cache calls
+(pyattn.kvcache_inputs) in the user's layouts, which the launcher views as these by strides (no copies)."""
 import functools
 
 import torch
@@ -12,7 +13,8 @@ from .fwd import _attn_fwd, _attn_fwd_combine
 MASK_KINDS = {None: 0, torch.bool: 1}  # anything else is a float mask (2)
 DOT_PRECISION = {True: "tf32", False: "ieee"}
 
-TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HEAD_DIM_V", "HAS_RIGHT", "HAS_LEFT"]
+# KV_CACHE: the forward's only (the autotuner skips a key its kernel lacks)
+TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HEAD_DIM_V", "HAS_RIGHT", "HAS_LEFT", "KV_CACHE"]
 TUNED = {"fwd": (_attn_fwd, configs.fwd_autotune_configs, configs.prune_fwd),
          "dkdv": (_attn_bwd_dkdv, configs.bwd_autotune_configs,
                   functools.partial(configs.prune_bwd, kernel=configs.DKDV_TILES)),
@@ -60,16 +62,17 @@ def _set_tma_allocator(device):
 
 
 class _Problem:
-    """Sizes and flags shared by the forward and backward launches."""
+    """Sizes and flags shared by the forward and backward launches. A KV cache (q (B, Hq, L, E), caches viewed
+    (rows or pages, Hkv, S_max or page_size, E)) sets max_seqlen_k to the cache's capacity per sequence."""
 
     def __init__(self, q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
-                 window_right, softcap, dropout_p):
+                 window_right, softcap, dropout_p, kvcache=False):
         self.B, self.Hq, self.L, self.E = q.shape
         self.Hkv, self.S, self.Ev = k.shape[1], k.shape[2], v.shape[3]
         self.varlen = cu_seqlens_q is not None
         self.batches = cu_seqlens_q.shape[0] - 1 if self.varlen else self.B
         self.max_q = max_seqlen_q if self.varlen else self.L
-        self.max_k = max_seqlen_k if self.varlen else self.S
+        self.max_k = max_seqlen_k if self.varlen or kvcache else self.S
         self.flags = dict(HEAD_DIM=configs.padded(self.E), HEAD_DIM_V=configs.padded(self.Ev),
                           MASK_KIND=MASK_KINDS.get(mask.dtype if mask is not None else None, 2),
                           HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0,
@@ -88,11 +91,12 @@ class _Problem:
         return max(1, min(want, triton.cdiv(self.max_k, 2 * block_n), 128))
 
 
+_NO_CACHE = dict(KV_CACHE=False, PAGED=False, HAS_CACHE_IDX=False, HAS_LEFTPAD=False)
+
+
 def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             window_left, window_right, bottom_right, softcap, dropout_p, rng_state, sinks=None):
     """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
-    if sinks is not None:
-        raise NotImplementedError("pyattn triton: sinks are not implemented in the Triton kernels yet")
     pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
                   window_right, softcap, dropout_p)
     out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=q.dtype, device=q.device)
@@ -100,15 +104,54 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
         return out, lse
     use_tma = _tma_ok(pb.cc, k, v)
+    tail = _pointers(q, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state, sinks, None, None, None)
+    flags = dict(_NO_CACHE, HAS_SINKS=sinks is not None)
+    _launch_forward(pb, q, k, v, out, lse, tail, mask, alibi_slopes, sinks, (0, 0), scale, window_left,
+                    window_right, bottom_right, softcap, dropout_p, use_tma, flags)
+    return out, lse
+
+
+def kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, cache_leftpad, alibi_slopes,
+                    sinks, scale, window_left, window_right, softcap):
+    """q (B, L, Hq, E); caches (B_cache, S_max, Hkv, E) or paged (num_pages, page_size, Hkv, E) with block_table
+    (B, max_pages) int32; seqlens_k, cache_batch_idx, cache_leftpad (B,) int32 -> out (B, L, Hq, Ev) contiguous,
+    lse (B, Hq, L) float32. Keys are read in place (pages by block_table, in the kernel); queries bottom-right."""
+    paged = block_table is not None
+    B, L, Hq, _ = q.shape
+    out = torch.empty(B, L, Hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    # the kernel's layouts by strides: q (B, Hq, L, E), caches (rows or pages, Hkv, positions, E), out like q
+    q_, k_, v_, out_ = (t.transpose(1, 2) for t in (q, k_cache, v_cache, out))
+    pb = _Problem(q_, k_, v_, None, alibi_slopes, None, L, capacity, window_left, window_right, softcap, 0.0,
+                  kvcache=True)
+    pb.tuned = pb.tuned and not paged  # paged tiles are chosen apart (configs.FWD_PAGED_TILES), not autotuned
+    tail = _pointers(q, None, alibi_slopes, None, seqlens_k, None, sinks, block_table, cache_batch_idx,
+                     cache_leftpad)
+    flags = dict(HAS_SINKS=sinks is not None, KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=cache_batch_idx is not None,
+                 HAS_LEFTPAD=cache_leftpad is not None)
+    pages = (block_table.stride(0) if paged else 0, k_cache.shape[1])
+    # a contiguous cache row is one box for TMA, as a varlen sequence is; pages are read by pointer loads
+    use_tma = not paged and _tma_ok(pb.cc, k_, v_)
+    _launch_forward(pb, q_, k_, v_, out_, lse, tail, None, alibi_slopes, sinks, pages, scale, window_left,
+                    window_right, True, softcap, 0.0, use_tma, flags)
+    return out, lse
+
+
+def _launch_forward(pb, q, k, v, out, lse, tail, mask, alibi_slopes, sinks, pages, scale, window_left,
+                    window_right, bottom_right, softcap, dropout_p, use_tma, flags):
+    """Runs _attn_fwd (and the split-KV combine) into out (B, Hq, L, Ev) and lse (B, Hq, L), any strides.
+    tail: the kernel's optional pointers; pages: (block_table's row stride, page size); flags: its mode flags."""
     if use_tma:
         _set_tma_allocator(q.device)
-    tail = _pointers(q, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
     sizes = (*q.stride(), *k.stride(), *v.stride())
-    extras = (*_strides(mask), *_strides(alibi_slopes, 2), pb.Hq, pb.Hkv, pb.max_q, pb.max_k, pb.E, pb.Ev,
+    extras = (*_strides(mask), *_strides(alibi_slopes, 2), *pages, pb.Hq, pb.Hkv, pb.max_q, pb.max_k, pb.E, pb.Ev,
               scale, softcap, window_left, window_right, int(bottom_right), dropout_p, pb.seq_bucket)
     rows = pb.group * pb.max_q
     block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
-        configs.fwd_default(max(pb.E, pb.Ev), pb.cc)
+        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"])
     splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
     if splits == 1:
         dst_out, dst_lse = out.unsqueeze(0), lse.unsqueeze(0)
@@ -119,21 +162,19 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     args = (q, k, v, dst_out, dst_lse, *tail, *sizes, *dst_out.stride(), *dst_lse.stride(), *extras)
     if pb.tuned and splits == 1:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
-        _tuned("fwd", pb.cc)[grid](*args, **pb.flags, NUM_SPLITS=1, USE_TMA=use_tma)
+        _tuned("fwd", pb.cc)[grid](*args, **pb.flags, **flags, NUM_SPLITS=1, USE_TMA=use_tma)
     else:
         grid = (triton.cdiv(rows, block_m), splits, pb.batches * pb.Hkv)
-        _attn_fwd[grid](*args, **pb.flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, USE_TMA=use_tma,
-                        WARP_SPECIALIZE=False, num_warps=warps, num_stages=stages)
+        _attn_fwd[grid](*args, **pb.flags, **flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits,
+                        USE_TMA=use_tma, WARP_SPECIALIZE=False, num_warps=warps, num_stages=stages)
     if splits > 1:
         n = pb.B * pb.Hq * pb.L
         part_out, part_lse = dst_out.view(splits, n, pb.Ev), dst_lse.view(splits, n)
-        out_rows, lse_rows = out.view(n, pb.Ev), lse.view(n)
         block_r = 16
         _attn_fwd_combine[(triton.cdiv(n, block_r),)](
-            part_out, part_lse, out_rows, lse_rows, n, splits, pb.Ev, *part_out.stride(), *part_lse.stride(),
-            *out_rows.stride(), *lse_rows.stride(), BLOCK_R=block_r, HEAD_DIM_V=pb.flags["HEAD_DIM_V"],
-            SPLITS=triton.next_power_of_2(splits))
-    return out, lse
+            part_out, part_lse, out, lse, _pointers(q, sinks)[0], n, splits, pb.Hq, pb.L, pb.Ev, *part_out.stride(),
+            *part_lse.stride(), *out.stride(), *lse.stride(), BLOCK_R=block_r, HEAD_DIM_V=pb.flags["HEAD_DIM_V"],
+            SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
 
 
 def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -18,6 +18,32 @@ def seq_span(CuSeq, b, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def cache_span(SeqK, Leftpad, b, HAS_LEFTPAD: tl.constexpr):
+    """KV-cache mode: sequence b's keys are cache positions [leftpad[b] (or 0), seqlens_k[b]):
+    -> (position of its key 0, its number of keys)."""
+    end = tl.load(SeqK + b)
+    start = tl.full([], 0, tl.int32)
+    if HAS_LEFTPAD:
+        start = tl.load(Leftpad + b)
+    return start, end - start
+
+
+@triton.jit
+def key_rows(offs_n, n_ok, Pages, k_start, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
+             PAGED: tl.constexpr):
+    """int64 offsets of keys offs_n in K and in V from their sequence's base: rows of one tensor or, PAGED, cache
+    position pos = k_start + n at row pos % page_size of page Pages[pos // page_size] (Pages: the sequence's
+    block_table row; stride_kp, stride_vp: the caches' page strides). No gather copy of the cache."""
+    if PAGED:
+        pos = k_start + offs_n
+        page = tl.load(Pages + pos // page_size, mask=n_ok, other=0).to(tl.int64)
+        row = (pos % page_size).to(tl.int64)
+        return page * stride_kp + row * stride_kn, page * stride_vp + row * stride_vn
+    n64 = offs_n.to(tl.int64)
+    return n64 * stride_kn, n64 * stride_vn
+
+
+@triton.jit
 def row_block(pid_m, pid_bh, H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right,
               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """What a forward or dQ program owns: -> (b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head,

@@ -99,10 +99,11 @@ class TritonBackend(FusedBackend):
     """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
     interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
     name = "triton"
-    features = ALL_FEATURES - {"sinks"}
+    features = ALL_FEATURES | KVCACHE_FEATURES
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
+    kvcache_op_name = "triton_kvcache_fwd"
 
     def __init__(self):
         self.interpreting = os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,8 +175,9 @@ class TorchBackend(Backend):
     features = frozenset(TORCH_FEATURES)
 
     def extra_reasons(self, inp):
-        return ["causal together with a float mask"] if inp.is_causal and inp.mask is not None and \
-            inp.mask.dtype != torch.bool else []
+        # mask first: KVCacheInputs (mask None, refused by feature) has no is_causal
+        return ["causal together with a float mask"] if inp.mask is not None and inp.mask.dtype != torch.bool and \
+            inp.is_causal else []
 
     def forward(self, inp):
         mask = inp.mask
