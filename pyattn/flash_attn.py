@@ -9,7 +9,6 @@ the layout). What cannot be matched (README "Coming from FlashAttention"):
   returns its kernel's probabilities with the dropout pattern in their sign, which pyattn never forms.
 - dropout draws from torch's default generator (torch.manual_seed reproduces it), not flash-attn's Philox stream.
 - deterministic is accepted and changes nothing: pyattn's backward is deterministic always. num_splits is ignored.
-- out is a (B, S, H, D) view of a (B, H, S, D) buffer: .reshape merges heads, .view(B, S, -1) does not.
 - float32 and float64 run too, any head dim a backend takes, cache_leftpad with a paged cache.
 """
 import torch

@@ -550,3 +550,12 @@ def test_kvcache_whole_cache_and_num_splits():
     out = flash_attn_with_kvcache(q, kc, vc)
     assert torch.equal(out, flash_attn_with_kvcache(q, kc, vc, cache_seqlens=6, num_splits=4))
     torch.testing.assert_close(out.double(), ref_attn(q, kc, vc)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_are_contiguous_in_flash_attn_layout():
+    """The kernels write out in q's (B, S, H, D) layout, so out is contiguous as flash-attn's is (.view works)."""
+    q, k = torch.randn(2, 10, 4, 16), torch.randn(2, 12, 2, 16)
+    out = flash_attn_func(q, k, k, causal=True)
+    assert out.is_contiguous() and out.view(2, 10, -1).shape == (2, 10, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    assert flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 6, 6).is_contiguous()
