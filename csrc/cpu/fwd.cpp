@@ -144,15 +144,14 @@ void pack_keys(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, int64
 }
 
 // Whether decode can read the cache's rows as matmul operands where they lie: the tile type is the input type,
-// rows have unit column stride, VNNI's pairs need no padding, and pages are not so small that a matmul per
-// page would cost more than packing.
+// rows have unit column stride and VNNI's pairs need no padding.
 template <typename scalar_t, typename T>
 bool direct_keys(const AttnParams& p) {
   return std::is_same_v<scalar_t, T> && p.k_strides.col == 1 && p.v_strides.col == 1 &&
-         (!kVnni<T> || p.head_dim % 2 == 0) && (p.block_table == nullptr || p.page_size >= 8);
+         (!kVnni<T> || p.head_dim % 2 == 0);
 }
 
-// Decode's key block without packing K: S^T (nj, M) = K (the cache rows as they lie, page by page) @ Q^T (w.qt),
+// Decode's key block without packing K: S^T (nj, M) = K (the cache rows as they lie; pages staged) @ Q^T (w.qt),
 // transposed into w.s; then the softmax and o += P V from V packed (a plain copy, or VNNI's key pairs: one
 // matmul over the block's keys, so paged and contiguous caches sum in the same order and agree bit for bit).
 // The transposing pack of K^T took ~40% of a bf16 decode step (perf, S = 32k, one thread).
@@ -162,11 +161,17 @@ void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t
   const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
   const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, hk);
   acc* st = w.st.get();
-  for (int64_t j = j0, n; j < j0 + nj; j += n) {
-    n = kr.run(j, j0 + nj - j);
-    matmul(n, M, E, reinterpret_cast<const T*>(kr.row(j)), kr.row_stride, w.qt.get(), M, st + (j - j0) * M, M,
-           false);
+  const T* ka = reinterpret_cast<const T*>(kr.row(j0));
+  int64_t lda = kr.row_stride;
+  if (kr.pages != nullptr) {
+    // pages: their rows copied into one block (L2-resident scratch), so the block is one matmul, as when
+    // contiguous (a matmul per page of 16 ran at about half the speed), and sums in the same order
+    T* stage = w.kt.get();
+    for (int64_t j = j0; j < j0 + nj; ++j) std::memcpy(stage + (j - j0) * E, kr.row(j), E * sizeof(T));
+    ka = stage;
+    lda = E;
   }
+  matmul(nj, M, E, ka, lda, w.qt.get(), M, st, M, false);
   for (int64_t r = 0; r < M; ++r)
     for (int64_t c = 0; c < nj; ++c) w.s[r * kBlockK + c] = st[c * M + r];
   const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l);

@@ -101,8 +101,14 @@ void pack_b(const S* src, int64_t sk, int64_t sn, int64_t K, int64_t N, T* dst, 
           const uint16_t* s0 = reinterpret_cast<const uint16_t*>(src + k * sk);
           const uint16_t* s1 = reinterpret_cast<const uint16_t*>(src + (pair ? k + 1 : k) * sk);
           const uint32_t hi = pair ? 0xffffu : 0u;
-          if (sn == 1) {
-            for (int64_t n = n0; n < n1; ++n) d[n] = s0[n] | (s1[n] & hi) << 16;
+          if (sn == 1 && pair) {
+            // two rows interleaved (V's key pairs in decode): restrict lets it vectorize to unpacks
+            uint32_t* __restrict__ dv = d;
+            const uint16_t* __restrict__ r0 = s0;
+            const uint16_t* __restrict__ r1 = s1;
+            for (int64_t n = n0; n < n1; ++n) dv[n] = uint32_t(r0[n]) | uint32_t(r1[n]) << 16;
+          } else if (sn == 1) {
+            for (int64_t n = n0; n < n1; ++n) d[n] = s0[n];
           } else {
             for (int64_t n = n0; n < n1; ++n) d[n] = s0[n * sn] | (s1[n * sn] & hi) << 16;
           }
