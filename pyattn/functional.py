@@ -4,10 +4,6 @@ from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
 from .kvcache import explain_kvcache
 
 
-def _run(inp, backend):
-    return backends.choose(inp, backend).forward(inp)
-
-
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window_size=None, softcap=None, alibi_slopes=None,
                                  causal_alignment="top_left", sinks=None, return_lse=False, backend=None):
@@ -20,7 +16,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
                        softcap, alibi_slopes, causal_alignment, return_lse, sinks)
-    return dense_outputs(inp, *_run(inp, backend))
+    return dense_outputs(inp, *backends.choose(inp, backend).forward(inp))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
@@ -34,7 +30,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     q, k, v = autocast(q, k, v)
     inp = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
                         window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse, sinks)
-    out, lse = _run(inp, backend)
+    out, lse = backends.choose(inp, backend).forward(inp)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

@@ -1,7 +1,11 @@
 """The input record: user arguments validated and normalized once, so backends never re-parse them.
 
-Every attention call becomes 4-D views q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) (stride 0
-where torch would broadcast: nothing is copied), an optional mask view (B, Hq, L, S), and plain options.
+Every attention call becomes 4-D q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), an optional mask
+(B, Hq, L, S), and plain options. These are views (stride 0 where torch would broadcast) except in one case:
+B flattens all leading batch dims into one, and a tensor broadcast along some of them but not others
+(e.g. key (B2, H, S, E) or a mask (B2, 1, L, S) with query (B1, B2, H, L, E)) has no single B stride, so
+reshape copies it. 4-D and 3-D inputs, and inputs broadcast along all or none of the batch dims, are
+never copied.
 Causal masking is folded into the window (causal == window_right 0), so kernels have one band rule.
 """
 import math
