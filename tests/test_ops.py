@@ -19,12 +19,9 @@ def attn_inputs(case: Case, t, dropout_p=0.0):
     if case.varlen:
         lq, lk = case.seqlens
         return varlen_inputs(t["q"], t["k"], t["v"], t["cu_seqlens_q"], t["cu_seqlens_k"], max(lq), max(lk),
-                             o.get("is_causal", False), o.get("scale"), o.get("window_size"), o.get("softcap"),
-                             t.get("alibi_slopes"), o.get("causal_alignment", "top_left"), dropout_p,
-                             o.get("return_lse", False))
-    return dense_inputs(t["q"], t["k"], t["v"], t.get("attn_mask"), dropout_p, o.get("is_causal", False),
-                        o.get("scale"), o.get("enable_gqa", False), o.get("window_size"), o.get("softcap"),
-                        t.get("alibi_slopes"), o.get("causal_alignment", "top_left"), o.get("return_lse", False))
+                             alibi_slopes=t.get("alibi_slopes"), dropout_p=dropout_p, **o)
+    return dense_inputs(t["q"], t["k"], t["v"], attn_mask=t.get("attn_mask"), alibi_slopes=t.get("alibi_slopes"),
+                        dropout_p=dropout_p, **o)
 
 
 def leaf(x, requires_grad):
