@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
 import pyattn
-from conftest import (TORCH_SDPA, PyattnOps, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id,
+from helpers import (TORCH_SDPA, PyattnOps, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id,
                       on_device)
 
 NAN = float("nan")

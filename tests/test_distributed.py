@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import pyattn
-from conftest import ATOL, assert_close_to_oracle
+from helpers import ATOL, assert_close_to_oracle
 from pyattn.distributed import positions, ring_attention, shard, ulysses_attention, unshard
 from pyattn.distributed.comm import recording
 from pyattn.distributed.local import run_local

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import (backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
+from helpers import (backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
                       on_device, sample_inputs)
 
 LOW = (torch.bfloat16, torch.float16)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import backend_params, dtype_id
+from helpers import backend_params, dtype_id
 from pyattn import ops
 from pyattn.inputs import dense_inputs
 

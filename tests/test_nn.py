@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call
 
 import pyattn
-from conftest import check_fwd_bwd, device_params, dtype_id
+from helpers import check_fwd_bwd, device_params, dtype_id
 
 N, L, S, E, H = 2, 9, 11, 32, 4
 

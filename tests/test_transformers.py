@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, masking_utils  # noqa: E402
 
 import pyattn  # noqa: E402
 import pyattn.integrations.transformers as pyattn_hf  # noqa: E402
-from conftest import PyattnOps, assert_close_to_oracle, device_params  # noqa: E402
+from helpers import PyattnOps, assert_close_to_oracle, device_params  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
