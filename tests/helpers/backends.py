@@ -94,7 +94,6 @@ class PyattnOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-
 def device_params():
     """pytest.param(device) for "cpu" and "cuda"; the CUDA one skips where CUDA is absent."""
     return [pytest.param("cpu", id="cpu"),
