@@ -1,6 +1,6 @@
 """Drop-in equivalence with torch.nn.functional.scaled_dot_product_attention, forward and backward.
 
-Oracle: torch's math in float64. Baseline: torch in the tested dtype. Rule: conftest.assert_close_to_oracle.
+Oracle: torch's math in float64. Baseline: torch in the tested dtype. Rule: helpers.assert_close_to_oracle.
 """
 import functools
 

@@ -1,7 +1,7 @@
 """pyattn.MultiheadAttention against torch.nn.MultiheadAttention (same weights), forward and backward, and
 replace_attention on torch's Transformer modules.
 
-Oracle: torch's module in float64. Baseline: torch's module in the tested dtype. Rule: conftest's.
+Oracle: torch's module in float64. Baseline: torch's module in the tested dtype. Rule: helpers.assert_close_to_oracle.
 """
 import functools
 
