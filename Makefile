@@ -7,7 +7,7 @@ RESULTS ?=
 STAGE ?=
 PYTEST_ARGS ?=
 
-.PHONY: install build test bench gpu-check test-aarch64 clean
+.PHONY: install build test bench gpu-check sdist-check test-aarch64 clean
 
 install: $(STAMP) build
 
@@ -31,6 +31,12 @@ bench: install
 # Stages triton, cuda, sweep in that order (benchmarks/gpu_check.py); STAGE=name runs one alone.
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),)
+
+# python -m build --sdist, then pip install of that sdist into a fresh venv (torch from pip's local index) and a
+# smoke test from outside the tree: minutes (it compiles every CPU module). SDIST_DIR keeps the work folder.
+SDIST_DIR ?=
+sdist-check: $(STAMP)
+	PYTHON=$(PY) tools/sdist_check.sh $(SDIST_DIR)
 
 # Linux aarch64 under qemu-user, as root on an x86-64 Debian 12 host: sets up an arm64 root once (~25 min, cached in
 # /var/tmp), cross-compiles pyattn._C into it, runs the CPU tests on an emulated NEON CPU and on an SVE one (~15 min).

@@ -132,7 +132,7 @@ CAPS = cpu_capabilities()
 setup(
     name="pyattn",
     version=VERSION,
-    packages=["pyattn", "pyattn.integrations", "pyattn.kernels"],
+    packages=["pyattn", "pyattn.distributed", "pyattn.integrations", "pyattn.kernels"],
     package_dir={"pyattn.kernels": "kernels"},
     ext_modules=[extension(CAPS), *cpu_kernel_extensions(CAPS)],
     cmdclass={"build_ext": Build},

@@ -8,12 +8,13 @@ import os
 
 import torch
 
+from . import features as F
 from . import ops, reference
 from .errors import AttentionInputError
+from .features import ALL_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
 from .inputs import AttnInputs
 from .kvcache_inputs import KVCacheInputs
 
-TORCH_FEATURES = {"bool mask", "float mask", "causal", "dropout", "gqa"}
 # torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
 TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -22,7 +23,7 @@ class Backend:
     name = ""
     devices = ()
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    features = frozenset()  # features (AttnInputs.uses()) it computes natively
+    features = frozenset()  # features (pyattn.features; AttnInputs.uses()) it computes natively
     max_head_dim = None
 
     def unavailable_reason(self):
@@ -60,12 +61,6 @@ class Backend:
     def kvcache_forward(self, inp: KVCacheInputs):
         """-> out (B, L, Hq, Ev), lse (B, Hq, L) float32 (the cache already holds the appended keys)."""
         raise NotImplementedError
-
-
-ALL_FEATURES = frozenset({"bool mask", "float mask", "sliding window", "causal", "bottom_right alignment",
-                          "softcap", "alibi", "dropout", "varlen", "return_lse", "gqa", "sinks"})
-# kvcache_attention's features (KVCacheInputs.uses()); "kvcache gradient" is left to the reference backend
-KVCACHE_FEATURES = frozenset({"kvcache", "paged kv cache", "cache_batch_idx", "cache_leftpad"})
 
 
 class FusedBackend(Backend):
@@ -147,7 +142,7 @@ class CUDABackend(FusedBackend):
     name = "cuda"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    features = (ALL_FEATURES - {"dropout"}) | KVCACHE_FEATURES
+    features = (ALL_FEATURES - {F.DROPOUT}) | KVCACHE_FEATURES
     kvcache_op_name = "kvcache_fwd"  # csrc/cuda/api.cpp registers it for the CUDA dispatch key
     max_head_dim = 256  # padded to 64, 128, 192 or 256 (csrc/cuda/generate.py)
 
@@ -172,10 +167,9 @@ class TorchBackend(Backend):
     """torch's own F.scaled_dot_product_attention: the fallback for what no fused backend takes."""
     name = "torch"
     devices = ("cpu", "cuda")
-    features = frozenset(TORCH_FEATURES)
+    features = TORCH_FEATURES
 
     def extra_reasons(self, inp):
-        # mask first: KVCacheInputs (mask None, refused by feature) has no is_causal
         return ["causal together with a float mask"] if inp.mask is not None and inp.mask.dtype != torch.bool and \
             inp.is_causal else []
 
@@ -194,7 +188,7 @@ class ReferenceBackend(Backend):
     """Naive math (pyattn.reference): every feature, any device, L x S memory."""
     name = "reference"
     devices = ("cpu", "cuda", "meta", "mps", "xpu")
-    features = ALL_FEATURES | KVCACHE_FEATURES | {"kvcache gradient"}
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT}
 
     def forward(self, inp):
         return reference.attention(inp)

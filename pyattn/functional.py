@@ -4,10 +4,6 @@ from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
 from .kvcache import explain_kvcache
 
 
-def _run(inp, backend):
-    return backends.choose(inp, backend).forward(inp)
-
-
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window_size=None, softcap=None, alibi_slopes=None,
                                  causal_alignment="top_left", sinks=None, return_lse=False, backend=None):
@@ -18,9 +14,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     float32 log-sum-exp (..., L) of the scores. attn_mask may also be a torch.nn.attention.bias.CausalBias.
     See DESIGN.md's API contract.
     """
-    inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                       softcap, alibi_slopes, causal_alignment, return_lse, sinks)
-    return dense_outputs(inp, *_run(inp, backend))
+    inp = dense_inputs(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                       enable_gqa=enable_gqa, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                       causal_alignment=causal_alignment, return_lse=return_lse, sinks=sinks)
+    return dense_outputs(inp, *backends.choose(inp, backend).forward(inp))
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
@@ -32,9 +29,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     it attends only within itself. With return_lse, also lse (Hq, total_q) float32.
     """
     q, k, v = autocast(q, k, v)
-    inp = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                        window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse, sinks)
-    out, lse = _run(inp, backend)
+    inp = varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=is_causal,
+                        scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                        causal_alignment=causal_alignment, dropout_p=dropout_p, return_lse=return_lse, sinks=sinks)
+    out, lse = backends.choose(inp, backend).forward(inp)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 
@@ -54,8 +52,9 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=None, sc
         return explain_kvcache(query, key, value, is_causal=True if is_causal is None else is_causal, **extras,
                                **kvcache)
     is_causal = False if is_causal is None else is_causal
-    inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                       softcap, alibi_slopes, causal_alignment, return_lse, sinks)
+    inp = dense_inputs(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                       enable_gqa=enable_gqa, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                       causal_alignment=causal_alignment, return_lse=return_lse, sinks=sinks)
     lines = backends.explain_inputs(inp, backend)
     torch_arguments_only = window_size is None and softcap is None and alibi_slopes is None \
         and causal_alignment == "top_left" and not return_lse and sinks is None

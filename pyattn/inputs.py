@@ -1,7 +1,11 @@
 """The input record: user arguments validated and normalized once, so backends never re-parse them.
 
-Every attention call becomes 4-D views q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) (stride 0
-where torch would broadcast: nothing is copied), an optional mask view (B, Hq, L, S), and plain options.
+Every attention call becomes 4-D q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), an optional mask
+(B, Hq, L, S), and plain options. These are views (stride 0 where torch would broadcast) except in one case:
+B flattens all leading batch dims into one, and a tensor broadcast along some of them but not others
+(e.g. key (B2, H, S, E) or a mask (B2, 1, L, S) with query (B1, B2, H, L, E)) has no single B stride, so
+reshape copies it. 4-D and 3-D inputs, and inputs broadcast along all or none of the batch dims, are
+never copied.
 Causal masking is folded into the window (causal == window_right 0), so kernels have one band rule.
 """
 import math
@@ -11,6 +15,7 @@ from typing import Optional
 import torch
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
+from . import features as F
 from .errors import AttentionInputError, AttentionTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,30 +65,30 @@ class AttnInputs:
         return self.window_right == 0 and self.window_left < 0
 
     def uses(self):
-        """The features this call needs, by name: what backends check against."""
+        """The features this call needs (pyattn.features): what backends check against."""
         feats = []
         if self.mask is not None:
-            feats.append("bool mask" if self.mask.dtype == torch.bool else "float mask")
+            feats.append(F.BOOL_MASK if self.mask.dtype == torch.bool else F.FLOAT_MASK)
         if self.window_left >= 0 or self.window_right > 0:
-            feats.append("sliding window")
+            feats.append(F.SLIDING_WINDOW)
         if self.window_right == 0:
-            feats.append("causal")
+            feats.append(F.CAUSAL)
         if self.bottom_right:
-            feats.append("bottom_right alignment")
+            feats.append(F.BOTTOM_RIGHT)
         if self.softcap:
-            feats.append("softcap")
+            feats.append(F.SOFTCAP)
         if self.alibi_slopes is not None:
-            feats.append("alibi")
+            feats.append(F.ALIBI)
         if self.dropout_p > 0:
-            feats.append("dropout")
+            feats.append(F.DROPOUT)
         if self.varlen:
-            feats.append("varlen")
+            feats.append(F.VARLEN)
         if self.return_lse:
-            feats.append("return_lse")
+            feats.append(F.RETURN_LSE)
         if self.q.shape[1] != self.k.shape[1]:
-            feats.append("gqa")
+            feats.append(F.GQA)
         if self.sinks is not None:
-            feats.append("sinks")
+            feats.append(F.SINKS)
         return feats
 
 
@@ -255,8 +260,9 @@ def _as_bhld(t, batch_shape):
     return t.reshape(math.prod(batch_shape[:-1]), h, *t.shape[-2:])
 
 
-def dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
-                 alibi_slopes, causal_alignment, return_lse, sinks=None):
+def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                 window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", return_lse=False,
+                 sinks=None):
     """scaled_dot_product_attention's arguments -> AttnInputs (dense_outputs maps the results back)."""
     query, key, value, attn_mask = autocast(query, key, value, attn_mask)
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -332,8 +338,9 @@ def _check_cu_seqlens(name, cu, total, max_seqlen):
                                       f"{max_seqlen}")
 
 
-def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-                  window_size, softcap, alibi_slopes, causal_alignment, dropout_p, return_lse, sinks=None):
+def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False, scale=None,
+                  window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", dropout_p=0.0,
+                  return_lse=False, sinks=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
         if t.dim() != 3:

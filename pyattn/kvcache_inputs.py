@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from . import features as F
 from .errors import AttentionInputError, AttentionTypeError
 from .inputs import _alibi, _check_qkv_types, _check_tensor, _options, _scale, _shape, _sinks, _window
 
@@ -75,29 +76,30 @@ class KVCacheInputs:
         return self.k_cache.shape[1]
 
     def uses(self):
-        feats = ["kvcache"]
+        """The features this call needs (pyattn.features)."""
+        feats = [F.KVCACHE]
         if self.paged:
-            feats.append("paged kv cache")
+            feats.append(F.PAGED_KV_CACHE)
         if self.cache_batch_idx is not None:
-            feats.append("cache_batch_idx")
+            feats.append(F.CACHE_BATCH_IDX)
         if self.cache_leftpad is not None:
-            feats.append("cache_leftpad")
+            feats.append(F.CACHE_LEFTPAD)
         if self.window_left >= 0 or self.window_right > 0:
-            feats.append("sliding window")
+            feats.append(F.SLIDING_WINDOW)
         if self.window_right == 0:
-            feats.append("causal")
+            feats.append(F.CAUSAL)
         if self.softcap:
-            feats.append("softcap")
+            feats.append(F.SOFTCAP)
         if self.alibi_slopes is not None:
-            feats.append("alibi")
+            feats.append(F.ALIBI)
         if self.sinks is not None:
-            feats.append("sinks")
+            feats.append(F.SINKS)
         if self.return_lse:
-            feats.append("return_lse")
+            feats.append(F.RETURN_LSE)
         if self.q.shape[2] != self.k_cache.shape[2]:
-            feats.append("gqa")
+            feats.append(F.GQA)
         if self.needs_grad:
-            feats.append("kvcache gradient")
+            feats.append(F.KVCACHE_GRADIENT)
         return feats
 
 

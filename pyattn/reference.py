@@ -102,10 +102,3 @@ def kvcache_attention(inp):
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
 
-
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, **extras):
-    """pyattn.scaled_dot_product_attention computed naively: the benchmark baseline."""
-    from .functional import scaled_dot_product_attention as sdpa
-
-    return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend="reference", **extras)

@@ -42,8 +42,8 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if type(t) is not torch.Tensor:  # nested, distributed and other subclasses have their own SDPA rules
             return None, f"{name} is a {type(t).__name__}, not a plain torch.Tensor"
     try:
-        inp = dense_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None, None, None,
-                           "top_left", False)
+        inp = dense_inputs(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
     except AttentionInputError as e:
         return None, f"pyattn refuses the arguments: {e}"
     backend = backends.choose(inp)

@@ -8,7 +8,7 @@
 - dropout does not replay torch's random stream (no fused kernel does) but has its statistics;
 - a grid of dtypes, shapes, masks, GQA and scale through torch's own function routed by pyattn.enabled().
 
-Oracle: torch in float64; baseline: torch in the tested dtype; rule: conftest.assert_close_to_oracle.
+Oracle: torch in float64; baseline: torch in the tested dtype; rule: helpers.assert_close_to_oracle.
 """
 import functools
 import math
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
 import pyattn
-from conftest import (TORCH_SDPA, PyattnOps, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id,
+from helpers import (TORCH_SDPA, PyattnOps, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id,
                       on_device)
 
 NAN = float("nan")

@@ -1,6 +1,6 @@
 """The CPU kernel's builds per CPU capability: which one runs, the switches that hold it lower, what build_info()
 and explain() say, and that each build keeps its ISA to itself. (Each build's numerics run the whole CPU grid
-through conftest's cpu-<capability> parameters.)"""
+through helpers.backend_params' cpu-<capability> parameters.)"""
 import os
 import shutil
 import subprocess

@@ -1,19 +1,19 @@
 """What the cuda backend class declares and refuses, checked on any machine (no GPU, no CUDA build needed)."""
 import torch
 
-from pyattn import backends
+from pyattn import backends, features
 from pyattn.inputs import dense_inputs
 
 
 def inputs(E=64, Ev=64, dtype=torch.bfloat16, dropout_p=0.0):
     q, k, v = (torch.randn(1, 2, 9, d, dtype=dtype) for d in (E, E, Ev))
-    return dense_inputs(q, k, v, None, dropout_p, True, None, False, None, None, None, "top_left", False)
+    return dense_inputs(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 def test_declares_every_feature_but_dropout():
     cuda = backends.CUDABackend()
-    assert cuda.features == (backends.ALL_FEATURES - {"dropout"}) | backends.KVCACHE_FEATURES
-    assert "sinks" in cuda.features and "kvcache gradient" not in cuda.features
+    assert cuda.features == (features.ALL_FEATURES - {features.DROPOUT}) | features.KVCACHE_FEATURES
+    assert features.SINKS in cuda.features and features.KVCACHE_GRADIENT not in cuda.features
     assert cuda.kvcache_op_name == "kvcache_fwd"
     assert cuda.dtypes == (torch.float16, torch.bfloat16) and cuda.max_head_dim == 256
 

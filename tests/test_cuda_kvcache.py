@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import assert_close_to_oracle
+from helpers import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 

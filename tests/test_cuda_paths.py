@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import assert_close_to_oracle
+from helpers import assert_close_to_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -38,6 +38,6 @@ def test_sm90_forward_matches_sm80(monkeypatch, dtype, kw, L, S, E, Ev):
     oracle, oracle_lse = pyattn.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                               backend="reference", **args)
     base, base_lse = pyattn.scaled_dot_product_attention(q, k, v, backend="reference", **args)  # same dtype
-    for path, out, lse in (("sm_90a", out90, lse90), ("sm_80", out80, lse80)):  # conftest's rule for both
+    for path, out, lse in (("sm_90a", out90, lse90), ("sm_80", out80, lse80)):  # helpers' rule for both
         assert_close_to_oracle(f"{path} out", out, base, oracle, dtype)
         assert_close_to_oracle(f"{path} lse", lse, base_lse, oracle_lse, dtype)

@@ -2,7 +2,7 @@
 size; every check runs inside that one process group and reports here.
 
 Each sharded result (out, lse, dq, dk, dv) is unsharded and judged against single-process pyattn on the
-unsplit sequence and the float64 oracle, by the project's rule (conftest.assert_close_to_oracle).
+unsplit sequence and the float64 oracle, by the project's rule (helpers.assert_close_to_oracle).
 """
 import functools
 import os
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import pyattn
-from conftest import ATOL, assert_close_to_oracle
+from helpers import ATOL, assert_close_to_oracle
 from pyattn.distributed import positions, ring_attention, shard, ulysses_attention, unshard
 from pyattn.distributed.comm import recording
 from pyattn.distributed.local import run_local

@@ -1,6 +1,6 @@
 """Drop-in equivalence with torch.nn.functional.scaled_dot_product_attention, forward and backward.
 
-Oracle: torch's math in float64. Baseline: torch in the tested dtype. Rule: conftest.assert_close_to_oracle.
+Oracle: torch's math in float64. Baseline: torch in the tested dtype. Rule: helpers.assert_close_to_oracle.
 """
 import functools
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from conftest import (backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
+from helpers import (backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
                       on_device, sample_inputs)
 
 LOW = (torch.bfloat16, torch.float16)

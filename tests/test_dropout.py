@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import backend_params, dtype_id
+from helpers import backend_params, dtype_id
 from pyattn import ops
 from pyattn.inputs import dense_inputs
 
@@ -21,8 +21,8 @@ def qkv(*shapes, dtype=torch.float32, requires_grad=False):
 
 def seed_offset(q, k, v, seed, **kw):
     """The (seed, offset) the forward draws after torch.manual_seed(seed): the same call it makes."""
-    inp = dense_inputs(q, k, v, kw.pop("attn_mask", None), kw.pop("dropout_p"), kw.pop("is_causal", False), None,
-                       kw.pop("enable_gqa", False), None, None, None, "top_left", False)
+    inp = dense_inputs(q, k, v, attn_mask=kw.pop("attn_mask", None), dropout_p=kw.pop("dropout_p"),
+                       is_causal=kw.pop("is_causal", False), enable_gqa=kw.pop("enable_gqa", False))
     torch.manual_seed(seed)
     return inp, ops.draw_rng_state(inp).tolist()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import FUSED, backend_device, device_params
+from helpers import FUSED, backend_device, device_params
 
 devices = pytest.mark.parametrize("device", device_params())
 LENGTH = torch.export.Dim("length", min=2, max=256)

@@ -16,7 +16,7 @@ from pyattn import backends
 from pyattn.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
                                flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
-from conftest import ATOL, assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
+from helpers import ATOL, assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
 
 DENSE_BACKENDS = backend_params(["cpu", "reference", "triton", "cuda"], lower_capabilities=False)
 # kvcache_attention runs on the CPU kernel and the reference (the GPU backends leave it to the reference: auto)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import backend_params, dtype_id, half_dtype
+from helpers import backend_params, dtype_id, half_dtype
 
 KV_BACKENDS = backend_params(["cpu"])
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import backend_params
+from helpers import backend_params
 
 L = S = 8192
 D = 64

@@ -1,7 +1,7 @@
 """pyattn.MultiheadAttention against torch.nn.MultiheadAttention (same weights), forward and backward, and
 replace_attention on torch's Transformer modules.
 
-Oracle: torch's module in float64. Baseline: torch's module in the tested dtype. Rule: conftest's.
+Oracle: torch's module in float64. Baseline: torch's module in the tested dtype. Rule: helpers.assert_close_to_oracle.
 """
 import functools
 
@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call
 
 import pyattn
-from conftest import check_fwd_bwd, device_params, dtype_id
+from helpers import check_fwd_bwd, device_params, dtype_id
 
 N, L, S, E, H = 2, 9, 11, 32, 4
 

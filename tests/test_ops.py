@@ -5,39 +5,11 @@ import pytest
 import torch
 
 import pyattn
-from conftest import CASES, Case, backend_params, sample_inputs
-from pyattn.inputs import dense_inputs, varlen_inputs
+from helpers import CASES, attn_inputs, backend_params, fwd_args, sample_inputs
 
 # every CPU capability for the op checks; the one in use for float64 gradcheck, compile and explain
 cpu_all = pytest.mark.parametrize("backend,device", backend_params(["cpu"]))
 cpu_only = pytest.mark.parametrize("backend,device", backend_params(["cpu"], lower_capabilities=False))
-
-
-def attn_inputs(case: Case, t, dropout_p=0.0):
-    """The normalized AttnInputs the public function would build for this case."""
-    o = case.opts
-    if case.varlen:
-        lq, lk = case.seqlens
-        return varlen_inputs(t["q"], t["k"], t["v"], t["cu_seqlens_q"], t["cu_seqlens_k"], max(lq), max(lk),
-                             o.get("is_causal", False), o.get("scale"), o.get("window_size"), o.get("softcap"),
-                             t.get("alibi_slopes"), o.get("causal_alignment", "top_left"), dropout_p,
-                             o.get("return_lse", False))
-    return dense_inputs(t["q"], t["k"], t["v"], t.get("attn_mask"), dropout_p, o.get("is_causal", False),
-                        o.get("scale"), o.get("enable_gqa", False), o.get("window_size"), o.get("softcap"),
-                        t.get("alibi_slopes"), o.get("causal_alignment", "top_left"), o.get("return_lse", False))
-
-
-def leaf(x, requires_grad):
-    return None if x is None else x.detach().requires_grad_(requires_grad)
-
-
-def fwd_args(inp, requires_grad=True, mask_grad=False, seed=0, offset=0):
-    """torch.ops.pyattn.fwd's arguments, in schema order (csrc/ops.cpp)."""
-    return (leaf(inp.q, requires_grad), leaf(inp.k, requires_grad), leaf(inp.v, requires_grad),
-            leaf(inp.mask, mask_grad), inp.alibi_slopes, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
-            inp.max_seqlen_k, inp.scale, inp.window_left, inp.window_right, inp.bottom_right, inp.softcap,
-            inp.dropout_p, torch.tensor([seed, offset]) if inp.dropout_p > 0 else None)
-
 
 OPCHECK_CASES = sample_inputs(dtypes=(torch.float32,)) + sample_inputs(
     dtypes=(torch.bfloat16,), cases=[c for c in CASES if c.id in ("causal-L33-S65", "gqa-Hq6-Hkv2", "alibi-H")])

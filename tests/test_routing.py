@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 import pyattn
-from conftest import TORCH_SDPA, PyattnOps, assert_close_to_oracle
+from helpers import TORCH_SDPA, PyattnOps, assert_close_to_oracle
 
 
 @pytest.fixture(autouse=True)

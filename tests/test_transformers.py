@@ -1,8 +1,8 @@
 """attn_implementation="pyattn" in Hugging Face transformers against the library's eager attention.
 
 Tiny random-weight decoder models are built here and saved locally (nothing is downloaded), then loaded with
-from_pretrained(..., attn_implementation=...). Logits and gradients follow conftest's rule: oracle eager in
-float64, baseline eager in the tested dtype. Padding is on the right there: eager upcasts its softmax to
+from_pretrained(..., attn_implementation=...). Logits and gradients follow helpers.assert_close_to_oracle: oracle
+eager in float64, baseline eager in the tested dtype. Padding is on the right there: eager upcasts its softmax to
 float32, where a fully masked (left-padded) row of float64 min values turns into NaN. Left padding is
 checked by greedy generation, which must give the same tokens.
 """
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, masking_utils  # noqa: E402
 
 import pyattn  # noqa: E402
 import pyattn.integrations.transformers as pyattn_hf  # noqa: E402
-from conftest import PyattnOps, assert_close_to_oracle, device_params  # noqa: E402
+from helpers import PyattnOps, assert_close_to_oracle, device_params  # noqa: E402
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import pyattn
-from conftest import CASES, assert_close_to_oracle, backend_params, check_fwd_bwd, sample_inputs
+from helpers import CASES, assert_close_to_oracle, attn_inputs, backend_params, check_fwd_bwd, fwd_args, sample_inputs
 from pyattn.kernels import configs
-from test_ops import attn_inputs, fwd_args
 
 pytestmark = pytest.mark.parametrize("backend,device", backend_params(["triton"]))
 

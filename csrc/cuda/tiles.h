@@ -1,5 +1,6 @@
 // Tile shapes per padded head dim D (a multiple of 64: 64, 128, 192, 256). Plain C++ so that host code and
-// pyattn/cuda_aot.py (which reads kSmem* through tile_sizes.cpp) share one source of truth.
+// pyattn/cuda_aot.py (which compiles a small program including this header to print kSmem*) share one source
+// of truth.
 // Every warp owns 16 rows of its tile (one m16n8k16 row block), so rows per block = 16 x warps.
 // Register budget per thread: the fp32 accumulators are D/2 floats per 16-row operand (O, dQ, dK, dV) and
 // N/2 floats per 16 x N score tile. The shapes below are the largest that ptxas fits in 255 registers

@@ -40,8 +40,8 @@ def sharded_call(caller, q, k, v, group, layout, is_causal, window_size, softcap
     if k.shape[1] != Hq and not enable_gqa:
         raise AttentionInputError(f"{caller}: k and v have {k.shape[1]} heads but q has {Hq}: pass enable_gqa=True (query heads "
                          f"a multiple of key/value heads); got {shapes}")
-    inp = dense_inputs(q, k, v, None, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, alibi_slopes,
-                       "top_left", return_lse)
+    inp = dense_inputs(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse)
     rank, world = group_rank_and_size(group, caller)
     per_rank = len(rank_chunks(rank, world, layout))
     if L % per_rank or L == 0:

@@ -1,0 +1,32 @@
+"""Feature names, defined once: what AttnInputs.uses() / KVCacheInputs.uses() report and backends declare.
+
+They are plain strings (explain() prints them), but code names them only through these constants, so a typo
+is a NameError at import or first call instead of a silent change in what a backend supports.
+"""
+BOOL_MASK = "bool mask"
+FLOAT_MASK = "float mask"
+SLIDING_WINDOW = "sliding window"
+CAUSAL = "causal"
+BOTTOM_RIGHT = "bottom_right alignment"
+SOFTCAP = "softcap"
+ALIBI = "alibi"
+DROPOUT = "dropout"
+VARLEN = "varlen"
+RETURN_LSE = "return_lse"
+GQA = "gqa"
+SINKS = "sinks"
+
+# kvcache_attention only (KVCacheInputs.uses())
+KVCACHE = "kvcache"
+PAGED_KV_CACHE = "paged kv cache"
+CACHE_BATCH_IDX = "cache_batch_idx"
+CACHE_LEFTPAD = "cache_leftpad"
+KVCACHE_GRADIENT = "kvcache gradient"  # a differentiable call: left to the reference backend
+
+# every feature of scaled_dot_product_attention / varlen_attention
+ALL_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, SLIDING_WINDOW, CAUSAL, BOTTOM_RIGHT, SOFTCAP, ALIBI, DROPOUT,
+                          VARLEN, RETURN_LSE, GQA, SINKS})
+# what kvcache_attention adds to them (KVCACHE_GRADIENT is not among them: only the reference takes it)
+KVCACHE_FEATURES = frozenset({KVCACHE, PAGED_KV_CACHE, CACHE_BATCH_IDX, CACHE_LEFTPAD})
+# what torch's own F.scaled_dot_product_attention computes
+TORCH_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, CAUSAL, DROPOUT, GQA})
