@@ -10,8 +10,6 @@ Strides4 strides4(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-bool out_rows_outer(const at::Tensor& q) { return q.size(1) > 1 && q.size(2) > 1 && q.stride(1) < q.stride(2); }
-
 void check_device(const Host& host, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == host.device, host.tag, ": ", name, " must be on ", host.device, ", got ", t.device());
 }
@@ -267,12 +265,8 @@ std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor
                                                  bool varlen) {
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2);
   const auto lse_options = q.options().dtype(at::kFloat);
-  // out in q's layout: q seen as (B, Hq, L, E) from a (B, L, Hq, E) tensor (FlashAttention's, varlen's packed
-  // rows, transformers') gets out from a (B, L, Hq, Ev) one, so handing it back in that layout copies nothing
-  const bool rows_outer = out_rows_outer(q);
-  const auto shape = rows_outer ? std::vector<int64_t>{B, L, Hq, v.size(3)} : std::vector<int64_t>{B, Hq, L, v.size(3)};
-  at::Tensor out = varlen ? at::zeros(shape, q.options()) : at::empty(shape, q.options());
-  if (rows_outer) out = out.transpose(1, 2);
+  at::Tensor out = varlen ? at::zeros({B, Hq, L, v.size(3)}, q.options())
+                          : at::empty({B, Hq, L, v.size(3)}, q.options());
   at::Tensor lse = varlen ? at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), lse_options)
                           : at::empty({B, Hq, L}, lse_options);
   p.out = out.data_ptr();

@@ -19,10 +19,6 @@ Strides4 strides4(const at::Tensor& t);
 
 void check_device(const Host& host, const at::Tensor& t, const char* name);
 
-// Whether q (B, Hq, L, E) is a view of a (B, L, Hq, E) tensor: outputs then take that layout too (alloc_out_lse;
-// pyattn.ops.new_out is its Python twin for the fakes and the Triton launcher).
-bool out_rows_outer(const at::Tensor& q);
-
 // Validates the inputs shared by fwd and bwd and fills everything of p except the outputs and the dropout
 // RNG state. Varlen lengths: read from cu_seqlens on CPU (and checked); on a GPU the caller's
 // max_seqlen_q/k are trusted, as reading device memory here would synchronize.
@@ -44,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double scale,
     int64_t window_left, int64_t window_right, double softcap);
 
-// out (B, Hq, L, Ev) like q (in q's layout: out_rows_outer), lse (B, Hq, L) float32; varlen rows past the last sequence are never visited,
+// out (B, Hq, L, Ev) like q, lse (B, Hq, L) float32; varlen rows past the last sequence are never visited,
 // so there they are allocated as the empty-row result (0, -inf). Sets p.out, p.lse.
 std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor& q, const at::Tensor& v,
                                                  bool varlen);

@@ -7,7 +7,6 @@ import torch
 import triton
 
 from . import configs
-from ..ops import new_out
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
 
@@ -100,7 +99,7 @@ def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
     pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
                   window_right, softcap, dropout_p)
-    out = new_out(q, pb.Ev, zeros=pb.varlen)
+    out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=q.dtype, device=q.device)
     lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
         return out, lse

@@ -75,7 +75,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=softmax_scale,
         enable_gqa=True, alibi_slopes=alibi_slopes, causal_alignment="bottom_right", return_lse=True,
         **_options(causal, window_size, softcap, k.shape[1]))
-    out = out.transpose(1, 2)
+    out = out.transpose(1, 2).contiguous()  # flash-attn's out is contiguous (B, S, H, D): .view works on it
     return (out, _flash_lse(lse), _s_dmask(q)) if return_attn_probs else out
 
 
@@ -126,6 +126,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                     scale=softmax_scale, alibi_slopes=alibi_slopes, causal_alignment="bottom_right",
                                     dropout_p=dropout_p, return_lse=True, **options)
+    out = out.contiguous()  # (total, H, D), contiguous as flash-attn's
     return (out, _flash_lse(lse), _s_dmask(q)) if return_attn_probs else out
 
 

@@ -74,19 +74,9 @@ def kvcache_fake(q, k_cache, v_cache, *args):
     return q.new_empty(B, L, Hq, v_cache.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
-def new_out(q, Ev, zeros=False):
-    """out (B, Hq, L, Ev) for q (B, Hq, L, E), in q's layout: from a (B, L, Hq, Ev) tensor when q is a view of a
-    (B, L, Hq, E) one (csrc/host_params.h out_rows_outer), so handing it back in that layout copies nothing."""
-    B, Hq, L, _ = q.shape
-    alloc = torch.zeros if zeros else torch.empty
-    if Hq > 1 and L > 1 and q.stride(1) < q.stride(2):
-        return alloc(B, L, Hq, Ev, dtype=q.dtype, device=q.device).transpose(1, 2)
-    return alloc(B, Hq, L, Ev, dtype=q.dtype, device=q.device)
-
-
 def _fwd_fake(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options_rng_state_sinks):
     B, Hq, L, _ = q.shape
-    return new_out(q, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
 def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

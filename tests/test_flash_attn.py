@@ -553,7 +553,7 @@ def test_kvcache_whole_cache_and_num_splits():
 
 
 def test_outputs_are_contiguous_in_flash_attn_layout():
-    """The kernels write out in q's (B, S, H, D) layout, so out is contiguous as flash-attn's is (.view works)."""
+    """out is contiguous (B, S, H, D) as flash-attn's is, so .view works on it."""
     q, k = torch.randn(2, 10, 4, 16), torch.randn(2, 12, 2, 16)
     out = flash_attn_func(q, k, k, causal=True)
     assert out.is_contiguous() and out.view(2, 10, -1).shape == (2, 10, 64)
