@@ -81,6 +81,30 @@ void fill_sinks(const Host& host, AttnParams& p, const std::optional<at::Tensor>
   p.sinks_f64 = s.scalar_type() == at::kDouble;
 }
 
+// Pointers, strides and sizes of q (B, Hq, L, E), k (_, Hkv, S, E), v (_, Hkv, S, Ev) views, and the options.
+void set_tensors_and_options(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             double scale, double softcap, int64_t window_left, int64_t window_right,
+                             bool bottom_right) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_strides = strides4(q);
+  p.k_strides = strides4(k);
+  p.v_strides = strides4(v);
+  p.batch = q.size(0);
+  p.heads_q = q.size(1);
+  p.seqlen_q = q.size(2);
+  p.head_dim = q.size(3);
+  p.heads_kv = k.size(1);
+  p.seqlen_k = k.size(2);
+  p.head_dim_v = v.size(3);
+  p.scale = scale;
+  p.softcap = softcap;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+}
+
 void check_options(const Host& host, double softcap) {
   TORCH_CHECK(softcap >= 0, host.tag, ": softcap must be >= 0 (0 = off), got ", softcap);
 }
@@ -139,25 +163,8 @@ std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
               "k_cache ", k_cache.sizes());
   check_options(host, softcap);
   // (B, L, Hq, E) and (rows, S, Hkv, E) seen as the kernels' (batch, head, row, col)
-  const at::Tensor qv = q.transpose(1, 2), kv = k_cache.transpose(1, 2), vv = v_cache.transpose(1, 2);
-  p.q = q.data_ptr();
-  p.k = k_cache.data_ptr();
-  p.v = v_cache.data_ptr();
-  p.q_strides = strides4(qv);
-  p.k_strides = strides4(kv);
-  p.v_strides = strides4(vv);
-  p.batch = B;
-  p.heads_q = Hq;
-  p.heads_kv = Hkv;
-  p.seqlen_q = L;
-  p.seqlen_k = S;
-  p.head_dim = E;
-  p.head_dim_v = Ev;
-  p.scale = scale;
-  p.softcap = softcap;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.bottom_right = true;
+  set_tensors_and_options(p, q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale, softcap,
+                          window_left, window_right, true);
 
   p.seqused_k = int32_vector(host, seqlens_k, "seqlens_k", B);
   p.k_start = int32_vector(host, cache_leftpad, "cache_leftpad", B);
@@ -215,25 +222,7 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
               " must be a multiple of heads of k ", k.sizes());
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, host.tag, ": dropout_p must be in [0, 1), got ", dropout_p);
   check_options(host, softcap);
-
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_strides = strides4(q);
-  p.k_strides = strides4(k);
-  p.v_strides = strides4(v);
-  p.batch = B;
-  p.heads_q = Hq;
-  p.heads_kv = Hkv;
-  p.seqlen_q = L;
-  p.seqlen_k = S;
-  p.head_dim = E;
-  p.head_dim_v = Ev;
-  p.scale = scale;
-  p.softcap = softcap;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.bottom_right = bottom_right;
+  set_tensors_and_options(p, q, k, v, scale, softcap, window_left, window_right, bottom_right);
   p.dropout_p = dropout_p;
 
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), host.tag,
