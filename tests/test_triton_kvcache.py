@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyattn
-from conftest import assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
+from helpers import assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
 from pyattn.kvcache import explain_kvcache
 
 pytestmark = pytest.mark.parametrize("backend,device", backend_params(["triton"]))
