@@ -143,25 +143,24 @@ void pack_keys(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, int64
   }
 }
 
-// Whether decode can read the cache's rows as matmul operands where they lie: the tile type is the input type,
-// rows have unit column stride and VNNI's pairs need no padding.
-template <typename scalar_t, typename T>
+// Whether decode can read the cache's rows as matmul operands where they lie (the tile type is the input type:
+// attend_block_direct exists only then): rows with unit column stride, and no padding for VNNI's pairs.
+template <typename T>
 bool direct_keys(const AttnParams& p) {
-  return std::is_same_v<scalar_t, T> && p.k_strides.col == 1 && p.v_strides.col == 1 &&
-         (!kVnni<T> || p.head_dim % 2 == 0);
+  return p.k_strides.col == 1 && p.v_strides.col == 1 && (!kVnni<T> || p.head_dim % 2 == 0);
 }
 
 // Decode's key block without packing K: S^T (nj, M) = K (the cache rows as they lie; pages staged) @ Q^T (w.qt),
 // transposed into w.s; then the softmax and o += P V from V packed (a plain copy, or VNNI's key pairs: one
 // matmul over the block's keys, so paged and contiguous caches sum in the same order and agree bit for bit).
 // The transposing pack of K^T took ~40% of a bf16 decode step (perf, S = 32k, one thread).
-template <typename scalar_t, typename T, typename acc>
+template <typename T, typename acc>
 void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, const Rows& rows, int64_t j0,
                          int64_t nj, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
   const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
-  const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, hk);
+  const KeyRows<T> kr(p, seq, b, p.k, p.k_strides, hk);
   acc* st = w.st.get();
-  const T* ka = reinterpret_cast<const T*>(kr.row(j0));
+  const T* ka = kr.row(j0);
   int64_t lda = kr.row_stride;
   if (kr.pages != nullptr) {
     // pages: their rows copied into one block (L2-resident scratch), so the block is one matmul, as when
@@ -174,8 +173,8 @@ void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t
   matmul(nj, M, E, ka, lda, w.qt.get(), M, st, M, false);
   for (int64_t r = 0; r < M; ++r)
     for (int64_t c = 0; c < nj; ++c) w.s[r * kBlockK + c] = st[c * M + r];
-  const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l);
-  pack_keys<scalar_t, T>(p, seq, b, hk, j0, nj, nullptr, 0, w.v.get());
+  const T* pa = softmax_block<T>(p, seq, b, rows, j0, nj, w, o, m, l);
+  pack_keys<T, T>(p, seq, b, hk, j0, nj, nullptr, 0, w.v.get());
   matmul(M, Ev, nj, pa, kLdP<T, acc>, w.v.get(), Ev, o, Ev, true);
 }
 
@@ -304,7 +303,8 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   }
   const int64_t n_tasks = first.back();
   std::vector<acc> parts(n_tasks * part);
-  const bool direct = direct_keys<scalar_t, T>(p);
+  constexpr bool kSameType = std::is_same_v<scalar_t, T>;
+  const bool direct = kSameType && direct_keys<T>(p);
 
   parallel_tasks(n_tasks, [&] { return FwdScratch<T, acc>(E, Ev, true); }, [&](int64_t t, FwdScratch<T, acc>& w) {
     const int64_t bh = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
@@ -321,13 +321,15 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
     const int64_t j_end = std::min(keys[b].second, keys[b].first + (c + 1) * kChunkBlocks * kBlockK);
     for (int64_t j0 = keys[b].first + c * kChunkBlocks * kBlockK; j0 < j_end; j0 += kBlockK) {
       const int64_t nj = std::min(kBlockK, j_end - j0);
-      if (direct) {
-        attend_block_direct<scalar_t>(p, seq, b, hk, rows, j0, nj, w, o, m, l);
-      } else {
-        // K^T and V of this key block -> scratch B operands
-        pack_keys<scalar_t>(p, seq, b, hk, j0, nj, w.kt.get(), nj, w.v.get());
-        attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
+      if constexpr (kSameType) {
+        if (direct) {
+          attend_block_direct(p, seq, b, hk, rows, j0, nj, w, o, m, l);
+          continue;
+        }
       }
+      // K^T and V of this key block -> scratch B operands
+      pack_keys<scalar_t>(p, seq, b, hk, j0, nj, w.kt.get(), nj, w.v.get());
+      attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
     }
   });
 
