@@ -28,9 +28,11 @@ bench: install
 	$(PY) -m benchmarks $(if $(RESULTS),--out $(RESULTS),)
 
 # On a GPU machine, offline, with its system python3 (torch, triton, nvcc, pytest, pybind11 preinstalled).
-# Stages triton, cuda, sweep in that order (benchmarks/gpu_check.py); STAGE=name runs one alone.
+# Stages build, tests, bench, sanitizer, sweep under one time budget (benchmarks/gpu_check.py, BUDGET seconds,
+# default 540); STAGE=name runs one alone.
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),)
+	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),) \
+		$(if $(BUDGET),--budget $(BUDGET),)
 
 # python -m build --sdist, then pip install of that sdist into a fresh venv (torch from pip's local index) and a
 # smoke test from outside the tree: minutes (it compiles every CPU module). SDIST_DIR keeps the work folder.

@@ -31,7 +31,7 @@ def parse_args():
                     default="default",
                     help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
                          "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo); "
-                         "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches (CPU)")
+                         "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>; CPU: cpu-<capability>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
@@ -87,9 +87,11 @@ def _memory_point(p, points):
 
 def main():
     args = parse_args()
-    if args.preset in ("context-parallel", "serving"):  # CPU-only presets with their own records and tables
-        meta = metadata("cpu")
-        out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", f"cpu-{meta['cpu_capability']}")
+    if args.preset in ("context-parallel", "serving"):  # presets with their own records and tables
+        device = args.device if args.preset == "serving" else "cpu"
+        meta = metadata(device)
+        where = f"cpu-{meta['cpu_capability']}" if device == "cpu" else device
+        out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", where)
         os.makedirs(out_dir, exist_ok=True)
         return (context_parallel if args.preset == "context-parallel" else serving).run(args, out_dir, meta)
     if args.max_call_seconds is None:

@@ -1,41 +1,67 @@
-"""make gpu-check [STAGE=triton|cuda|sweep]: on a GPU machine, offline, with its system python3.
+"""make gpu-check [STAGE=name] [BUDGET=seconds]: on a GPU machine, offline, with its system python3.
 
-A GPU loan is short (about 15 minutes with its cold start, 10 minutes a command) and may be cut off, so the
-check runs in stages ordered by value per minute, and rewrites gpu-check.json ({commit, date, device, torch,
-triton, cuda, tests, stages}) after every stage, beside the benchmark records in benchmarks/results/<gpu>/
-(or --out DIR):
-  triton  CPU-only build of pyattn._C (no nvcc), the Triton backend's tests on CUDA, and the benchmark points
-          the README's GPU targets name (Triton and torch's SDPA, bf16): a record within minutes of a cold start
-  cuda    the CUDA C++ build for this GPU's arch only, its tests, compute-sanitizer memcheck and racecheck
-  sweep   the rest of the GPU benchmark sweep, up to the time left
-Each stage also runs alone; a later stage keeps the records of earlier ones already in gpu-check.json.
+A GPU loan is short (15 minutes of device time with its cold start, 10 minutes a command) and may be cut off, so
+one command runs every stage under one time budget (default 540 s), in order of value per minute, and rewrites
+gpu-check.json ({commit, date, device, torch, triton, cuda, tests, stages}) after every step, beside the benchmark
+records in benchmarks/results/<gpu>/ (or --out DIR); gpu-check.log holds every step's output.
+  build      one build_ext --inplace: the CUDA C++ kernels for this GPU's arch alone (nvcc takes 2-3 s a kernel
+             file, so a separate CPU-only build first would cost more than it saves) and the CPU kernel for this
+             host's best capability alone; if the CUDA build fails, a CPU-only build, so the Triton checks still run
+  tests      the Triton backend's tests and the CUDA C++ backend's tests, both at once (pytest-xdist where it
+             is installed: Triton's JIT compiles are CPU-bound)
+  bench      the benchmark points the README's GPU targets name (bf16, 4k and 16k): Triton, CUDA C++, torch's
+             flash and cuDNN SDPA
+  serving    kvcache_attention decode and chunked prefill at 32k and 128k (the serving target: decode at >= 85%
+             of the copy bandwidth), Triton and CUDA C++ against torch's SDPA on gathered pages
+  sanitizer  compute-sanitizer memcheck and racecheck over benchmarks.sanitize (the CUDA C++ backend)
+  sweep      the rest of the GPU benchmark sweep (--quick), up to the time left
+Each stage also runs alone (STAGE=name; tests, bench and sanitizer need an earlier build in this tree); a later
+stage keeps the records of earlier ones already in gpu-check.json.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("triton", "cuda", "sweep")
-BUDGET_S = {"triton": 5 * 60, "cuda": 4 * 60, "sweep": 3 * 60}  # what each stage may take, all stages 12 min
-TARGET_BENCH = ["--dtype", "bf16", "--seqlens", "4096", "16384", "--impl", "pyattn-triton", "torch-sdpa-flash",
-                "torch-sdpa-cudnn"]
+STAGES = ("build", "tests", "bench", "serving", "sanitizer", "sweep")
+# the most seconds each stage may take; the sweep gets what is left of the budget
+STAGE_CAP_S = {"build": 240, "tests": 200, "bench": 110, "serving": 70, "sanitizer": 60}
+TARGET_BENCH = ["--dtype", "bf16", "--seqlens", "4096", "16384"]
+TARGET_IMPLS = ["pyattn-triton", "pyattn-cuda", "torch-sdpa-flash", "torch-sdpa-cudnn"]
+SERVING_BENCH = ["--preset", "serving", "--seqlens", "32768", "131072", "--max-call-seconds", "1"]
+LOG_CHARS = 2_000_000  # per step: whole pytest failure reports, still far below what a loan can bring back
 
 
-def _run(cmd, timeout, env=None):
-    t0 = time.time()
+def _start(cmd, env=None):
+    """Popen with its output in a temporary file (pipes would stall one run while another is waited on), in its own
+    process group: a timeout then also ends pytest-xdist's workers and the compilers under setup.py."""
+    out = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    return proc, out
+
+
+def _wait(started, deadline):
+    """-> (returncode, output, seconds until it ended); 124 where it was killed at deadline."""
+    proc, out = started
     try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout, 10),
-                             env={**os.environ, **(env or {})})
-        out, rc = res.stdout + res.stderr, res.returncode
-    except subprocess.TimeoutExpired as e:
-        out, rc = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""), 124
-    return rc, out, time.time() - t0
+        rc = proc.wait(timeout=max(deadline - time.time(), 5))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = 124
+    ended = time.time()
+    out.seek(0)
+    return rc, out.read(), ended
 
 
 def _commit():
@@ -51,34 +77,31 @@ def _commit():
 
 def _counts(pytest_output):
     counts = {"passed": 0, "failed": 0, "skipped": 0}
-    tail = pytest_output.strip().splitlines()[-1:] or [""]
-    for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", tail[0]):
+    lines = [ln for ln in pytest_output.strip().splitlines() if re.search(r"\d+ (passed|failed|skipped)", ln)]
+    for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", lines[-1] if lines else ""):
         counts["failed" if word.startswith("error") else word] += int(n)
     return counts
 
 
-def _sanitizer(deadline_s):
-    """compute-sanitizer memcheck and racecheck over benchmarks.sanitize: {tool: "ok" | "errors" | ...}."""
-    tool = shutil.which("compute-sanitizer") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                                                             "compute-sanitizer")
-    if not os.access(tool, os.X_OK):
-        return {"memcheck": "no compute-sanitizer", "racecheck": "no compute-sanitizer"}, ""
-    verdicts, logs = {}, ""
-    for check in ("memcheck", "racecheck"):
-        rc, out, dt = _run([tool, "--tool", check, "--error-exitcode", "3", sys.executable, "-m",
-                            "benchmarks.sanitize"], deadline_s / 2)
-        verdicts[check] = "ok" if rc == 0 else ("timeout" if rc == 124 else f"errors (rc={rc})")
-        logs += f"== sanitizer {check} rc={rc} {dt:.0f}s\n{out[-20000:]}\n"
-    return verdicts, logs
+def best_cpu_capability():
+    """This host's best CPU capability (setup.py's names): the only CPU kernel build the GPU checks need."""
+    import torch
+    if os.uname().machine != "x86_64":
+        return "default"
+    if torch.cpu._is_avx512_supported():
+        return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
+    return "avx2" if torch.cpu._is_avx2_supported() else "default"
 
 
 class Check:
-    """gpu-check.json and gpu-check.log in out_dir, written again after every step."""
+    """gpu-check.json and gpu-check.log in out_dir, written again after every step; the budget's deadline."""
 
-    def __init__(self, out_dir, gpu):
+    def __init__(self, out_dir, gpu, budget_s):
+        import torch
+        self.end = time.time() + budget_s
+        self.out_dir = out_dir
         self.json_path = os.path.join(out_dir, "gpu-check.json")
         self.log = open(os.path.join(out_dir, "gpu-check.log"), "a")
-        import torch
         try:
             import triton
             triton_version = triton.__version__
@@ -93,77 +116,136 @@ class Check:
                            cuda=torch.version.cuda, tests={"passed": 0, "failed": 0, "skipped": 0},
                            stages=previous.get("stages", {}) if same else {})
 
-    def step(self, stage, name, cmd, timeout, env=None):
-        rc, out, dt = _run(cmd, timeout, env)
-        self.log.write(f"== {stage}/{name} rc={rc} {dt:.0f}s\n{out[-50000:]}\n")
+    def deadline(self, cap_s=None):
+        return min(self.end, time.time() + cap_s) if cap_s else self.end
+
+    def steps(self, stage, named_cmds, deadline, env=None):
+        """Runs {name: cmd} at once, each until deadline; records and logs each; -> {name: (rc, output, end)}."""
+        t0 = time.time()
+        procs = {name: _start(cmd, env) for name, cmd in named_cmds.items()}
+        results = {name: _wait(proc, deadline) for name, proc in procs.items()}
+        for name, (rc, out, ended) in results.items():
+            dt = ended - t0
+            self.log.write(f"== {stage}/{name} rc={rc} {dt:.0f}s: {' '.join(named_cmds[name])}\n{out[-LOG_CHARS:]}\n")
+            entry = self.record["stages"].setdefault(stage, {})
+            entry[name] = {"returncode": rc, "seconds": round(dt)}  # 0 ok, 124 out of time, else failed
+            if name.startswith("tests"):
+                entry[name].update(_counts(out))
         self.log.flush()
-        entry = self.record["stages"].setdefault(stage, {})
-        entry[name] = {"returncode": rc, "seconds": round(dt)}  # 0 ok, 124 out of time, else failed
-        if name == "tests":
-            entry[name].update(_counts(out))
         self.save()
-        return rc, out
+        return results
 
     def save(self):
         tests = {"passed": 0, "failed": 0, "skipped": 0}
         for stage in self.record["stages"].values():
-            for k in tests:
-                tests[k] += stage.get("tests", {}).get(k, 0)
+            for step in stage.values():
+                for k in tests:
+                    tests[k] += step.get(k, 0) if isinstance(step, dict) else 0
         self.record.update(tests=tests, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         with open(self.json_path, "w") as f:
             json.dump(self.record, f, indent=1)
 
 
-def stage_triton(check, out_dir, budget):
-    end = time.time() + budget
-    check.step("triton", "build", [sys.executable, "setup.py", "build_ext", "--inplace"], end - time.time() - 150,
-               env={"PYATTN_SKIP_CUDA_BUILD": "1", "MAX_JOBS": str(os.cpu_count())})
-    # the ahead-of-time compile checks run on every machine: not worth GPU minutes
-    check.step("triton", "tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
-                                   "--ignore=tests/test_triton_compile.py", "tests"], end - time.time() - 90)
-    check.step("triton", "bench", [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", out_dir,
-                                   *TARGET_BENCH, "--time-limit", str(int(end - time.time() - 20))],
-               end - time.time())
+def _has_cuda_build():
+    try:
+        out = subprocess.run([sys.executable, "-c", "import pyattn._C as c; print('cuda' in c.build_info()['backends'])"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        return False
+    return out.strip() == "True"
 
 
-def stage_cuda(check, out_dir, budget):
+def stage_build(check):
     import torch
-    end = time.time() + budget
     major, minor = torch.cuda.get_device_capability()
-    check.step("cuda", "build", [sys.executable, "setup.py", "build_ext", "--inplace"], end - time.time() - 120,
-               env={"PYATTN_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}",
-                    "MAX_JOBS": str(os.cpu_count()), "NVCC_THREADS": "4"})
-    check.step("cuda", "tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-                                 "--ignore=tests/test_cuda_compile.py", "tests"], end - time.time() - 60)
-    verdicts, logs = _sanitizer(max(20, end - time.time()))
-    check.log.write(logs)
-    check.record["stages"]["cuda"]["sanitizer"] = verdicts
-    check.save()
+    cap = best_cpu_capability()
+    env = {"PYATTN_CPU_CAPABILITIES": cap, "MAX_JOBS": str(os.cpu_count()), "NVCC_THREADS": "2"}
+    cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    deadline = check.deadline(STAGE_CAP_S["build"])
+    if shutil.which("nvcc"):
+        rc = check.steps("build", {"cuda": cmd}, deadline, env={**env, "PYATTN_FORCE_CUDA": "1",
+                                                                "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}"})["cuda"][0]
+        if rc == 0:
+            return
+    check.steps("build", {"cpu-only": cmd}, deadline, env={**env, "PYATTN_SKIP_CUDA_BUILD": "1"})
 
 
-def stage_sweep(check, out_dir, budget):
-    check.step("sweep", "bench", [sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out", out_dir,
-                                  "--time-limit", str(int(budget - 30))], budget)
+def stage_tests(check):
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=short"]
+    if importlib.util.find_spec("pytest_timeout"):  # one hung test must not take the stage with it
+        pytest.append("--timeout=90")
+    xdist = importlib.util.find_spec("xdist") is not None
+    workers = max(1, (os.cpu_count() or 2) // 2)
+    # the ahead-of-time compile checks run on every machine: not worth GPU minutes
+    runs = {"tests-triton": [*pytest, *(["-n", str(workers)] if xdist else []), "-k", "triton",
+                             "--ignore=tests/test_triton_compile.py", "tests"]}
+    if _has_cuda_build():
+        runs["tests-cuda"] = [*pytest, *(["-n", "4"] if xdist else []), "-k", "cuda",
+                              "--ignore=tests/test_cuda_compile.py", "tests"]
+    check.steps("tests", runs, check.deadline(STAGE_CAP_S["tests"]))
+
+
+def stage_bench(check):
+    deadline = check.deadline(STAGE_CAP_S["bench"])
+    impls = TARGET_IMPLS if _has_cuda_build() else [i for i in TARGET_IMPLS if i != "pyattn-cuda"]
+    check.steps("bench", {"targets": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir,
+                                      *TARGET_BENCH, "--impl", *impls,
+                                      "--time-limit", str(int(deadline - time.time() - 25))]}, deadline)
+
+
+def stage_serving(check):
+    deadline = check.deadline(STAGE_CAP_S["serving"])
+    impls = ["pyattn-triton", "torch-sdpa"] + (["pyattn-cuda"] if _has_cuda_build() else [])
+    check.steps("serving", {"serving": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir,
+                                        *SERVING_BENCH, "--impl", *impls,
+                                        "--time-limit", str(int(deadline - time.time() - 15))]}, deadline)
+
+
+def stage_sanitizer(check):
+    """compute-sanitizer memcheck and racecheck over benchmarks.sanitize, one after the other."""
+    if not _has_cuda_build():
+        return
+    tool = shutil.which("compute-sanitizer") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                             "compute-sanitizer")
+    if not os.access(tool, os.X_OK):
+        check.record["stages"]["sanitizer"] = {"missing": "no compute-sanitizer"}
+        return check.save()
+    deadline = check.deadline(STAGE_CAP_S["sanitizer"])
+    for tool_name in ("memcheck", "racecheck"):
+        half = time.time() + (deadline - time.time()) / (2 if tool_name == "memcheck" else 1)
+        check.steps("sanitizer", {tool_name: [tool, "--tool", tool_name, "--error-exitcode", "3", sys.executable,
+                                              "-m", "benchmarks.sanitize"]}, half)
+
+
+def stage_sweep(check):
+    left = check.end - time.time()
+    if left < 45:
+        return
+    check.steps("sweep", {"quick": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out",
+                                    check.out_dir, "--time-limit", str(int(left - 30))]}, check.end)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--stage", choices=STAGES, help="run this stage alone (default: all, in order)")
+    ap.add_argument("--budget", type=float, default=540, help="seconds for all stages together")
     args = ap.parse_args()
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
     out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", re.sub(r"[^a-z0-9]+", "-", gpu.lower()))
     os.makedirs(out_dir, exist_ok=True)
-    check = Check(out_dir, gpu)
+    check = Check(out_dir, gpu, args.budget)
     if gpu == "no-gpu":
         check.log.write("== no CUDA GPU: nothing to check\n")
         check.save()
     else:
-        run = {"triton": stage_triton, "cuda": stage_cuda, "sweep": stage_sweep}
+        run = {"build": stage_build, "tests": stage_tests, "bench": stage_bench, "serving": stage_serving,
+               "sanitizer": stage_sanitizer, "sweep": stage_sweep}
         for stage in [args.stage] if args.stage else STAGES:
-            run[stage](check, out_dir, BUDGET_S[stage])
+            if time.time() < check.end:
+                run[stage](check)
     check.log.close()
     print(json.dumps(check.record, indent=1))
 

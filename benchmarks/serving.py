@@ -1,4 +1,4 @@
-"""python -m benchmarks --preset serving: pyattn.kvcache_attention as a server calls it, on the CPU.
+"""python -m benchmarks --preset serving [--device cpu|cuda]: pyattn.kvcache_attention as a server calls it.
 
 Decode (L_new = 1) and chunked prefill (L_new = 512) over KV caches of 4k to 1M tokens (doubling), bf16,
 32:8 heads, D = 128, batch 1 and batch 16 (lengths spread over [S/2, S], shuffled), contiguous caches and
@@ -8,6 +8,7 @@ bottom-right causal mask (the append, the gather and the mask are timed: that is
 naive attention (pyattn's reference backend). Per point: ms, GB/s of K and V actually attended
 (sum of lengths * Hkv * D * 2 bytes * 2) and its fraction of the machine's copy bandwidth, measured once.
 Outputs are checked against float32 math on sampled rows of the first and last sequence before timing.
+On a GPU the peers are the same and pyattn runs its Triton and CUDA C++ backends.
 """
 import json
 import math
@@ -28,7 +29,8 @@ DTYPE = torch.bfloat16
 WORKLOADS = {"decode": 1, "prefill": 512}
 BATCHES = (1, 16)
 LAYOUTS = ("contiguous", "paged")
-IMPLS = ("pyattn-cpu", "torch-sdpa", "naive")
+IMPLS = {"cpu": ("pyattn-cpu", "torch-sdpa", "naive"),
+         "cuda": ("pyattn-triton", "pyattn-cuda", "torch-sdpa", "naive")}
 SEQLENS = [4096 * 2**i for i in range(9)]  # 4k .. 1M
 QUICK_SEQLENS = [4096, 16384]
 TOKEN_BYTES = HKV * D * 2 * 2  # K and V of one token, bf16
@@ -38,14 +40,14 @@ TOKEN_BYTES = HKV * D * 2 * 2  # K and V of one token, bf16
 class Cache:
     """One cache layout filled for a batch: what every impl of a point reads."""
     layout: str
-    lengths: torch.Tensor  # (B,) int64: tokens each sequence attends (cache + new)
+    lengths: torch.Tensor  # (B,) int64 on the CPU: tokens each sequence attends (cache + new)
     k_cache: torch.Tensor  # (B, S, Hkv, D) or (num_pages, PAGE, Hkv, D)
     v_cache: torch.Tensor
     block_table: torch.Tensor = None  # (B, max_pages) int32, paged only
 
     def head0(self, cache, b, n):
         """(n, D) float32: the first n keys (or values) of sequence b, kv head 0."""
-        pos = torch.arange(n)
+        pos = torch.arange(n, device=cache.device)
         if self.block_table is None:
             return cache[b, :n, 0].float()
         return cache[self.block_table[b].long()[pos // PAGE], pos % PAGE, 0].float()
@@ -73,12 +75,12 @@ def cache_bytes(layout, lengths):
     return sum(math.ceil(n / PAGE) for n in lengths.tolist()) * PAGE * TOKEN_BYTES
 
 
-def build_cache(layout, lengths):
+def build_cache(layout, lengths, device):
     torch.manual_seed(0)
-    pool = torch.randn(4099, HKV, D, dtype=DTYPE)  # a prime number of tokens: no period aligned with pages
+    pool = torch.randn(4099, HKV, D, dtype=DTYPE).to(device)  # a prime number of tokens: no period aligned with pages
     B, S = len(lengths), int(lengths.max())
     if layout == "contiguous":
-        k, v = (torch.empty(B, S, HKV, D, dtype=DTYPE) for _ in range(2))
+        k, v = (torch.empty(B, S, HKV, D, dtype=DTYPE, device=device) for _ in range(2))
         block_table = None
     else:
         pages = [math.ceil(n / PAGE) for n in lengths.tolist()]
@@ -86,19 +88,20 @@ def build_cache(layout, lengths):
         block_table = torch.zeros(B, max(pages), dtype=torch.int32)
         for b, start in enumerate(torch.tensor([0] + pages).cumsum(0)[:-1].tolist()):
             block_table[b, :pages[b]] = order[start:start + pages[b]]
-        k, v = (torch.empty(sum(pages), PAGE, HKV, D, dtype=DTYPE) for _ in range(2))
+        k, v = (torch.empty(sum(pages), PAGE, HKV, D, dtype=DTYPE, device=device) for _ in range(2))
+        block_table = block_table.to(device)
     _fill_(k, pool)
     _fill_(v, pool.roll(1, 0))
     return Cache(layout, lengths, k, v, block_table)
 
 
 def inputs(cache, L):
-    """q (B, L, Hq, D), k_new/v_new (B, L, Hkv, D), cache_seqlens (B,) int32 = lengths - L."""
+    """q (B, L, Hq, D), k_new/v_new (B, L, Hkv, D), cache_seqlens (B,) int32 = lengths - L, on the cache's device."""
     torch.manual_seed(2)
-    B = len(cache.lengths)
-    q = torch.randn(B, L, HQ, D, dtype=DTYPE)
-    k_new, v_new = (torch.randn(B, L, HKV, D, dtype=DTYPE) for _ in range(2))
-    return q, k_new, v_new, (cache.lengths - L).int()
+    B, device = len(cache.lengths), cache.k_cache.device
+    q = torch.randn(B, L, HQ, D, dtype=DTYPE, device=device)
+    k_new, v_new = (torch.randn(B, L, HKV, D, dtype=DTYPE, device=device) for _ in range(2))
+    return q, k_new, v_new, (cache.lengths - L).int().to(device)
 
 
 def _pyattn(backend):
@@ -112,9 +115,10 @@ def torch_sdpa(c, q, k_new, v_new, cache_seqlens):
     """What a torch user runs: write the new tokens, gather pages into dense padded K/V, mask, SDPA."""
     B, L = q.shape[:2]
     S = int(c.lengths.max())
-    pos = cache_seqlens.long()[:, None] + torch.arange(L)  # (B, L)
+    device = q.device
+    pos = cache_seqlens.long()[:, None] + torch.arange(L, device=device)  # (B, L)
     if c.block_table is None:
-        index = (torch.arange(B)[:, None].expand(B, L), pos)
+        index = (torch.arange(B, device=device)[:, None].expand(B, L), pos)
     else:
         index = (c.block_table.gather(1, pos // PAGE).long(), pos % PAGE)
     c.k_cache.index_put_(index, k_new)
@@ -125,14 +129,16 @@ def torch_sdpa(c, q, k_new, v_new, cache_seqlens):
         pages = c.block_table[:, :math.ceil(S / PAGE)].long()
         k, v = (cache[pages].flatten(1, 2)[:, :S] for cache in (c.k_cache, c.v_cache))  # gathered (B, S, Hkv, D)
     # key j visible to query i of sequence b iff j <= lengths[b] - L + i (bottom-right causal; padding hidden)
-    mask = torch.arange(S) <= (cache_seqlens.long()[:, None, None] + torch.arange(L)[:, None])  # (B, L, S)
+    mask = torch.arange(S, device=device) <= (cache_seqlens.long()[:, None, None]
+                                              + torch.arange(L, device=device)[:, None])  # (B, L, S)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask[:, None], enable_gqa=True)
     return out.transpose(1, 2)
 
 
-FNS = {"pyattn-cpu": _pyattn("cpu"), "torch-sdpa": torch_sdpa, "naive": _pyattn("reference")}
-BACKENDS = {"pyattn-cpu": "cpu", "torch-sdpa": "default", "naive": "reference"}
+BACKENDS = {"pyattn-cpu": "cpu", "pyattn-triton": "triton", "pyattn-cuda": "cuda", "torch-sdpa": "default",
+            "naive": "reference"}
+FNS = {impl: torch_sdpa if impl == "torch-sdpa" else _pyattn(backend) for impl, backend in BACKENDS.items()}
 
 
 def max_error(out, c, q, rows=8):
@@ -140,13 +146,13 @@ def max_error(out, c, q, rows=8):
     and last rows of the chunk."""
     B, L = q.shape[:2]
     group = HQ // HKV
-    idx = torch.unique(torch.cat([torch.arange(min(rows, L)), torch.arange(max(0, L - rows), L)]))
+    idx = torch.unique(torch.cat([torch.arange(min(rows, L)), torch.arange(max(0, L - rows), L)])).to(q.device)
     err = 0.0
     for b in sorted({0, B - 1}):
         n = int(c.lengths[b])
         k, v = c.head0(c.k_cache, b, n), c.head0(c.v_cache, b, n)
         s = torch.einsum("rhd,nd->hrn", q[b, idx, :group].float(), k) * D**-0.5  # (group, rows, n)
-        s.masked_fill_(torch.arange(n) > (n - L + idx)[:, None], float("-inf"))
+        s.masked_fill_(torch.arange(n, device=q.device) > (n - L + idx)[:, None], float("-inf"))
         ref = torch.softmax(s, -1) @ v  # (group, rows, D)
         err = max(err, (out[b, idx, :group].float().transpose(0, 1) - ref).abs().max().item())
     return err
@@ -168,8 +174,8 @@ def attended_flops(lengths, L):
     return 4 * HQ * D * pairs
 
 
-def _record(workload, B, S, layout, impl, lengths):
-    return dict(impl=impl, backend=BACKENDS[impl], device="cpu", dtype="bf16", workload=workload, B=B, H=HQ,
+def _record(workload, B, S, layout, impl, lengths, device):
+    return dict(impl=impl, backend=BACKENDS[impl], device=device, dtype="bf16", workload=workload, B=B, H=HQ,
                 Hkv=HKV, D=D, L=WORKLOADS[workload], S=S, layout=layout, page_size=PAGE if layout == "paged" else None,
                 lengths=[int(lengths.min()), int(lengths.max())], tokens=int(lengths.sum()), causal=True,
                 **{"pass": "fwd"}, ms=None, gbps=None, bandwidth_fraction=None, tflops=None, status="ok", note="")
@@ -183,7 +189,7 @@ def run_point(rec, fn, c, copy_gbps):
             if not err <= TOLERANCE["bf16"]:
                 return {**rec, "status": "wrong", "note": f"max error {err:.3g} > {TOLERANCE['bf16']}"}
             # the check ran the call once: it was the warm-up
-            ms = measure.time_ms(lambda: fn(c, q, k_new, v_new, cache_seqlens), "cpu", warm=True)
+            ms = measure.time_ms(lambda: fn(c, q, k_new, v_new, cache_seqlens), rec["device"], warm=True)
     except (RuntimeError, NotImplementedError) as e:
         return {**rec, "status": "error", "note": str(e).splitlines()[0][:200]}
     gbps = rec["tokens"] * TOKEN_BYTES / ms / 1e6
@@ -191,7 +197,7 @@ def run_point(rec, fn, c, copy_gbps):
             "tflops": attended_flops(c.lengths, rec["L"]) / ms / 1e9, "note": f"max error {err:.2g}"}
 
 
-def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, log=print):
+def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, device="cpu", log=print):
     """Batch 1 first (all sizes), then batch 16; one cache per (B, S, layout), shared by its points. A point
     is skipped, with the reason, past the time limit, when it would not fit, or when its time per call,
     extrapolated linearly in the tokens attended from the last point its series (impl, workload, layout) ran,
@@ -201,9 +207,9 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, log=print)
         for S in seqlens:
             lengths = lengths_for(B, S)
             for layout in LAYOUTS:
-                recs = [_record(w, B, S, layout, impl, lengths) for w in WORKLOADS for impl in impls]
+                recs = [_record(w, B, S, layout, impl, lengths, device) for w in WORKLOADS for impl in impls]
                 need = cache_bytes(layout, lengths)
-                if need > 0.7 * measure.available_bytes("cpu"):
+                if need > 0.7 * measure.available_bytes(device):
                     records += [{**r, "status": "skipped", "note": f"cache of {fmt_bytes(need)} does not fit"}
                                 for r in recs]
                     continue
@@ -220,7 +226,7 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, log=print)
                         note = f"chunk of {rec['L']} is longer than the shortest sequence ({int(lengths.min())})"
                     elif time.time() - start > time_limit:
                         note = f"run time limit {time_limit:.0f} s reached"
-                    elif extra > 0.7 * measure.available_bytes("cpu"):
+                    elif extra > 0.7 * measure.available_bytes(device):
                         note = f"needs {fmt_bytes(extra)} beyond the cache: does not fit"
                     elif predicted > max_call_s:
                         note = f"time budget: predicted {predicted:.1f} s per call"
@@ -229,7 +235,7 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, log=print)
                     if note:
                         records.append({**rec, "status": "skipped", "note": note})
                         continue
-                    c = c or build_cache(layout, lengths)
+                    c = c or build_cache(layout, lengths, device)
                     rec = run_point(rec, FNS[rec["impl"]], c, copy_gbps)
                     if rec["ms"] is not None:
                         last[series] = (rec["ms"], rec["tokens"])
@@ -264,8 +270,10 @@ def markdown_table(records):
     return "\n".join(rows)
 
 
-def copy_bandwidth(nbytes=1 << 30, reps=5):
+def copy_bandwidth(device, nbytes=1 << 30, reps=5):
     """GB/s of a large tensor copy (bytes read + bytes written), the best of reps: the decode roofline."""
+    if device == "cuda":
+        return measure.copy_gbps(device, 4 * nbytes)  # several times the L2, median of CUDA-event timings
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -279,15 +287,17 @@ def copy_bandwidth(nbytes=1 << 30, reps=5):
 
 def run(args, out_dir, meta):
     seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else SEQLENS)
-    impls = args.impl or IMPLS
-    unknown = set(impls) - set(IMPLS)
+    device = args.device
+    impls = args.impl or IMPLS[device]
+    unknown = set(impls) - set(IMPLS[device])
     if unknown:
-        raise SystemExit(f"unknown --impl {sorted(unknown)} for the serving preset; available: {list(IMPLS)}")
+        raise SystemExit(f"unknown --impl {sorted(unknown)} for the serving preset on {device}; "
+                         f"available: {list(IMPLS[device])}")
     max_call_s = args.max_call_seconds or (0.5 if args.quick else 3.0)
     time_limit = args.time_limit or (75 if args.quick else 480)
-    copy_gbps = copy_bandwidth()
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (1 GiB tensor copy, read + write, best of 5)")
-    records = measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps)
+    copy_gbps = copy_bandwidth(device)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (tensor copy, read + write)")
+    records = measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, device)
     meta = {**meta, "copy_gbps": copy_gbps, "max_call_seconds": max_call_s, "time_limit_seconds": time_limit,
             "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PAGE, "dtype": "bf16"}}
     meta["quick"] = bool(args.quick)
@@ -297,8 +307,9 @@ def run(args, out_dir, meta):
     table = markdown_table(records)
     quick = " (--quick)" if args.quick else ""
     with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(f"# serving{quick} on cpu ({meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, "
-                f"{meta['threads']} threads, torch {meta['torch']}): kvcache_attention, bf16, {HQ}:{HKV} heads, "
+        on = (f"{meta['gpu']}, CUDA {meta['cuda']}" if device == "cuda" else
+              f"{meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, {meta['threads']} threads")
+        f.write(f"# serving{quick} on {device} ({on}, torch {meta['torch']}): kvcache_attention, bf16, {HQ}:{HKV} heads, "
                 f"D={D}, pages of {PAGE} (shuffled); copy bandwidth {copy_gbps:.1f} GB/s\n\n")
         f.write("GB/s: bytes of K and V attended (sum of lengths x Hkv x D x 2 bytes x 2) per second. "
                 "torch-sdpa's time includes the append, the page gather into dense padded K/V and the mask.\n\n")
