@@ -182,7 +182,8 @@ def stage_tests(check):
     if _has_cuda_build():
         runs["tests-cuda"] = [*pytest, *(["-n", "4"] if xdist else []), "-k", "cuda",
                               "--ignore=tests/test_cuda_compile.py", "tests"]
-    check.steps("tests", runs, check.deadline(STAGE_CAP_S["tests"]))
+    failures = os.path.join(check.out_dir, "test-failures.txt")  # written as they happen: survives a timeout
+    check.steps("tests", runs, check.deadline(STAGE_CAP_S["tests"]), env={"PYATTN_FAILURE_LOG": failures})
 
 
 def stage_bench(check):

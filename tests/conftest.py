@@ -1,4 +1,6 @@
 """pytest fixtures and hooks only; the shared test library is tests/helpers (import from `helpers`)."""
+import os
+
 import pytest
 import torch
 
@@ -38,3 +40,12 @@ def _backend_must_exist(request):
     if isinstance(dtype, torch.dtype) and dtype not in BACKEND_DTYPES.get(backend, (dtype,)):
         why = " under the Triton interpreter" if backend == "triton" and backend_device(backend) == "cpu" else ""
         pytest.skip(f"backend {backend!r} does not take {dtype}{why}")
+
+
+def pytest_runtest_logreport(report):
+    """PYATTN_FAILURE_LOG=path: each failure's report is appended to path as it happens (make gpu-check sets it),
+    so a run killed at its deadline still leaves the failures it met; pytest-xdist's controller writes them."""
+    path = os.environ.get("PYATTN_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
