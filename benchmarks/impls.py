@@ -24,8 +24,11 @@ def _pyattn(backend):
 
 
 def _flex():
+    from torch._functorch import config as functorch_config
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    # the bwd pass replays one graph's backward (retain_graph=True), which donated buffers forbid
+    functorch_config.donated_buffer = False
     compiled = torch.compile(flex_attention)
     masks = {}
 

@@ -25,9 +25,11 @@ TUNED = {"fwd": (_attn_fwd, configs.fwd_autotune_configs, configs.prune_fwd),
 @functools.cache
 def _tuned(name, cc):
     """An autotuner per kernel and architecture, so a choice made on one GPU kind is never reused on another.
-    No kernel accumulates across launches, so autotuning may rerun any of them freely."""
+    No kernel accumulates across launches, so autotuning may rerun any of them freely. The timings are kept in
+    Triton's cache (cache_results): tuning a backward key compiles ~40 candidates, about a minute on an H200, paid
+    once per machine instead of once per process (the interpreter's stand-in timings are never kept)."""
     kernel, candidates, prune = TUNED[name]
-    return triton.autotune(candidates(), key=TUNE_KEY,
+    return triton.autotune(candidates(), key=TUNE_KEY, cache_results=not configs.INTERPRET,
                            prune_configs_by={"early_config_prune": functools.partial(prune, cc=cc)})(kernel)
 
 

@@ -149,7 +149,7 @@ class CUDABackend(FusedBackend):
     def unavailable_reason(self):
         if not ops.has_op("fwd"):
             return f"pyattn._C is not built ({ops.load_error()})"
-        if "cuda" not in ops.build_info()["backends"]:
+        if "cuda" not in ops.COMPILED_BACKENDS:
             return "pyattn._C was built without its CUDA kernels (needs nvcc and a CUDA torch at build time)"
         return None
 
@@ -197,9 +197,9 @@ class ReferenceBackend(Backend):
         return reference.kvcache_attention(inp)
 
 
-# "cuda" is part of this build only when pyattn._C holds its kernels (build_info, no device probing)
+# "cuda" is part of this build only when pyattn._C holds its kernels (its build info, no device probing)
 BACKENDS = {b.name: b for b in (TritonBackend(), CUDABackend(), CPUBackend(), TorchBackend(), ReferenceBackend())
-            if b.name != "cuda" or "cuda" in ops.build_info()["backends"]}
+            if b.name != "cuda" or "cuda" in ops.COMPILED_BACKENDS}
 # auto's order per device, fastest first. CPU: benchmarks/results/cpu-* (the fused kernel against torch's SDPA).
 # CUDA: the fused backends before torch's SDPA, as DESIGN.md asks; no GPU record exists yet to rank them, so
 # triton (every feature, wgmma on sm_90) leads the CUDA C++ kernels until one does.

@@ -31,6 +31,10 @@ def build_info():
     return _C.build_info() if _C is not None else {"version": None, "backends": [], "error": _LOAD_ERROR}
 
 
+# read once: backend checks run inside torch.compile'd code, and Dynamo cannot trace into the pybind call
+COMPILED_BACKENDS = tuple(build_info()["backends"])
+
+
 def _options(inp: AttnInputs):
     return (inp.max_seqlen_q, inp.max_seqlen_k, inp.scale, inp.window_left, inp.window_right, inp.bottom_right,
             inp.softcap, inp.dropout_p)

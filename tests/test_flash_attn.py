@@ -402,7 +402,8 @@ def kv_setup(case, device, B=3, L=4, H=4, Hk=2, D=32, rd=16, capacity=20):
         k_cache, v_cache = torch.randn(pages, ps, Hk, D), torch.randn(pages, ps, Hk, D)
         kw["block_table"] = torch.randperm(pages)[:B * per_seq].view(B, per_seq).to(torch.int32)
         capacity = per_seq * ps
-        logical = lambda c: c[kw["block_table"].long()].flatten(1, 2)  # noqa: E731
+        table = kw["block_table"].long()  # kw moves to device below; the oracle gathers on the CPU
+        logical = lambda c: c[table].flatten(1, 2)  # noqa: E731
     else:
         rows = B + 2 if case.get("batch_idx") else B
         k_cache, v_cache = torch.randn(rows, capacity, Hk, D), torch.randn(rows, capacity, Hk, D)

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyattn import cpu_capability
@@ -46,7 +47,8 @@ def on_device(fn, device):
     was: the same CPU tensors, oracle and baseline then serve a GPU backend (the moves are differentiable)."""
     def run(*args, **kwargs):
         home = next((x.device for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
-        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        # a CausalBias holds no data (its variant and lengths are all it says): moving it would drop them
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) and not isinstance(x, CausalBias) else x  # noqa: E731
         out = fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
         back = lambda x: x.to(home) if home is not None else x  # noqa: E731
         return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
