@@ -30,8 +30,15 @@ class Point:
         return self.L == 1
 
 
+# --quick's one long point: causal forward at 32k tokens, 4 heads; naive's 32k x 32k scores per head (48 GiB in
+# fp32) hit the memory wall on most machines while the fused kernels run, which is what the suite exists to show
+LONG_N, LONG_H = 32768, 4
+
+
 def default_points(device, impls, quick=False, seqlens=None, dtypes=None, passes=None):
-    """L = S doubling from 512; B*H scaled so every point holds the same number of tokens."""
+    """L = S doubling from 512; B*H scaled so every point holds the same number of tokens; --quick adds the
+    long point (LONG_N) unless the lengths are given."""
+    explicit_seqlens = seqlens is not None
     if device == "cpu":
         seqlens = seqlens or [512 * 2**i for i in range(4 if quick else 8)]
         dtypes, dims = dtypes or ["fp32", "bf16"], [64]
@@ -51,6 +58,8 @@ def default_points(device, impls, quick=False, seqlens=None, dtypes=None, passes
                         H = min(BH, 16)
                         for impl in impls:
                             points.append(Point(impl, dtype, BH // H, H, L, L, D, causal, pass_))
+    if quick and not explicit_seqlens:
+        points += [Point(impl, dtypes[0], 1, LONG_H, LONG_N, LONG_N, dims[0], True, "fwd") for impl in impls]
     return points
 
 

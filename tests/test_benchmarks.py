@@ -66,3 +66,21 @@ def test_serving_preset_writes_records(tmp_path):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_fraction"] > 0
     assert all(r["status"] == "skipped" and "longer than" in r["note"] for r in records if r["workload"] == "prefill")
     assert "| decode | 16 | 128 (64..128) | paged | pyattn-cpu |" in (tmp_path / "serving.md").read_text()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_quick_has_a_long_point_past_naives_memory_wall(device, monkeypatch):
+    """--quick ends on one long causal point for every impl; where naive's L x S scores cannot fit, its record is
+    skipped with the predicted size while the fused kernels' fit easily (the suite's point, in a quick run)."""
+    from benchmarks import measure, sweep
+
+    impls = ["naive", "pyattn-cpu"]
+    points = sweep.default_points(device, impls, quick=True)
+    long_points = [p for p in points if p.L == sweep.LONG_N]
+    assert [p.impl for p in long_points] == impls and all(p.causal and p.S == p.L for p in long_points)
+    assert not any(p.L == sweep.LONG_N for p in sweep.default_points(device, impls, quick=True, seqlens=[512]))
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 24 * 2**30)  # this dev machine's 24 GB
+    naive, fused = long_points
+    wall = sweep.memory_wall(naive, device, "reference")
+    assert wall["status"] == "skipped" and "does not fit" in wall["note"] and wall["peak_mem_bytes"] > 24 * 2**30
+    assert sweep.memory_wall(fused, device, "cpu") is None
