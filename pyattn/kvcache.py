@@ -34,7 +34,8 @@ def kvcache_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seql
     cache_leftpad[b] when given); query i sits at position S_b - L + i and, with is_causal, sees keys up to it.
     window_size (left, right) counts positions. sinks (Hq,): per-head sink logits (gpt-oss).
     -> out (B, L, Hq, D) (and lse (B, Hq, L) float32 with return_lse). Every index is checked before anything
-    is written. The fused kernels are forward-only; when autograd must follow q, the caches or sinks, the
+    is written, read back in one transfer (one sync on a GPU; none while a CUDA graph is captured, where the
+    checks are skipped). The fused kernels are forward-only; when autograd must follow q, the caches or sinks, the
     reference backend runs (auto) and gradients reach them (not k_new/v_new, which must come detached).
     """
     q, k_cache, v_cache = autocast(q, k_cache, v_cache)

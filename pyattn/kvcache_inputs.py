@@ -134,33 +134,49 @@ def _check_new(k_new, v_new, q, k_cache, v_cache):
     return k_new.shape[1]
 
 
+def _capturing(device):
+    """Whether a CUDA graph is being captured on device's current stream: nothing can be read back then."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _check_values(inp: KVCacheInputs, L_new):
-    """Every index against the cache, read once (a sync on a GPU), so that a bad call writes nothing."""
-    seqlens = inp.cache_seqlens.tolist()
-    leftpad = inp.cache_leftpad.tolist() if inp.cache_leftpad is not None else [0] * len(seqlens)
-    for b, (n, start) in enumerate(zip(seqlens, leftpad)):
+    """Every index against the cache, so that a bad call writes nothing. The indices cross to the host in one
+    transfer: one sync on a GPU per call, not one per check (a serving loop calls this in every layer). While a
+    CUDA graph is being captured nothing can be read back: the caller vouches for the indices then."""
+    if _capturing(inp.device):
+        return
+    B = inp.q.shape[0]
+    zeros = torch.zeros(B, dtype=torch.int64, device=inp.device)
+    leftpad = inp.cache_leftpad.to(torch.int64) if inp.cache_leftpad is not None else zeros
+    flags = torch.full((3,), -1, dtype=torch.int64, device=inp.device)  # bad cache row, bad page (b * cols + p), its value
+    if inp.cache_batch_idx is not None:
+        rows = inp.cache_batch_idx.to(torch.int64)
+        flags[0] = ((rows < 0) | (rows >= inp.k_cache.shape[0])).sum()
+    if inp.paged:
+        page_size, pages = inp.k_cache.shape[1], inp.k_cache.shape[0]
+        used = (inp.seqlens_k.to(torch.int64) + page_size - 1) // page_size  # pages each sequence touches
+        first = leftpad // page_size
+        cols = torch.arange(inp.block_table.shape[1], device=inp.device)
+        in_use = (cols[None, :] < used[:, None]) & (cols[None, :] >= first[:, None])
+        bad = (in_use & ((inp.block_table < 0) | (inp.block_table >= pages))).flatten()
+        at = torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
+        flags[1], flags[2] = at, inp.block_table.flatten()[at.clamp(min=0)]
+    host = torch.cat([inp.cache_seqlens.to(torch.int64), leftpad, flags]).tolist()  # the one transfer
+    seqlens, starts, (bad_rows, bad_page, page_value) = host[:B], host[B:2 * B], host[2 * B:]
+    for b, (n, start) in enumerate(zip(seqlens, starts)):
         if n < 0 or n + L_new > inp.capacity:
             raise AttentionInputError(f"cache_seqlens[{b}] = {n} plus L_new = {L_new} new tokens does not fit the "
                                       f"cache capacity {inp.capacity} (k_cache {_shape(inp.k_cache)})")
         if not 0 <= start <= n:
             raise AttentionInputError(f"cache_leftpad[{b}] = {start} must lie in [0, cache_seqlens[{b}] = {n}]")
-    if inp.cache_batch_idx is not None:
-        rows = inp.cache_batch_idx
-        if bool(((rows < 0) | (rows >= inp.k_cache.shape[0])).any()):
-            raise AttentionInputError(f"cache_batch_idx {rows.tolist()} indexes outside the cache's "
-                                      f"{inp.k_cache.shape[0]} rows (k_cache {_shape(inp.k_cache)})")
-    if inp.paged:
-        page_size, pages = inp.k_cache.shape[1], inp.k_cache.shape[0]
-        used = (inp.seqlens_k.to(torch.int64) + page_size - 1) // page_size  # pages each sequence touches
-        first = (inp.cache_leftpad.to(torch.int64) // page_size if inp.cache_leftpad is not None
-                 else torch.zeros_like(used))
-        cols = torch.arange(inp.block_table.shape[1], device=inp.device)
-        in_use = (cols[None, :] < used[:, None]) & (cols[None, :] >= first[:, None])
-        bad = in_use & ((inp.block_table < 0) | (inp.block_table >= pages))
-        if bool(bad.any()):
-            b, p = (int(i) for i in bad.nonzero()[0])
-            raise AttentionInputError(f"block_table[{b}, {p}] = {int(inp.block_table[b, p])} is not a page of the "
-                                      f"cache ({pages} pages of {page_size}, k_cache {_shape(inp.k_cache)})")
+    if bad_rows > 0:
+        raise AttentionInputError(f"cache_batch_idx {inp.cache_batch_idx.tolist()} indexes outside the cache's "
+                                  f"{inp.k_cache.shape[0]} rows (k_cache {_shape(inp.k_cache)})")
+    if bad_page >= 0:
+        b, p = divmod(bad_page, inp.block_table.shape[1])
+        raise AttentionInputError(f"block_table[{b}, {p}] = {page_value} is not a page of the cache "
+                                  f"({inp.k_cache.shape[0]} pages of {inp.k_cache.shape[1]}, k_cache "
+                                  f"{_shape(inp.k_cache)})")
 
 
 def kvcache_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,

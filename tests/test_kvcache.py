@@ -266,6 +266,22 @@ def test_bad_calls_leave_the_cache_untouched(bad):
     assert torch.equal(kc, k_before) and torch.equal(vc, v_before)
 
 
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "paged"])
+def test_indices_cross_to_the_host_once(page_size, monkeypatch):
+    """A valid call reads its indices back in one transfer: on a GPU each read is a sync, and a serving loop calls
+    kvcache_attention in every layer of every step."""
+    q, kc, vc, kw = make(CASES[0], torch.float32, page_size=page_size)
+    kw["cache_leftpad"] = torch.zeros(3, dtype=torch.int32)
+    if page_size is None:
+        kw["cache_batch_idx"] = torch.tensor([2, 0, 1], dtype=torch.int32)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__"):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _m=method, _n=name: reads.append(_n) or _m(t, *a))
+    pyattn.kvcache_attention(q, kc, vc, **kw, backend="cpu")  # the fused kernels read nothing back
+    assert reads == ["tolist"]
+
+
 def test_contiguous_cache_errors():
     q, kc, vc, kw = make(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="B_cache"):
