@@ -29,7 +29,7 @@ bench: install
 
 # On a GPU machine, offline, with its system python3 (torch, triton, nvcc, pytest, pybind11 preinstalled).
 # Stages build, tests, bench, sanitizer, sweep under one time budget (benchmarks/gpu_check.py, BUDGET seconds,
-# default 540); STAGE=name runs one alone.
+# default 540); STAGE=name[,name...] runs those alone, sharing the budget.
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),) \
 		$(if $(BUDGET),--budget $(BUDGET),)

@@ -15,8 +15,10 @@ records in benchmarks/results/<gpu>/ (or --out DIR); gpu-check.log holds every s
              of the copy bandwidth), Triton and CUDA C++ against torch's SDPA on gathered pages
   sanitizer  compute-sanitizer memcheck and racecheck over benchmarks.sanitize (the CUDA C++ backend)
   sweep      the rest of the GPU benchmark sweep (--quick), up to the time left
-Each stage also runs alone (STAGE=name; tests, bench and sanitizer need an earlier build in this tree); a later
-stage keeps the records of earlier ones already in gpu-check.json.
+Each stage also runs alone or with others (STAGE=name or STAGE=build,tests: a loan after one that recorded the
+benchmarks can give all of its time to the tests; tests, bench and sanitizer need a build in this tree); a later
+stage keeps the records of earlier ones already in gpu-check.json. With STAGE given, a stage's cap gives way to
+the budget: only the stages named share it.
 """
 import argparse
 import datetime
@@ -230,7 +232,7 @@ def stage_sweep(check):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--stage", choices=STAGES, help="run this stage alone (default: all, in order)")
+    ap.add_argument("--stage", help=f"comma-separated stages to run, in this order (default: {','.join(STAGES)})")
     ap.add_argument("--budget", type=float, default=540, help="seconds for all stages together")
     args = ap.parse_args()
     import torch
@@ -238,6 +240,12 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
     out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", re.sub(r"[^a-z0-9]+", "-", gpu.lower()))
     os.makedirs(out_dir, exist_ok=True)
+    stages = args.stage.split(",") if args.stage else list(STAGES)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
+    if args.stage:  # the stages named take the whole budget
+        STAGE_CAP_S.update({name: args.budget for name in stages})
     check = Check(out_dir, gpu, args.budget)
     if gpu == "no-gpu":
         check.log.write("== no CUDA GPU: nothing to check\n")
@@ -245,7 +253,7 @@ def main():
     else:
         run = {"build": stage_build, "tests": stage_tests, "bench": stage_bench, "serving": stage_serving,
                "sanitizer": stage_sanitizer, "sweep": stage_sweep}
-        for stage in [args.stage] if args.stage else STAGES:
+        for stage in stages:
             if time.time() < check.end:
                 run[stage](check)
     check.log.close()
