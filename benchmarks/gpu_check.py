@@ -7,10 +7,10 @@ records in benchmarks/results/<gpu>/ (or --out DIR); gpu-check.log holds every s
   build      one build_ext --inplace: the CUDA C++ kernels for this GPU's arch alone (nvcc takes 2-3 s a kernel
              file, so a separate CPU-only build first would cost more than it saves) and the CPU kernel for this
              host's best capability alone; if the CUDA build fails, a CPU-only build, so the Triton checks still run
-  tests      the Triton backend's tests and the CUDA C++ backend's tests, both at once (pytest-xdist where it
-             is installed: Triton's JIT compiles are CPU-bound)
   bench      the benchmark points the README's GPU targets name (bf16, 4k and 16k): Triton, CUDA C++, torch's
              flash and cuDNN SDPA
+  tests      the Triton backend's tests and the CUDA C++ backend's tests, both at once (pytest-xdist where it
+             is installed: Triton's JIT compiles are CPU-bound)
   serving    kvcache_attention decode and chunked prefill at 32k and 128k (the serving target: decode at >= 85%
              of the copy bandwidth), Triton and CUDA C++ against torch's SDPA on gathered pages
   sanitizer  compute-sanitizer memcheck and racecheck over benchmarks.sanitize (the CUDA C++ backend)
@@ -34,9 +34,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("build", "tests", "bench", "serving", "sanitizer", "sweep")
+STAGES = ("build", "bench", "tests", "serving", "sanitizer", "sweep")
 # the most seconds each stage may take; the sweep gets what is left of the budget
-# (the first H200 run, 2026-11-30: build 63 s, the CUDA tests ~210 s, Triton's JIT-bound tests ~30% in 200 s)
+# (the first H200 run, 2026-11-30: build 63 s, the CUDA tests ~210 s, Triton's JIT-bound tests ~30% in 200 s);
+# the target points come before the tests so that a record exists within ~3 minutes of a cold start
 STAGE_CAP_S = {"build": 240, "tests": 250, "bench": 90, "serving": 55, "sanitizer": 45}
 TARGET_BENCH = ["--dtype", "bf16", "--seqlens", "4096", "16384"]
 TARGET_IMPLS = ["pyattn-triton", "pyattn-cuda", "torch-sdpa-flash", "torch-sdpa-cudnn"]
