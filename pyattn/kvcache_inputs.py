@@ -159,8 +159,9 @@ def _check_values(inp: KVCacheInputs, L_new):
         cols = torch.arange(inp.block_table.shape[1], device=inp.device)
         in_use = (cols[None, :] < used[:, None]) & (cols[None, :] >= first[:, None])
         bad = (in_use & ((inp.block_table < 0) | (inp.block_table >= pages))).flatten()
-        at = torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
-        flags[1], flags[2] = at, inp.block_table.flatten()[at.clamp(min=0)]
+        if bad.numel():  # a table of no pages (capacity 0) has nothing to check, and argmax no element to pick
+            at = torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
+            flags[1], flags[2] = at, inp.block_table.flatten()[at.clamp(min=0)]
     host = torch.cat([inp.cache_seqlens.to(torch.int64), leftpad, flags]).tolist()  # the one transfer
     seqlens, starts, (bad_rows, bad_page, page_value) = host[:B], host[B:2 * B], host[2 * B:]
     for b, (n, start) in enumerate(zip(seqlens, starts)):

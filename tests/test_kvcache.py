@@ -282,6 +282,16 @@ def test_indices_cross_to_the_host_once(page_size, monkeypatch):
     assert reads == ["tolist"]
 
 
+def test_table_of_no_pages_attends_to_nothing():
+    """A paged call whose block_table has no columns (nothing cached, nothing appended): every row sees no key,
+    so out is 0 and lse -inf, as for any fully masked row; the index checks have nothing to look at."""
+    q, kc = torch.randn(2, 1, 4, 8), torch.zeros(3, 16, 2, 8)
+    no_pages = torch.zeros(2, 0, dtype=torch.int32)
+    out, lse = pyattn.kvcache_attention(q, kc, kc.clone(), cache_seqlens=0, block_table=no_pages, return_lse=True,
+                                        backend="cpu")
+    assert torch.equal(out, torch.zeros_like(q)) and bool((lse == float("-inf")).all())
+
+
 def test_contiguous_cache_errors():
     q, kc, vc, kw = make(CASES[0], torch.float32)
     with pytest.raises(ValueError, match="B_cache"):
