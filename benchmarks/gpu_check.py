@@ -16,9 +16,11 @@ records in benchmarks/results/<gpu>/ (or --out DIR); gpu-check.log holds every s
   sanitizer  compute-sanitizer memcheck and racecheck over benchmarks.sanitize (the CUDA C++ backend)
   sweep      the rest of the GPU benchmark sweep (--quick), up to the time left
 Each stage also runs alone or with others (STAGE=name or STAGE=build,tests: a loan after one that recorded the
-benchmarks can give all of its time to the tests; tests, bench and sanitizer need a build in this tree); a later
-stage keeps the records of earlier ones already in gpu-check.json. With STAGE given, a stage's cap gives way to
-the budget: only the stages named share it.
+benchmarks can give all of its time to the tests; tests:triton or tests:cuda runs one backend's tests; tests,
+bench and sanitizer need a build in this tree); a later stage keeps the records of earlier ones already in
+gpu-check.json. With STAGE given, a stage's cap gives way to the budget: only the stages named share it. STAGE
+also takes the groups of the earlier design: triton (build, bench, tests:triton), cuda (build, tests:cuda,
+sanitizer) and sweep (serving and the quick sweep).
 """
 import argparse
 import datetime
@@ -35,6 +37,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("build", "bench", "tests", "serving", "sanitizer", "sweep")
+GROUPS = {"triton": ["build", "bench", "tests:triton"], "cuda": ["build", "tests:cuda", "sanitizer"],
+          "sweep": ["serving", "sweep"]}
 # the most seconds each stage may take; the sweep gets what is left of the budget
 # (the first H200 run, 2026-11-30: build 63 s, the CUDA tests ~210 s, Triton's JIT-bound tests ~30% in 200 s);
 # the target points come before the tests so that a record exists within ~3 minutes of a cold start
@@ -159,7 +163,7 @@ def _has_cuda_build():
     return out.strip() == "True"
 
 
-def stage_build(check):
+def stage_build(check, _=None):
     import torch
     major, minor = torch.cuda.get_device_capability()
     cap = best_cpu_capability()
@@ -174,23 +178,26 @@ def stage_build(check):
     check.steps("build", {"cpu-only": cmd}, deadline, env={**env, "PYATTN_SKIP_CUDA_BUILD": "1"})
 
 
-def stage_tests(check):
+def stage_tests(check, backend=None):
+    """The Triton and the CUDA C++ tests at once (backend: only one of them)."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=short"]
     if importlib.util.find_spec("pytest_timeout"):  # one hung test must not take the stage with it
         pytest.append("--timeout=90")
     xdist = importlib.util.find_spec("xdist") is not None
     workers = max(1, (os.cpu_count() or 2) * 5 // 8)  # the Triton run compiles; the CUDA run mostly waits on the GPU
     # the ahead-of-time compile checks run on every machine: not worth GPU minutes
-    runs = {"tests-triton": [*pytest, *(["-n", str(workers)] if xdist else []), "-k", "triton",
-                             "--ignore=tests/test_triton_compile.py", "tests"]}
-    if _has_cuda_build():
+    runs = {}
+    if backend in (None, "triton"):
+        runs["tests-triton"] = [*pytest, *(["-n", str(workers)] if xdist else []), "-k", "triton",
+                                "--ignore=tests/test_triton_compile.py", "tests"]
+    if backend in (None, "cuda") and _has_cuda_build():
         runs["tests-cuda"] = [*pytest, *(["-n", "4"] if xdist else []), "-k", "cuda",
                               "--ignore=tests/test_cuda_compile.py", "tests"]
     failures = os.path.join(check.out_dir, "test-failures.txt")  # written as they happen: survives a timeout
     check.steps("tests", runs, check.deadline(STAGE_CAP_S["tests"]), env={"PYATTN_FAILURE_LOG": failures})
 
 
-def stage_bench(check):
+def stage_bench(check, _=None):
     deadline = check.deadline(STAGE_CAP_S["bench"])
     impls = TARGET_IMPLS if _has_cuda_build() else [i for i in TARGET_IMPLS if i != "pyattn-cuda"]
     check.steps("bench", {"targets": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir,
@@ -198,7 +205,7 @@ def stage_bench(check):
                                       "--time-limit", str(int(deadline - time.time() - 25))]}, deadline)
 
 
-def stage_serving(check):
+def stage_serving(check, _=None):
     deadline = check.deadline(STAGE_CAP_S["serving"])
     impls = ["pyattn-triton", "torch-sdpa"] + (["pyattn-cuda"] if _has_cuda_build() else [])
     check.steps("serving", {"serving": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir,
@@ -206,7 +213,7 @@ def stage_serving(check):
                                         "--time-limit", str(int(deadline - time.time() - 15))]}, deadline)
 
 
-def stage_sanitizer(check):
+def stage_sanitizer(check, _=None):
     """compute-sanitizer memcheck and racecheck over benchmarks.sanitize, one after the other."""
     if not _has_cuda_build():
         return
@@ -222,7 +229,7 @@ def stage_sanitizer(check):
                                               "-m", "benchmarks.sanitize"]}, half)
 
 
-def stage_sweep(check):
+def stage_sweep(check, _=None):
     left = check.end - time.time()
     if left < 45:
         return
@@ -241,12 +248,16 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
     out_dir = args.out or os.path.join(ROOT, "benchmarks", "results", re.sub(r"[^a-z0-9]+", "-", gpu.lower()))
     os.makedirs(out_dir, exist_ok=True)
-    stages = args.stage.split(",") if args.stage else list(STAGES)
-    unknown = set(stages) - set(STAGES)
+    named = args.stage.split(",") if args.stage else list(STAGES)
+    # a group's name expands (sweep, both a stage and a group, brings the serving points along)
+    stages = list(dict.fromkeys(s for name in named for s in GROUPS.get(name, [name])))  # each stage once
+    unknown = {s for s in stages if s.split(":")[0] not in STAGES or s.startswith("tests:") and
+               s not in ("tests:triton", "tests:cuda")}
     if unknown:
-        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
+        raise SystemExit(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}, tests:triton, "
+                         f"tests:cuda; groups: {', '.join(GROUPS)}")
     if args.stage:  # the stages named take the whole budget
-        STAGE_CAP_S.update({name: args.budget for name in stages})
+        STAGE_CAP_S.update({s.split(":")[0]: args.budget for s in stages})
     check = Check(out_dir, gpu, args.budget)
     if gpu == "no-gpu":
         check.log.write("== no CUDA GPU: nothing to check\n")
@@ -255,8 +266,10 @@ def main():
         run = {"build": stage_build, "tests": stage_tests, "bench": stage_bench, "serving": stage_serving,
                "sanitizer": stage_sanitizer, "sweep": stage_sweep}
         for stage in stages:
+            name, _, arg = stage.partition(":")
             if time.time() < check.end:
-                run[stage](check)
+                run[name](check, arg or None)
+        check.save()
     check.log.close()
     print(json.dumps(check.record, indent=1))
 
