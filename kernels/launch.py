@@ -6,11 +6,11 @@ import functools
 import torch
 import triton
 
+from ..features import mask_kind
 from . import configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
 
-MASK_KINDS = {None: 0, torch.bool: 1}  # anything else is a float mask (2)
 DOT_PRECISION = {True: "tf32", False: "ieee"}
 
 # KV_CACHE: the forward's only (the autotuner skips a key its kernel lacks)
@@ -76,7 +76,7 @@ class _Problem:
         self.max_q = max_seqlen_q if self.varlen else self.L
         self.max_k = max_seqlen_k if self.varlen or kvcache else self.S
         self.flags = dict(HEAD_DIM=configs.padded(self.E), HEAD_DIM_V=configs.padded(self.Ev),
-                          MASK_KIND=MASK_KINDS.get(mask.dtype if mask is not None else None, 2),
+                          MASK_KIND=mask_kind(mask, q.dtype),
                           HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0,
                           HAS_RIGHT=window_right >= 0, VARLEN=self.varlen, DROPOUT=dropout_p > 0,
                           DOT_PRECISION=_dot_precision(q.dtype))
