@@ -6,6 +6,7 @@ import torch
 
 from pyattn import _C, features
 from pyattn.kernels import launch
+from pyattn.op_args import FwdArgs
 
 # (q dtype, mask dtype or None, kind)
 KINDS = [(torch.float16, None, features.MASK_NONE),
@@ -34,5 +35,7 @@ def test_mask_kind(q_dtype, mask_dtype, kind):
 @pytest.mark.parametrize("q_dtype,mask_dtype,kind", KIND_PARAMS)
 def test_triton_launcher_passes_the_kind(q_dtype, mask_dtype, kind):
     q, k = torch.zeros(1, 2, 3, 8, dtype=q_dtype), torch.zeros(1, 2, 6, 8, dtype=q_dtype)
-    problem = launch._Problem(q, k, k, mask_like(q, mask_dtype), None, None, 3, 6, -1, -1, 0.0, 0.0)
-    assert problem.flags["MASK_KIND"] == kind
+    args = FwdArgs(q=q, k=k, v=k, mask=mask_like(q, mask_dtype), alibi_slopes=None, cu_seqlens_q=None,
+                   cu_seqlens_k=None, max_seqlen_q=3, max_seqlen_k=6, scale=1.0, window_left=-1, window_right=-1,
+                   bottom_right=False, softcap=0.0, dropout_p=0.0, rng_state=None)
+    assert launch._Problem(args).flags["MASK_KIND"] == kind
