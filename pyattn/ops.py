@@ -1,7 +1,8 @@
-"""torch.library glue for the compiled ops: loading, fake (meta) impls, autograd, and the call helpers.
+"""torch.library glue: loading the compiled ops and defining the Triton ones, their fake (meta) impls and autograd, and
+the call helpers.
 
 Schemas live in csrc/ops.cpp (their arguments for Python: op_args.py); kernels register per device in csrc/cpu and
-csrc/cuda.
+csrc/cuda; the Triton ops (triton_ops.py) are defined at the end of this file.
 """
 import torch
 
@@ -138,3 +139,18 @@ if _C is not None:
     def _dropout_mask_fake(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, offset):
         return torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
 
+
+# The Triton kernels' ops (pyattn/triton_ops.py), with or without pyattn._C: defined here, so that they exist whenever
+# pyattn does, unless triton cannot be imported (then the triton backend reports this error).
+_TRITON_IMPORT_ERROR = None
+try:
+    from . import triton_ops  # noqa: F401  (defines pyattn::triton_fwd / triton_bwd / triton_kvcache_fwd)
+except ImportError as e:
+    _TRITON_IMPORT_ERROR = str(e)
+else:
+    register_attention_op("pyattn::triton_fwd", "pyattn::triton_bwd")
+    torch.library.register_fake("pyattn::triton_kvcache_fwd")(kvcache_fake)
+
+
+def triton_import_error():
+    return _TRITON_IMPORT_ERROR

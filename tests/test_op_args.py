@@ -4,8 +4,8 @@ defaults, returns), and op_args' named tuples must list the C++ schema's argumen
 import pytest
 import torch
 
-import pyattn  # noqa: F401  (loads pyattn._C)
-from pyattn import op_args, triton_ops  # noqa: F401  (defines the Triton ops)
+import pyattn  # noqa: F401  (loads pyattn._C and defines the Triton ops)
+from pyattn import op_args
 
 # (compiled op, Triton op, the named tuple of their arguments)
 PAIRS = [pytest.param("fwd", "triton_fwd", op_args.FwdArgs, id="fwd"),
