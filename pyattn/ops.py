@@ -90,7 +90,9 @@ FWD_TENSORS = op_args.tensor_names(op_args.FWD)  # what backward needs of fwd's 
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    args, needs_grad = FwdArgs(*inputs), FwdArgs(*ctx.needs_input_grad)
+    # inputs come with their defaults filled in; needs_input_grad has one flag per argument the caller passed (trailing
+    # defaults are dropped by the dispatcher) and a last one for the metadata torch's autograd wrapper appends
+    args, needs_grad = FwdArgs(*inputs), FwdArgs(*ctx.needs_input_grad[:-1])
     ctx.options = pick(Options, args)
     ctx.mask_grad = args.mask is not None and args.mask.dtype != torch.bool and needs_grad.mask
     ctx.sinks_grad = args.sinks is not None and needs_grad.sinks
