@@ -9,6 +9,7 @@ import torch
 
 import pyattn  # noqa: F401  (loads pyattn._C and defines the Triton ops)
 from helpers import backend_params
+from pyattn.op_args import FwdArgs, KVCacheArgs
 
 pytestmark = pytest.mark.parametrize("backend,device", backend_params(["cpu"], lower_capabilities=False)
                                      + backend_params(["triton"]))
@@ -42,12 +43,12 @@ def i32(*values):
 
 
 def fwd_kwargs(**kw):
-    """Valid fwd arguments, by schema name (csrc/ops.cpp): q (2, 4, 5, 16), k (2, 2, 7, 16), v (2, 2, 7, 8), GQA 4:2."""
-    args = dict(q=R(2, 4, 5, 16), k=R(2, 2, 7, 16), v=R(2, 2, 7, 8), mask=None, alibi_slopes=None, cu_seqlens_q=None,
-                cu_seqlens_k=None, max_seqlen_q=5, max_seqlen_k=7, scale=0.25, window_left=-1, window_right=-1,
-                bottom_right=False, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None)
-    args.update(kw)
-    return args
+    """Valid fwd arguments by name (FwdArgs), with kw replacing some: q (2, 4, 5, 16), k (2, 2, 7, 16), v (2, 2, 7, 8),
+    GQA 4:2."""
+    args = FwdArgs(q=R(2, 4, 5, 16), k=R(2, 2, 7, 16), v=R(2, 2, 7, 8), mask=None, alibi_slopes=None,
+                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=5, max_seqlen_k=7, scale=0.25, window_left=-1,
+                   window_right=-1, bottom_right=False, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None)
+    return args._replace(**kw)._asdict()
 
 
 def varlen(**kw):
@@ -149,12 +150,12 @@ def test_bwd_valid_arguments_run(backend, device):
 
 
 def kv_kwargs(**kw):
-    """Valid kvcache_fwd arguments: q (2, 3, 4, 16), contiguous caches (2, 10, 2, 16|8), seqlens_k (5, 7)."""
-    args = dict(q=R(2, 3, 4, 16), k_cache=R(2, 10, 2, 16), v_cache=R(2, 10, 2, 8), seqlens_k=i32(5, 7),
-                block_table=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None, scale=0.25,
-                window_left=-1, window_right=0, softcap=0.0)
-    args.update(kw)
-    return args
+    """Valid kvcache_fwd arguments by name (KVCacheArgs), with kw replacing some: q (2, 3, 4, 16), contiguous caches
+    (2, 10, 2, 16|8), seqlens_k (5, 7)."""
+    args = KVCacheArgs(q=R(2, 3, 4, 16), k_cache=R(2, 10, 2, 16), v_cache=R(2, 10, 2, 8), seqlens_k=i32(5, 7),
+                       block_table=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None,
+                       scale=0.25, window_left=-1, window_right=0, softcap=0.0)
+    return args._replace(**kw)._asdict()
 
 
 def paged(**kw):
