@@ -244,7 +244,7 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
                 " or float32, got ", mt);
     p.mask = m.data_ptr();
     p.mask_strides = strides4(m);
-    p.mask_kind = mt == at::kBool ? 1 : mt == dt ? 2 : 3;
+    p.mask_kind = mt == at::kBool ? kMaskBool : mt == dt ? kMaskLikeQ : kMaskFloat32;
   }
   fill_alibi(host, p, alibi_slopes);
   fill_sinks(host, p, sinks, dt);

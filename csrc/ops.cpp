@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/dispatch.h"
+#include "params.h"
 
 TORCH_LIBRARY(pyattn, m) {
   // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides -> out (B, Hq, L, Ev), lse (B, Hq, L)
@@ -77,12 +78,23 @@ void set_cpu_kernels(pybind11::object capsule) {
   pyattn::cpu::set_kernels(table);
 }
 
+// params.h's MaskKind values by the names pyattn/features.py gives them, for tests/test_mask_kinds.py.
+pybind11::dict mask_kinds() {
+  pybind11::dict kinds;
+  kinds["MASK_NONE"] = int(pyattn::kMaskNone);
+  kinds["MASK_BOOL"] = int(pyattn::kMaskBool);
+  kinds["MASK_LIKE_Q"] = int(pyattn::kMaskLikeQ);
+  kinds["MASK_FLOAT32"] = int(pyattn::kMaskFloat32);
+  return kinds;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyattn compiled ops";
   m.def("build_info", &build_info,
         "version, compiled backends, CUDA architectures and CPU capabilities of this build, and the one in use");
+  m.def("mask_kinds", &mask_kinds, "csrc/params.h's mask kinds (AttnParams::mask_kind) by their Python names");
   m.def("_set_cpu_kernels", &set_cpu_kernels, "use the kernels of a pyattn._cpu_<capability> module");
   m.def("_cpu_bf16_vnni", [] { return pyattn::cpu::kernels().bf16_vnni(); },
         "whether the CPU kernels in use multiply bf16 on bf16 VNNI tiles now (else widened to fp32)");

@@ -10,6 +10,15 @@ struct Strides4 {
   int64_t batch = 0, head = 0, row = 0, col = 0;
 };
 
+// What AttnParams::mask points at. pyattn/features.py names the same values for Python (MASK_*), and
+// pyattn._C.mask_kinds() exports these for tests/test_mask_kinds.py to compare.
+enum MaskKind : int {
+  kMaskNone = 0,
+  kMaskBool = 1,     // true = may attend
+  kMaskLikeQ = 2,    // added to scores, in q's dtype
+  kMaskFloat32 = 3,  // added to scores, float32 under a q of another dtype
+};
+
 struct AttnParams {
   // Dense mode: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out (B, Hq, L, Ev), lse (B, Hq, L).
   // Varlen mode (cu_seqlens_q != nullptr): the same tensors with B == 1 holding packed rows; sequence b
@@ -24,7 +33,7 @@ struct AttnParams {
   // Optional (B, Hq, L, S) bool (true = keep) or float mask added to scores; broadcast by stride 0.
   const void* mask = nullptr;
   Strides4 mask_strides;
-  int mask_kind = 0;  // 0 none, 1 bool, 2 same dtype as q, 3 float32
+  int mask_kind = kMaskNone;  // MaskKind
 
   // Optional sink logits (Hq,) (gpt-oss): each row's softmax denominator gains exp(sink); no value is
   // attached, and lse includes it. float32; float64 (sinks_f64) only for float64 inputs, on the CPU.

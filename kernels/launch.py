@@ -1,16 +1,18 @@
-"""Launchers: allocate outputs, pick tiles and grids, and call the kernels. Inputs arrive validated and
-normalized (pyattn.inputs): q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides; KV-cache calls
-(pyattn.kvcache_inputs) in the user's layouts, which the launcher views as these by strides (no copies)."""
+"""Launchers: allocate outputs, pick tiles and grids, and call the kernels with their arguments by name. Inputs arrive
+as the ops' argument tuples (pyattn/op_args.py), validated (pyattn/op_checks.py): q (B, Hq, L, E), k (B, Hkv, S, E),
+v (B, Hkv, S, Ev), any strides; KV-cache calls in the user's layouts, which the launcher views as these by strides (no
+copies)."""
 import functools
 
 import torch
 import triton
 
+from ..features import mask_kind
+from ..op_args import FwdArgs
 from . import configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
 
-MASK_KINDS = {None: 0, torch.bool: 1}  # anything else is a float mask (2)
 DOT_PRECISION = {True: "tf32", False: "ieee"}
 
 # KV_CACHE: the forward's only (the autotuner skips a key its kernel lacks)
@@ -33,8 +35,18 @@ def _tuned(name, cc):
                            prune_configs_by={"early_config_prune": functools.partial(prune, cc=cc)})(kernel)
 
 
-def _strides(t, n=4):
-    return tuple(t.stride()) if t is not None else (0,) * n
+def _strides(prefix, t, dims):
+    """t's strides as the kernels' arguments stride_<prefix><dim> for each of dims; zeros when t is absent."""
+    return {f"stride_{prefix}{d}": s for d, s in zip(dims, t.stride() if t is not None else (0,) * len(dims))}
+
+
+def _run(kernel, grid, args, **meta):
+    """kernel[grid] with every runtime argument given by name in args, passed in the kernel's order (as an autotuner
+    keys and prunes them); meta: constexprs and launch options."""
+    names = kernel.arg_names[:len(args)]
+    if set(names) != set(args):
+        raise TypeError(f"launch arguments {sorted(set(args) ^ set(names))} do not match the kernel's {names}")
+    kernel[grid](*(args[name] for name in names), **meta)
 
 
 def _dot_precision(dtype):
@@ -53,9 +65,16 @@ def _tma_ok(cc, *tensors):
     return True
 
 
-def _pointers(q, *optional):
+def _pointers(q, **optional):
     """Absent optional tensors pass q's pointer: their constexpr flags keep it unread."""
-    return tuple(q if t is None else t for t in optional)
+    return {name: q if t is None else t for name, t in optional.items()}
+
+
+def _optional(a, *names):
+    """The kernels' optional pointer arguments among names, from the op's arguments a (FwdArgs or BwdArgs)."""
+    fields = dict(Mask=a.mask, Alibi=a.alibi_slopes, CuSeqQ=a.cu_seqlens_q, CuSeqK=a.cu_seqlens_k, Rng=a.rng_state,
+                  Sinks=a.sinks)
+    return _pointers(a.q, **{name: fields[name] for name in names})
 
 
 def _set_tma_allocator(device):
@@ -64,26 +83,25 @@ def _set_tma_allocator(device):
 
 
 class _Problem:
-    """Sizes and flags shared by the forward and backward launches. A KV cache (q (B, Hq, L, E), caches viewed
-    (rows or pages, Hkv, S_max or page_size, E)) sets max_seqlen_k to the cache's capacity per sequence."""
+    """Sizes and flags shared by the forward and backward launches, from an op's arguments a (FwdArgs or BwdArgs).
+    A KV cache (q (B, Hq, L, E), caches viewed (rows or pages, Hkv, S_max or page_size, E)) sets max_seqlen_k to
+    the cache's capacity per sequence."""
 
-    def __init__(self, q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
-                 window_right, softcap, dropout_p, kvcache=False):
-        self.B, self.Hq, self.L, self.E = q.shape
-        self.Hkv, self.S, self.Ev = k.shape[1], k.shape[2], v.shape[3]
-        self.varlen = cu_seqlens_q is not None
-        self.batches = cu_seqlens_q.shape[0] - 1 if self.varlen else self.B
-        self.max_q = max_seqlen_q if self.varlen else self.L
-        self.max_k = max_seqlen_k if self.varlen or kvcache else self.S
+    def __init__(self, a, kvcache=False):
+        self.B, self.Hq, self.L, self.E = a.q.shape
+        self.Hkv, self.S, self.Ev = a.k.shape[1], a.k.shape[2], a.v.shape[3]
+        self.varlen = a.cu_seqlens_q is not None
+        self.batches = a.cu_seqlens_q.shape[0] - 1 if self.varlen else self.B
+        self.max_q = a.max_seqlen_q if self.varlen else self.L
+        self.max_k = a.max_seqlen_k if self.varlen or kvcache else self.S
         self.flags = dict(HEAD_DIM=configs.padded(self.E), HEAD_DIM_V=configs.padded(self.Ev),
-                          MASK_KIND=MASK_KINDS.get(mask.dtype if mask is not None else None, 2),
-                          HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0,
-                          HAS_RIGHT=window_right >= 0, VARLEN=self.varlen, DROPOUT=dropout_p > 0,
-                          DOT_PRECISION=_dot_precision(q.dtype))
+                          MASK_KIND=mask_kind(a.mask, a.q.dtype), HAS_ALIBI=a.alibi_slopes is not None,
+                          HAS_SOFTCAP=a.softcap > 0, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
+                          VARLEN=self.varlen, DROPOUT=a.dropout_p > 0, DOT_PRECISION=_dot_precision(a.q.dtype))
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
         self.tuned = configs.autotunes(max(self.max_q, self.max_k))
         self.group = self.Hq // self.Hkv
-        self.device_index = q.device.index or 0
+        self.device_index = a.q.device.index or 0
         self.cc = 0 if configs.INTERPRET else configs.arch(self.device_index)
 
     def num_splits(self, block_m, block_n):
@@ -92,65 +110,72 @@ class _Problem:
         want = triton.cdiv(2 * configs.num_sms(self.device_index), programs)
         return max(1, min(want, triton.cdiv(self.max_k, 2 * block_n), 128))
 
+    def scores_args(self, a):
+        """The runtime arguments of every attention kernel after its tensors' own strides: mask and ALiBi strides,
+        sizes and the score options."""
+        return dict(**_strides("m", a.mask, "bhmn"), **_strides("a", a.alibi_slopes, "bh"), H_Q=self.Hq,
+                    H_KV=self.Hkv, seqlen_q=self.max_q, seqlen_k=self.max_k, head_dim=self.E, head_dim_v=self.Ev,
+                    scale=a.scale, softcap=a.softcap, window_left=a.window_left, window_right=a.window_right,
+                    bottom_right=int(a.bottom_right), dropout_p=a.dropout_p, seq_bucket=self.seq_bucket)
+
 
 _NO_CACHE = dict(KV_CACHE=False, PAGED=False, HAS_CACHE_IDX=False, HAS_LEFTPAD=False)
 
 
-def forward(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-            window_left, window_right, bottom_right, softcap, dropout_p, rng_state, sinks=None):
+def forward(a: FwdArgs):
     """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
-    pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
-                  window_right, softcap, dropout_p)
-    out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=q.dtype, device=q.device)
-    lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
+    pb = _Problem(a)
+    out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=a.q.dtype, device=a.q.device)
+    lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=a.q.device)
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
         return out, lse
-    use_tma = _tma_ok(pb.cc, k, v)
-    tail = _pointers(q, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state, sinks, None, None, None)
-    flags = dict(_NO_CACHE, HAS_SINKS=sinks is not None)
-    _launch_forward(pb, q, k, v, out, lse, tail, mask, alibi_slopes, sinks, (0, 0), scale, window_left,
-                    window_right, bottom_right, softcap, dropout_p, use_tma, flags)
+    use_tma = _tma_ok(pb.cc, a.k, a.v)
+    pointers = dict(**_optional(a, "Mask", "Alibi", "CuSeqQ", "CuSeqK", "Rng", "Sinks"),
+                    **_pointers(a.q, BlockTable=None, CacheIdx=None, Leftpad=None))
+    flags = dict(_NO_CACHE, HAS_SINKS=a.sinks is not None)
+    _launch_forward(pb, a, out, lse, pointers, dict(stride_bt=0, page_size=0), use_tma, flags)
     return out, lse
 
 
-def kvcache_forward(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, cache_leftpad, alibi_slopes,
-                    sinks, scale, window_left, window_right, softcap):
-    """q (B, L, Hq, E); caches (B_cache, S_max, Hkv, E) or paged (num_pages, page_size, Hkv, E) with block_table
-    (B, max_pages) int32; seqlens_k, cache_batch_idx, cache_leftpad (B,) int32 -> out (B, L, Hq, Ev) contiguous,
-    lse (B, Hq, L) float32. Keys are read in place (pages by block_table, in the kernel); queries bottom-right."""
-    paged = block_table is not None
-    B, L, Hq, _ = q.shape
-    out = torch.empty(B, L, Hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device)
+def kvcache_forward(a):
+    """a: KVCacheArgs. q (B, L, Hq, E); caches (B_cache, S_max, Hkv, E) or paged (num_pages, page_size, Hkv, E) with
+    block_table (B, max_pages) int32; seqlens_k, cache_batch_idx, cache_leftpad (B,) int32 -> out (B, L, Hq, Ev)
+    contiguous, lse (B, Hq, L) float32. Keys are read in place (pages by block_table, in the kernel); queries
+    bottom-right."""
+    paged = a.block_table is not None
+    B, L, Hq, _ = a.q.shape
+    out = torch.empty(B, L, Hq, a.v_cache.shape[-1], dtype=a.q.dtype, device=a.q.device)
+    lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=a.q.device)
     if out.numel() == 0:
         return out, lse
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    capacity = a.block_table.shape[1] * a.k_cache.shape[1] if paged else a.k_cache.shape[1]
     # the kernel's layouts by strides: q (B, Hq, L, E), caches (rows or pages, Hkv, positions, E), out like q
-    q_, k_, v_, out_ = (t.transpose(1, 2) for t in (q, k_cache, v_cache, out))
-    pb = _Problem(q_, k_, v_, None, alibi_slopes, None, L, capacity, window_left, window_right, softcap, 0.0,
-                  kvcache=True)
+    q_, k_, v_, out_ = (t.transpose(1, 2) for t in (a.q, a.k_cache, a.v_cache, out))
+    view = FwdArgs(q=q_, k=k_, v=v_, mask=None, alibi_slopes=a.alibi_slopes, cu_seqlens_q=None, cu_seqlens_k=None,
+                   max_seqlen_q=L, max_seqlen_k=capacity, scale=a.scale, window_left=a.window_left,
+                   window_right=a.window_right, bottom_right=True, softcap=a.softcap, dropout_p=0.0, rng_state=None,
+                   sinks=a.sinks)
+    pb = _Problem(view, kvcache=True)
     pb.tuned = pb.tuned and not paged  # paged tiles are chosen apart (configs.FWD_PAGED_TILES), not autotuned
-    tail = _pointers(q, None, alibi_slopes, None, seqlens_k, None, sinks, block_table, cache_batch_idx,
-                     cache_leftpad)
-    flags = dict(HAS_SINKS=sinks is not None, KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=cache_batch_idx is not None,
-                 HAS_LEFTPAD=cache_leftpad is not None)
-    pages = (block_table.stride(0) if paged else 0, k_cache.shape[1])
+    # CuSeqK carries seqlens_k in KV-cache mode
+    pointers = dict(**_optional(view, "Mask", "Alibi", "CuSeqQ", "Rng", "Sinks"),
+                    **_pointers(a.q, CuSeqK=a.seqlens_k, BlockTable=a.block_table, CacheIdx=a.cache_batch_idx,
+                                Leftpad=a.cache_leftpad))
+    flags = dict(HAS_SINKS=a.sinks is not None, KV_CACHE=True, PAGED=paged, HAS_CACHE_IDX=a.cache_batch_idx is not None,
+                 HAS_LEFTPAD=a.cache_leftpad is not None)
+    pages = dict(stride_bt=a.block_table.stride(0) if paged else 0, page_size=a.k_cache.shape[1])
     # a contiguous cache row is one box for TMA, as a varlen sequence is; pages are read by pointer loads
     use_tma = not paged and _tma_ok(pb.cc, k_, v_)
-    _launch_forward(pb, q_, k_, v_, out_, lse, tail, None, alibi_slopes, sinks, pages, scale, window_left,
-                    window_right, True, softcap, 0.0, use_tma, flags)
+    _launch_forward(pb, view, out_, lse, pointers, pages, use_tma, flags)
     return out, lse
 
 
-def _launch_forward(pb, q, k, v, out, lse, tail, mask, alibi_slopes, sinks, pages, scale, window_left,
-                    window_right, bottom_right, softcap, dropout_p, use_tma, flags):
-    """Runs _attn_fwd (and the split-KV combine) into out (B, Hq, L, Ev) and lse (B, Hq, L), any strides.
-    tail: the kernel's optional pointers; pages: (block_table's row stride, page size); flags: its mode flags."""
+def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags):
+    """Runs _attn_fwd (and the split-KV combine) for a (FwdArgs of (B, Hq, L, E) views) into out (B, Hq, L, Ev) and
+    lse (B, Hq, L), any strides. pointers: the kernel's optional pointers by name; pages: block_table's row stride
+    and the page size (stride_bt, page_size); flags: its mode flags."""
     if use_tma:
-        _set_tma_allocator(q.device)
-    sizes = (*q.stride(), *k.stride(), *v.stride())
-    extras = (*_strides(mask), *_strides(alibi_slopes, 2), *pages, pb.Hq, pb.Hkv, pb.max_q, pb.max_k, pb.E, pb.Ev,
-              scale, softcap, window_left, window_right, int(bottom_right), dropout_p, pb.seq_bucket)
+        _set_tma_allocator(a.q.device)
     rows = pb.group * pb.max_q
     block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
         configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"])
@@ -159,62 +184,65 @@ def _launch_forward(pb, q, k, v, out, lse, tail, mask, alibi_slopes, sinks, page
         dst_out, dst_lse = out.unsqueeze(0), lse.unsqueeze(0)
     else:
         # splits that own no rows (varlen padding) write nothing: leave them empty (0, -inf)
-        dst_out = torch.zeros(splits, pb.B, pb.Hq, pb.L, pb.Ev, dtype=torch.float32, device=q.device)
-        dst_lse = torch.full((splits, pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=q.device)
-    args = (q, k, v, dst_out, dst_lse, *tail, *sizes, *dst_out.stride(), *dst_lse.stride(), *extras)
+        dst_out = torch.zeros(splits, pb.B, pb.Hq, pb.L, pb.Ev, dtype=torch.float32, device=a.q.device)
+        dst_lse = torch.full((splits, pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=a.q.device)
+    args = dict(Q=a.q, K=a.k, V=a.v, Out=dst_out, Lse=dst_lse, **pointers, **_strides("q", a.q, "bhmd"),
+                **_strides("k", a.k, "bhnd"), **_strides("v", a.v, "bhnd"), **_strides("o", dst_out, "sbhmd"),
+                **_strides("l", dst_lse, "sbhm"), **pages, **pb.scores_args(a))
     if pb.tuned and splits == 1:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
-        _tuned("fwd", pb.cc)[grid](*args, **pb.flags, **flags, NUM_SPLITS=1, USE_TMA=use_tma)
+        _run(_tuned("fwd", pb.cc), grid, args, **pb.flags, **flags, NUM_SPLITS=1, USE_TMA=use_tma)
     else:
         grid = (triton.cdiv(rows, block_m), splits, pb.batches * pb.Hkv)
-        _attn_fwd[grid](*args, **pb.flags, **flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits,
-                        USE_TMA=use_tma, WARP_SPECIALIZE=False, num_warps=warps, num_stages=stages)
+        _run(_attn_fwd, grid, args, **pb.flags, **flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits,
+             USE_TMA=use_tma, WARP_SPECIALIZE=False, num_warps=warps, num_stages=stages)
     if splits > 1:
         n = pb.B * pb.Hq * pb.L
         part_out, part_lse = dst_out.view(splits, n, pb.Ev), dst_lse.view(splits, n)
         block_r = 16
-        _attn_fwd_combine[(triton.cdiv(n, block_r),)](
-            part_out, part_lse, out, lse, _pointers(q, sinks)[0], n, splits, pb.Hq, pb.L, pb.Ev, *part_out.stride(),
-            *part_lse.stride(), *out.stride(), *lse.stride(), BLOCK_R=block_r, HEAD_DIM_V=pb.flags["HEAD_DIM_V"],
-            SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
+        combine = dict(OutPart=part_out, LsePart=part_lse, Out=out, Lse=lse, **_pointers(a.q, Sinks=a.sinks),
+                       num_rows=n, num_splits=splits, H_Q=pb.Hq, seqlen_q=pb.L, head_dim_v=pb.Ev,
+                       **_strides("p", part_out, "srd"), **_strides("q", part_lse, "sr"), **_strides("o", out, "bhmd"),
+                       **_strides("l", lse, "bhm"))
+        _run(_attn_fwd_combine, (triton.cdiv(n, block_r),), combine, BLOCK_R=block_r,
+             HEAD_DIM_V=pb.flags["HEAD_DIM_V"], SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
 
 
-def backward(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state,
-             mask_grad):
-    """-> dq, dk, dv (like q, k, v, contiguous), dmask (B, Hq, L, S) float32 if mask_grad else empty."""
-    pb = _Problem(q, k, v, mask, alibi_slopes, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left,
-                  window_right, softcap, dropout_p)
-    dmask = torch.zeros((pb.B, pb.Hq, pb.L, pb.S) if mask_grad else (0,), dtype=torch.float32, device=q.device)
+def backward(a):
+    """a: BwdArgs -> dq, dk, dv (like q, k, v, contiguous), dmask (B, Hq, L, S) float32 if mask_grad else empty."""
+    pb = _Problem(a)
+    q, k, v = a.q, a.k, a.v
+    dmask = torch.zeros((pb.B, pb.Hq, pb.L, pb.S) if a.mask_grad else (0,), dtype=torch.float32, device=q.device)
     if pb.batches == 0 or pb.max_q == 0 or pb.max_k == 0 or q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros_like(t) for t in (q, k, v)) + (dmask,)
     alloc = torch.zeros if pb.varlen else torch.empty  # varlen rows past the last sequence get no gradient
     dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    lse = lse.contiguous()
+    lse = a.lse.contiguous()
     delta = torch.empty_like(lse)
     block = 16 if configs.INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(pb.L, block), pb.B * pb.Hq)](
-        out, dout, dlse if dlse is not None else lse, delta, *out.stride(), *dout.stride(), *_strides(dlse, 3),
-        pb.Hq, pb.L, pb.Ev, BLOCK_M=block, HEAD_DIM_V=pb.flags["HEAD_DIM_V"], HAS_DLSE=dlse is not None)
+    _run(_attn_bwd_preprocess, (triton.cdiv(pb.L, block), pb.B * pb.Hq),
+         dict(Out=a.out, DOut=a.dout, DLse=a.dlse if a.dlse is not None else lse, Delta=delta,
+              **_strides("o", a.out, "bhmd"), **_strides("d", a.dout, "bhmd"), **_strides("l", a.dlse, "bhm"),
+              H_Q=pb.Hq, seqlen_q=pb.L, head_dim_v=pb.Ev),
+         BLOCK_M=block, HEAD_DIM_V=pb.flags["HEAD_DIM_V"], HAS_DLSE=a.dlse is not None)
 
-    tail = _pointers(q, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state)
-    inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    extras = (*_strides(mask), *_strides(alibi_slopes, 2), *lse.stride()[:2], pb.Hq, pb.Hkv, pb.max_q,
-              pb.max_k, pb.E, pb.Ev, scale, softcap, window_left, window_right, int(bottom_right), dropout_p,
-              pb.seq_bucket)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, *tail, *inputs, *dk.stride(), *dv.stride(), *extras)
-    dq_args = (q, k, v, dout, lse, delta, dq, dmask, *tail, *inputs, *dq.stride(), *extras)
+    inputs = dict(Q=q, K=k, V=v, DOut=a.dout, Lse=lse, Delta=delta, **_optional(a, "Mask", "Alibi", "CuSeqQ", "CuSeqK",
+                                                                                 "Rng"),
+                  **_strides("q", q, "bhmd"), **_strides("k", k, "bhnd"), **_strides("v", v, "bhnd"),
+                  **_strides("d", a.dout, "bhmd"), stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+                  **pb.scores_args(a))
+    dkdv_args = dict(inputs, DK=dk, DV=dv, **_strides("dk", dk, "bhnd"), **_strides("dv", dv, "bhnd"))
+    dq_args = dict(inputs, DQ=dq, DMask=dmask, **_strides("dq", dq, "bhmd"))
     rows = pb.group * pb.max_q
     if pb.tuned:
-        _tuned("dkdv", pb.cc)[lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv)](
-            *dkdv_args, **pb.flags)
-        _tuned("dq", pb.cc)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv)](
-            *dq_args, **pb.flags, MASK_GRAD=mask_grad)
+        _run(_tuned("dkdv", pb.cc), lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv),
+             dkdv_args, **pb.flags)
+        _run(_tuned("dq", pb.cc), lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv), dq_args,
+             **pb.flags, MASK_GRAD=a.mask_grad)
     else:
         (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)
-        _attn_bwd_dkdv[(triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv)](
-            *dkdv_args, **pb.flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        _attn_bwd_dq[(triton.cdiv(rows, bm2), pb.batches * pb.Hkv)](
-            *dq_args, **pb.flags, MASK_GRAD=mask_grad, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2,
-            num_stages=stages2)
+        _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv), dkdv_args, **pb.flags, BLOCK_M=bm,
+             BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        _run(_attn_bwd_dq, (triton.cdiv(rows, bm2), pb.batches * pb.Hkv), dq_args, **pb.flags,
+             MASK_GRAD=a.mask_grad, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2, num_stages=stages2)
     return dq, dk, dv, dmask

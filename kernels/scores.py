@@ -9,7 +9,12 @@ query index shifted for bottom-right alignment, the index the band rule and ALiB
 import triton
 import triton.language as tl
 
+from .. import features
+
 LOG2E = tl.constexpr(1.4426950408889634)
+# MASK_KIND values (pyattn.features, as csrc/params.h numbers them). Both float kinds load the mask in its own dtype.
+MASK_NONE = tl.constexpr(features.MASK_NONE)
+MASK_BOOL = tl.constexpr(features.MASK_BOOL)
 
 
 @triton.jit
@@ -47,10 +52,10 @@ def biased(s, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k,
     mask_rows2: pointers to each query's mask row; slopes2: float32 ALiBi slopes of each query."""
     if HAS_ALIBI:
         s = s - (slopes2 * LOG2E) * tl.abs(ip2 - n2).to(tl.float32)
-    if MASK_KIND != 0:
+    if MASK_KIND != MASK_NONE:
         m_ptrs = mask_rows2 + n2.to(tl.int64) * stride_mn
         in_bounds = ok2 & (n2 < seqlen_k)
-        if MASK_KIND == 1:
+        if MASK_KIND == MASK_BOOL:
             keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
             s = s + tl.where(keep, 0.0, float("-inf"))
         else:

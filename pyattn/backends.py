@@ -3,7 +3,6 @@
 `choose()` walks the backends in order of measured speed (benchmarks/results) and takes the first that
 accepts the inputs; `explain()` reports every backend's verdict.
 """
-import functools
 import os
 
 import torch
@@ -81,15 +80,6 @@ class FusedBackend(Backend):
         return ops.kvcache_forward(inp, self.kvcache_op_name)
 
 
-@functools.cache
-def _triton_import_error():
-    try:
-        from . import triton_ops  # noqa: F401  (registers pyattn::triton_fwd / triton_bwd)
-    except ImportError as e:
-        return str(e)
-    return None
-
-
 class TritonBackend(FusedBackend):
     """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
     interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
@@ -106,7 +96,7 @@ class TritonBackend(FusedBackend):
         self.dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def unavailable_reason(self):
-        why = _triton_import_error()
+        why = ops.triton_import_error()
         if why:
             return f"triton is not importable ({why})"
         if not self.interpreting and not torch.cuda.is_available():

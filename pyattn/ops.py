@@ -1,10 +1,14 @@
-"""torch.library glue for the compiled ops: loading, fake (meta) impls, autograd, and the call helper.
+"""torch.library glue: loading the compiled ops and defining the Triton ones, their fake (meta) impls and autograd, and
+the call helpers.
 
-Schemas live in csrc/ops.cpp; kernels register per device in csrc/cpu and csrc/cuda.
+Schemas live in csrc/ops.cpp (their arguments for Python: op_args.py); kernels register per device in csrc/cpu and
+csrc/cuda; the Triton ops (triton_ops.py) are defined at the end of this file.
 """
 import torch
 
+from . import op_args
 from .inputs import AttnInputs
+from .op_args import BwdArgs, FwdArgs, KVCacheArgs, Options, pick
 
 _LOAD_ERROR = None
 try:
@@ -35,11 +39,6 @@ def build_info():
 COMPILED_BACKENDS = tuple(build_info()["backends"])
 
 
-def _options(inp: AttnInputs):
-    return (inp.max_seqlen_q, inp.max_seqlen_k, inp.scale, inp.window_left, inp.window_right, inp.bottom_right,
-            inp.softcap, inp.dropout_p)
-
-
 def draw_rng_state(inp: AttnInputs):
     """int64 (seed, offset) from torch's default generator of the input's device (torch.manual_seed
     reproduces it), or None without dropout. A tensor, never Python ints: no sync, and it traces."""
@@ -53,56 +52,51 @@ def fused_forward(inp: AttnInputs, op_name="fwd", rng_state=None):
     rng_state: the dropout (seed, offset) to use; None draws one."""
     if rng_state is None:
         rng_state = draw_rng_state(inp)
-    return getattr(torch.ops.pyattn, op_name)(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q,
-                                              inp.cu_seqlens_k, *_options(inp), rng_state, inp.sinks)
+    return getattr(torch.ops.pyattn, op_name)(*pick(FwdArgs, inp, rng_state=rng_state))
 
 
 def fused_backward(inp: AttnInputs, dout, out, lse, dlse, rng_state, op_name="bwd"):
     """Gradients of fused_forward(inp) for dout (B, Hq, L, Ev) given its out and lse (and dlse (B, Hq, L) or
     None), without a mask gradient: -> dq, dk, dv like inp.q, inp.k, inp.v."""
-    dq, dk, dv, _ = getattr(torch.ops.pyattn, op_name)(
-        dout, inp.q, inp.k, inp.v, out, lse, dlse, inp.mask, inp.alibi_slopes, inp.cu_seqlens_q, inp.cu_seqlens_k,
-        *_options(inp), rng_state, False, inp.sinks)
+    dq, dk, dv, _ = getattr(torch.ops.pyattn, op_name)(*pick(
+        BwdArgs, inp, dout=dout, out=out, lse=lse, dlse=dlse, rng_state=rng_state, mask_grad=False))
     return dq, dk, dv
 
 
 def kvcache_forward(inp, op_name="kvcache_fwd"):
     """kvcache_fwd (csrc/ops.cpp) for a KVCacheInputs: -> out (B, L, Hq, Ev), lse (B, Hq, L) float32."""
-    return getattr(torch.ops.pyattn, op_name)(
-        inp.q, inp.k_cache, inp.v_cache, inp.seqlens_k, inp.block_table, inp.cache_batch_idx, inp.cache_leftpad,
-        inp.alibi_slopes, inp.sinks, inp.scale, inp.window_left, inp.window_right, inp.softcap)
+    return getattr(torch.ops.pyattn, op_name)(*pick(KVCacheArgs, inp))
 
 
-def kvcache_fake(q, k_cache, v_cache, *args):
-    B, L, Hq, _ = q.shape
-    return q.new_empty(B, L, Hq, v_cache.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+def kvcache_fake(*args):
+    a = KVCacheArgs(*args)
+    B, L, Hq, _ = a.q.shape
+    return a.q.new_empty(B, L, Hq, a.v_cache.shape[-1]), a.q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
-def _fwd_fake(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *options_rng_state_sinks):
-    B, Hq, L, _ = q.shape
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+def _fwd_fake(*args):
+    a = FwdArgs(*args)
+    B, Hq, L, _ = a.q.shape
+    return a.q.new_empty(B, Hq, L, a.v.shape[-1]), a.q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-              max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p, rng_state, mask_grad,
-              sinks=None):
-    dmask = q.new_empty(mask.shape if mask_grad else (0,), dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+def _bwd_fake(*args):
+    a = BwdArgs(*args)
+    dmask = a.q.new_empty(a.mask.shape if a.mask_grad else (0,), dtype=torch.float32)
+    return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape), dmask
 
 
-N_OPTIONS = 8  # the schema's scalars between cu_seqlens_k and rng_state (csrc/ops.cpp)
+FWD_TENSORS = op_args.tensor_names(op_args.FWD)  # what backward needs of fwd's inputs, besides the options
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k = inputs[:7]
-    options, (rng_state, *sinks) = inputs[7:7 + N_OPTIONS], inputs[7 + N_OPTIONS:]
-    sinks = sinks[0] if sinks else None  # a default the caller left out
-    out, lse = output
-    ctx.options = options
-    ctx.mask_grad = mask is not None and mask.dtype != torch.bool and ctx.needs_input_grad[3]
-    ctx.sinks_grad = sinks is not None and ctx.needs_input_grad[8 + N_OPTIONS]
-    ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state, sinks)
+    # inputs come with their defaults filled in; needs_input_grad has one flag per argument the caller passed (trailing
+    # defaults are dropped by the dispatcher) and a last one for the metadata torch's autograd wrapper appends
+    args, needs_grad = FwdArgs(*inputs), FwdArgs(*ctx.needs_input_grad[:-1])
+    ctx.options = pick(Options, args)
+    ctx.mask_grad = args.mask is not None and args.mask.dtype != torch.bool and needs_grad.mask
+    ctx.sinks_grad = args.sinks is not None and needs_grad.sinks
+    ctx.save_for_backward(*output, *(getattr(args, name) for name in FWD_TENSORS))
 
 
 def sinks_grad(sinks, out, lse, dout, dlse):
@@ -125,12 +119,16 @@ def register_attention_op(fwd_name, bwd_name):
     bwd_op = getattr(torch.ops.pyattn, bwd_name.split("::")[1])
 
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, rng_state, sinks = ctx.saved_tensors
-        dq, dk, dv, dmask = bwd_op(dout, q, k, v, out, lse, dlse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                                   *ctx.options, rng_state, ctx.mask_grad, sinks)
-        dmask = dmask.to(mask.dtype) if ctx.mask_grad else None
-        dsinks = sinks_grad(sinks, out, lse, dout, dlse) if ctx.sinks_grad else None
-        return ((dq, dk, dv, dmask) + (None,) * (4 + len(ctx.options)) + (dsinks,))[:ctx.n_inputs]
+        out, lse, *saved = ctx.saved_tensors
+        fwd = dict(zip(FWD_TENSORS, saved))
+        dq, dk, dv, dmask = bwd_op(*BwdArgs(dout=dout, out=out, lse=lse, dlse=dlse, mask_grad=ctx.mask_grad, **fwd,
+                                            **ctx.options._asdict()))
+        grads = dict(q=dq, k=dk, v=dv)
+        if ctx.mask_grad:
+            grads["mask"] = dmask.to(fwd["mask"].dtype)
+        if ctx.sinks_grad:
+            grads["sinks"] = sinks_grad(fwd["sinks"], out, lse, dout, dlse)
+        return tuple(grads.get(name) for name in FwdArgs._fields)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=_fwd_setup_context)
 
@@ -142,3 +140,19 @@ if _C is not None:
     @torch.library.register_fake("pyattn::cpu_dropout_mask")
     def _dropout_mask_fake(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, offset):
         return torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
+
+
+# The Triton kernels' ops (pyattn/triton_ops.py), with or without pyattn._C: defined here, so that they exist whenever
+# pyattn does, unless triton cannot be imported (then the triton backend reports this error).
+_TRITON_IMPORT_ERROR = None
+try:
+    from . import triton_ops  # noqa: F401  (defines pyattn::triton_fwd / triton_bwd / triton_kvcache_fwd)
+except ImportError as e:
+    _TRITON_IMPORT_ERROR = str(e)
+else:
+    register_attention_op("pyattn::triton_fwd", "pyattn::triton_bwd")
+    torch.library.register_fake("pyattn::triton_kvcache_fwd")(kvcache_fake)
+
+
+def triton_import_error():
+    return _TRITON_IMPORT_ERROR

@@ -1,17 +1,41 @@
-"""The C++ host checks (csrc/host_params.cpp, csrc/cpu/attention.cpp): torch.ops.pyattn.fwd / bwd / kvcache_fwd
-called directly with bad arguments raise RuntimeError with a message that starts with the host's tag and names the
-argument. pyattn's Python validation (tests/test_errors.py) stops these inputs before the ops, so only direct
-callers of the ops (torch.library users, export) reach these checks. CPU host here; the CUDA host shares them."""
+"""The ops' host checks: torch.ops.pyattn.fwd / bwd / kvcache_fwd (the C++ host: csrc/host_params.cpp,
+csrc/cpu/attention.cpp) and their Triton twins triton_fwd / triton_bwd / triton_kvcache_fwd (pyattn/op_checks.py),
+called directly with the same bad arguments, raise RuntimeError with a message that starts with the host's tag and
+names the argument. pyattn's Python validation (tests/test_errors.py) stops these inputs before the ops, so only
+direct callers of the ops (torch.library users, export) reach these checks. The C++ CPU host here (the CUDA host
+shares its checks), and the Triton ops on their device (CPU tensors under the interpreter)."""
 import pytest
 import torch
 
-import pyattn  # noqa: F401  (loads pyattn._C: the ops and their CPU host)
+import pyattn  # noqa: F401  (loads pyattn._C and defines the Triton ops)
 from helpers import backend_params
+from pyattn.op_args import FwdArgs, KVCacheArgs
 
-pytestmark = pytest.mark.parametrize("backend,device", backend_params(["cpu"], lower_capabilities=False))
+pytestmark = pytest.mark.parametrize("backend,device", backend_params(["cpu"], lower_capabilities=False)
+                                     + backend_params(["triton"]))
 
 R = torch.randn
-TAG = "pyattn cpu: "
+# cases whose values inside tensors are wrong: hosts read those only from CPU tensors (on a GPU it would synchronize)
+READS_VALUES = {"cu-seqlens-decreasing", "cu-seqlens-past-rows", "cu-seqlens-negative-start", "seqlens-past-capacity",
+                "leftpad-past-seqlen", "batch-idx-out-of-range", "page-out-of-range", "paged-past-capacity"}
+
+
+def tag(backend):
+    return f"pyattn {backend}: "
+
+
+def op(backend, name):
+    """The backend's op for fwd, bwd or kvcache_fwd (the Triton ones are named triton_<name>)."""
+    return getattr(torch.ops.pyattn, f"triton_{name}" if backend == "triton" else name)
+
+
+def on(device, kwargs):
+    """kwargs with their tensors on device, strides kept (block-table-strided needs its column stride)."""
+    def move(t):
+        if not isinstance(t, torch.Tensor) or t.device.type == device:
+            return t
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+    return {n: move(x) for n, x in kwargs.items()}
 
 
 def i32(*values):
@@ -19,12 +43,12 @@ def i32(*values):
 
 
 def fwd_kwargs(**kw):
-    """Valid fwd arguments, by schema name (csrc/ops.cpp): q (2, 4, 5, 16), k (2, 2, 7, 16), v (2, 2, 7, 8), GQA 4:2."""
-    args = dict(q=R(2, 4, 5, 16), k=R(2, 2, 7, 16), v=R(2, 2, 7, 8), mask=None, alibi_slopes=None, cu_seqlens_q=None,
-                cu_seqlens_k=None, max_seqlen_q=5, max_seqlen_k=7, scale=0.25, window_left=-1, window_right=-1,
-                bottom_right=False, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None)
-    args.update(kw)
-    return args
+    """Valid fwd arguments by name (FwdArgs), with kw replacing some: q (2, 4, 5, 16), k (2, 2, 7, 16), v (2, 2, 7, 8),
+    GQA 4:2."""
+    args = FwdArgs(q=R(2, 4, 5, 16), k=R(2, 2, 7, 16), v=R(2, 2, 7, 8), mask=None, alibi_slopes=None,
+                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=5, max_seqlen_k=7, scale=0.25, window_left=-1,
+                   window_right=-1, bottom_right=False, softcap=0.0, dropout_p=0.0, rng_state=None, sinks=None)
+    return args._replace(**kw)._asdict()
 
 
 def varlen(**kw):
@@ -84,18 +108,18 @@ FWD = [
 
 def test_fwd_valid_arguments_run(backend, device):
     """The base arguments above are valid: each case fails for its own reason."""
-    out, lse = torch.ops.pyattn.fwd(**fwd_kwargs())
+    out, lse = op(backend, "fwd")(**on(device, fwd_kwargs()))
     assert out.shape == (2, 4, 5, 8) and lse.shape == (2, 4, 5)
-    out, lse = torch.ops.pyattn.fwd(**varlen())
+    out, lse = op(backend, "fwd")(**on(device, varlen()))
     assert out.shape == (1, 4, 5, 8)
 
 
-def bwd_kwargs(fwd=None, **kw):
-    """Valid bwd arguments for fwd's (base: fwd_kwargs()), with kw replacing some."""
-    fwd = fwd or fwd_kwargs()
-    out, lse = torch.ops.pyattn.fwd(**fwd)
+def bwd_kwargs(backend, device, fwd=None, **kw):
+    """Valid bwd arguments for fwd's (base: fwd_kwargs()) on device, with kw replacing some."""
+    fwd = on(device, fwd or fwd_kwargs())
+    out, lse = op(backend, "fwd")(**fwd)
     args = dict(dout=torch.randn_like(out), out=out, lse=lse, dlse=None, mask_grad=False, **fwd)
-    args.update(kw)
+    args.update(on(device, kw))
     return args
 
 
@@ -116,22 +140,22 @@ BWD = [
 
 def test_bwd_mask_grad_with_varlen(backend, device):
     with pytest.raises(RuntimeError) as info:
-        torch.ops.pyattn.bwd(**bwd_kwargs(varlen(), mask_grad=True))
-    assert "pyattn cpu: mask_grad is not supported with cu_seqlens" in str(info.value)
+        op(backend, "bwd")(**bwd_kwargs(backend, device, varlen(), mask_grad=True))
+    assert tag(backend) + "mask_grad is not supported with cu_seqlens" in str(info.value)
 
 
 def test_bwd_valid_arguments_run(backend, device):
-    dq, dk, dv, dmask = torch.ops.pyattn.bwd(**bwd_kwargs())
+    dq, dk, dv, dmask = op(backend, "bwd")(**bwd_kwargs(backend, device))
     assert dq.shape == (2, 4, 5, 16) and dk.shape == (2, 2, 7, 16) and dv.shape == (2, 2, 7, 8)
 
 
 def kv_kwargs(**kw):
-    """Valid kvcache_fwd arguments: q (2, 3, 4, 16), contiguous caches (2, 10, 2, 16|8), seqlens_k (5, 7)."""
-    args = dict(q=R(2, 3, 4, 16), k_cache=R(2, 10, 2, 16), v_cache=R(2, 10, 2, 8), seqlens_k=i32(5, 7),
-                block_table=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None, scale=0.25,
-                window_left=-1, window_right=0, softcap=0.0)
-    args.update(kw)
-    return args
+    """Valid kvcache_fwd arguments by name (KVCacheArgs), with kw replacing some: q (2, 3, 4, 16), contiguous caches
+    (2, 10, 2, 16|8), seqlens_k (5, 7)."""
+    args = KVCacheArgs(q=R(2, 3, 4, 16), k_cache=R(2, 10, 2, 16), v_cache=R(2, 10, 2, 8), seqlens_k=i32(5, 7),
+                       block_table=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None,
+                       scale=0.25, window_left=-1, window_right=0, softcap=0.0)
+    return args._replace(**kw)._asdict()
 
 
 def paged(**kw):
@@ -177,7 +201,7 @@ KVCACHE = [
 
 def test_kvcache_fwd_valid_arguments_run(backend, device):
     for args in (kv_kwargs(), paged(), kv_kwargs(cache_batch_idx=i32(1, 0), cache_leftpad=i32(1, 2))):
-        out, lse = torch.ops.pyattn.kvcache_fwd(**args)
+        out, lse = op(backend, "kvcache_fwd")(**on(device, args))
         assert out.shape == (2, 3, 4, 8) and lse.shape == (2, 4, 3)
 
 
@@ -185,12 +209,15 @@ def test_kvcache_fwd_valid_arguments_run(backend, device):
 CASES = [("fwd", *c) for c in FWD] + [("bwd", *c) for c in BWD] + [("kvcache_fwd", *c) for c in KVCACHE]
 
 
-@pytest.mark.parametrize("op,kwargs,needles", [pytest.param(op, *c, id=f"{op}-{i}") for op, i, *c in CASES])
-def test_host_checks(backend, device, op, kwargs, needles):
-    args = bwd_kwargs(**kwargs) if op == "bwd" else kwargs  # bwd's valid out/lse come from running fwd
+@pytest.mark.parametrize("name,case,kwargs,needles", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in CASES])
+def test_host_checks(backend, device, name, case, kwargs, needles):
+    if device != "cpu" and case in READS_VALUES:
+        pytest.skip("the host reads tensor values only on the CPU")
+    # bwd's valid out/lse come from running fwd
+    args = bwd_kwargs(backend, device, **kwargs) if name == "bwd" else on(device, kwargs)
     with pytest.raises(RuntimeError) as info:
-        getattr(torch.ops.pyattn, op)(**args)
+        op(backend, name)(**args)
     msg = str(info.value)
-    assert TAG in msg, msg
+    assert tag(backend) in msg, msg
     for needle in needles:
         assert needle in msg, f"message {msg!r} does not mention {needle!r}"

@@ -7,6 +7,7 @@ import torch
 
 import pyattn
 from helpers import assert_close_to_oracle, backend_params, dtype_id, half_dtype
+from pyattn.op_args import KVCacheArgs
 
 KV_BACKENDS = backend_params(["cpu"])
 
@@ -308,19 +309,23 @@ def test_op_checks_indices_itself():
     q, kc, vc, kw = make(CASES[0], torch.float32, page_size=16)
     bt = kw["block_table"].clone()
     bt[1, 0] = 1000
+    args = KVCacheArgs(q=q, k_cache=kc, v_cache=vc, seqlens_k=torch.tensor([5, 3, 2], dtype=torch.int32),
+                       block_table=bt, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None, scale=0.25,
+                       window_left=-1, window_right=0, softcap=0.0)
     with pytest.raises(RuntimeError, match="block_table"):
-        torch.ops.pyattn.kvcache_fwd(q, kc, vc, torch.tensor([5, 3, 2], dtype=torch.int32), bt, None, None, None,
-                                     None, 0.25, -1, 0, 0.0)
+        torch.ops.pyattn.kvcache_fwd(*args)
     with pytest.raises(RuntimeError, match="capacity"):
-        torch.ops.pyattn.kvcache_fwd(q, kc, vc, torch.tensor([5, 3, 2000], dtype=torch.int32), kw["block_table"],
-                                     None, None, None, None, 0.25, -1, 0, 0.0)
+        torch.ops.pyattn.kvcache_fwd(*args._replace(seqlens_k=torch.tensor([5, 3, 2000], dtype=torch.int32),
+                                                    block_table=kw["block_table"]))
 
 
 def test_opcheck_kvcache_fwd():
     for page_size in (None, 16):
         q, kc, vc, kw = make(CASES[8], torch.float32, page_size)
-        args = (q, kc, vc, kw["cache_seqlens"] + 2, kw.get("block_table"), None, None, None, kw["sinks"], 0.25, -1, 0,
-                0.0)
+        args = KVCacheArgs(q=q, k_cache=kc, v_cache=vc, seqlens_k=kw["cache_seqlens"] + 2,
+                           block_table=kw.get("block_table"), cache_batch_idx=None, cache_leftpad=None,
+                           alibi_slopes=None, sinks=kw["sinks"], scale=0.25, window_left=-1, window_right=0,
+                           softcap=0.0)
         torch.library.opcheck(torch.ops.pyattn.kvcache_fwd.default, args)
 
 

@@ -6,6 +6,7 @@ import torch
 
 import pyattn
 from helpers import CASES, attn_inputs, backend_params, fwd_args, sample_inputs
+from pyattn.op_args import BwdArgs, pick
 
 # every CPU capability for the op checks; the one in use for float64 gradcheck, compile and explain
 cpu_all = pytest.mark.parametrize("backend,device", backend_params(["cpu"]))
@@ -30,15 +31,12 @@ def test_opcheck_bwd(backend, device, case, dtype):
     inp = attn_inputs(case, t)
     args = fwd_args(inp, False)
     out, lse = torch.ops.pyattn.fwd(*args)
-    q, k, v, mask, alibi, cu_q, cu_k, *options = args
-    dout = torch.randn_like(out)
     dlse = torch.randn_like(lse).masked_fill(~torch.isfinite(lse), 0) if case.opts.get("return_lse") else None
-    dq, dk, dv, dmask = torch.ops.pyattn.bwd(dout, q, k, v, out, lse, dlse, mask, alibi, cu_q, cu_k, *options,
-                                             case.mask_grad)
-    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    bwd = pick(BwdArgs, args, dout=torch.randn_like(out), out=out, lse=lse, dlse=dlse, mask_grad=case.mask_grad)
+    dq, dk, dv, dmask = torch.ops.pyattn.bwd(*bwd)
+    assert dq.shape == args.q.shape and dk.shape == args.k.shape and dv.shape == args.v.shape
     assert dmask.shape == (inp.mask.shape if case.mask_grad else (0,)) and dmask.dtype == torch.float32
-    torch.library.opcheck(torch.ops.pyattn.bwd.default, (dout, q, k, v, out, lse, dlse, mask, alibi, cu_q, cu_k,
-                                                         *options, case.mask_grad))
+    torch.library.opcheck(torch.ops.pyattn.bwd.default, bwd)
 
 
 @cpu_all

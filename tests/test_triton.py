@@ -7,6 +7,7 @@ import torch
 import pyattn
 from helpers import CASES, assert_close_to_oracle, attn_inputs, backend_params, check_fwd_bwd, fwd_args, sample_inputs
 from pyattn.kernels import configs
+from pyattn.op_args import BwdArgs, FwdArgs, pick
 
 pytestmark = pytest.mark.parametrize("backend,device", backend_params(["triton"]))
 
@@ -25,10 +26,10 @@ def test_opcheck(backend, device, case, dtype):
     args = fwd_args(inp, True, case.mask_grad)
     torch.library.opcheck(torch.ops.pyattn.triton_fwd.default, args)
     out, lse = torch.ops.pyattn.triton_fwd(*args)
-    q, k, v, mask, alibi, cu_q, cu_k, *options = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    dout = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.pyattn.triton_bwd.default, (dout, q, k, v, out.detach(), lse.detach(), None,
-                                                                mask, alibi, cu_q, cu_k, *options, case.mask_grad))
+    fwd = FwdArgs(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    bwd = pick(BwdArgs, fwd, dout=torch.randn_like(out), out=out.detach(), lse=lse.detach(), dlse=None,
+               mask_grad=case.mask_grad)
+    torch.library.opcheck(torch.ops.pyattn.triton_bwd.default, bwd)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -116,7 +117,7 @@ def test_autotuned_launches(backend, device, monkeypatch):
                       lambda q, k, v: sdpa(q, k, v, is_causal=True), lambda q, k, v: sdpa(q, k, v, is_causal=True),
                       t, torch.float16, out_names=("out",))
         q, k, v = t["q"], t["k"], t["v"]
-        cc = launch._Problem(q, k, v, None, None, None, 0, 0, -1, 0, 0.0, 0.0).cc
+        cc = 0 if configs.INTERPRET else configs.arch(q.device.index or 0)  # the launcher's key for its autotuners
         assert all(launch._tuned(name, cc).cache for name in launch.TUNED), "a kernel skipped its autotuner"
         assert device != "cpu" or len(timed) >= 3 * 4, f"only {len(timed)} configs were timed"
     finally:

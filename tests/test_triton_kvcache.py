@@ -11,6 +11,7 @@ import torch
 import pyattn
 from helpers import assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
 from pyattn.kvcache import explain_kvcache
+from pyattn.op_args import KVCacheArgs
 
 pytestmark = pytest.mark.parametrize("backend,device", backend_params(["triton"]))
 
@@ -184,8 +185,9 @@ def test_kvcache_opcheck(backend, device):
     case = CASES[-1]
     t = case.make(device)
     k, v, block_table = paged(t, 16)
-    args = (t["q"], k, v, t["cache_seqlens"], block_table, None, t["cache_leftpad"], None, t["sinks"], 0.25, -1, 0,
-            0.0)
+    args = KVCacheArgs(q=t["q"], k_cache=k, v_cache=v, seqlens_k=t["cache_seqlens"], block_table=block_table,
+                       cache_batch_idx=None, cache_leftpad=t["cache_leftpad"], alibi_slopes=None, sinks=t["sinks"],
+                       scale=0.25, window_left=-1, window_right=0, softcap=0.0)
     torch.library.opcheck(torch.ops.pyattn.triton_kvcache_fwd.default, args)
 
 

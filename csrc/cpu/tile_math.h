@@ -76,7 +76,7 @@ inline Band make_band(const AttnParams& p, const Seq& s) {
   return {p.window_left, p.window_right, p.bottom_right ? s.S - s.L : 0, s.L, s.S};
 }
 
-// Scores of one (sequence, q head). scalar_t is q's dtype (the type of a mask_kind 2 mask).
+// Scores of one (sequence, q head). scalar_t is q's dtype (the type of a kMaskLikeQ mask).
 template <typename scalar_t, typename acc>
 struct Scores {
   Band band;
@@ -92,7 +92,7 @@ struct Scores {
         mask(nullptr), mask_kind(p.mask_kind), mask_rs(p.mask_strides.row), mask_cs(p.mask_strides.col) {
     if (alibi) slope = p.alibi_slopes[b * p.alibi_batch_stride + h * p.alibi_head_stride];
     if (p.mask != nullptr) {
-      const int64_t elem = mask_kind == 1 ? 1 : mask_kind == 2 ? sizeof(scalar_t) : sizeof(float);
+      const int64_t elem = mask_kind == kMaskBool ? 1 : mask_kind == kMaskLikeQ ? sizeof(scalar_t) : sizeof(float);
       mask = static_cast<const char*>(p.mask) + (b * p.mask_strides.batch + h * p.mask_strides.head) * elem;
     }
     plain = softcap <= 0 && !alibi && mask == nullptr && scale > 0;
@@ -150,11 +150,11 @@ struct Scores {
     for (int64_t r = 0; r < ni; ++r) {
       acc* x = s + r * x_q;
       const int64_t off = (i0 + r) * mask_rs + j0 * mask_cs;
-      if (mask_kind == 1) {
+      if (mask_kind == kMaskBool) {
         const uint8_t* m = static_cast<const uint8_t*>(mask) + off;
         // adds -inf, as torch does, rather than selecting it: a NaN score under a False stays NaN
         for (int64_t c = 0; c < nj; ++c) x[c * x_k] += m[c * mask_cs] ? acc(0) : neg_inf<acc>();
-      } else if (mask_kind == 2) {
+      } else if (mask_kind == kMaskLikeQ) {
         const scalar_t* m = static_cast<const scalar_t*>(mask) + off;
         for (int64_t c = 0; c < nj; ++c) x[c * x_k] += static_cast<acc>(m[c * mask_cs]) * log2e;
       } else {

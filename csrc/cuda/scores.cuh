@@ -92,7 +92,7 @@ struct ScoreMod {
   float alibi_log2 = 0;  // slope * log2(e)
   const void* mask = nullptr;  // at (b, h)
   int64_t mask_row = 0, mask_col = 0;
-  int mask_kind = 0;
+  int mask_kind = kMaskNone;
   int window_left, window_right, shift, len_q, len_k;
   bool elementwise;  // anything beyond scale and the key bound
 
@@ -103,12 +103,12 @@ struct ScoreMod {
       scale_over_cap = static_cast<float>(p.scale / p.softcap);
     }
     if (p.alibi_slopes) alibi_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h * p.alibi_head_stride] * kLog2e;
-    if (p.mask_kind) {
+    if (p.mask_kind != kMaskNone) {
       const auto& ms = p.mask_strides;
       const int64_t off = b * ms.batch + h * ms.head;
-      mask = p.mask_kind == 1   ? static_cast<const void*>(static_cast<const bool*>(p.mask) + off)
-             : p.mask_kind == 2 ? static_cast<const void*>(static_cast<const elem_t<kBf16>*>(p.mask) + off)
-                                : static_cast<const void*>(static_cast<const float*>(p.mask) + off);
+      mask = p.mask_kind == kMaskBool    ? static_cast<const void*>(static_cast<const bool*>(p.mask) + off)
+             : p.mask_kind == kMaskLikeQ ? static_cast<const void*>(static_cast<const elem_t<kBf16>*>(p.mask) + off)
+                                        : static_cast<const void*>(static_cast<const float*>(p.mask) + off);
       mask_row = ms.row;
       mask_col = ms.col;
       mask_kind = p.mask_kind;
@@ -118,7 +118,7 @@ struct ScoreMod {
     shift = s.shift;
     len_q = s.len_q;
     len_k = s.len_k;
-    elementwise = kWindow || cap_log2 != 0 || alibi_log2 != 0 || mask_kind != 0;
+    elementwise = kWindow || cap_log2 != 0 || alibi_log2 != 0 || mask_kind != kMaskNone;
   }
 
   // softcap(scale * x) + alibi + mask in log2 units, or -inf where (i, j) may not attend. A False in a bool mask
@@ -132,11 +132,11 @@ struct ScoreMod {
       return -INFINITY;
     float t = cap_log2 != 0 ? cap_log2 * tanhf(x * scale_over_cap) : x * scale_log2;
     t -= alibi_log2 * static_cast<float>(abs(ip - j));
-    if (mask_kind != 0 && i < len_q) {
+    if (mask_kind != kMaskNone && i < len_q) {
       const int64_t o = i * mask_row + j * mask_col;
-      if (mask_kind == 1) {
+      if (mask_kind == kMaskBool) {
         if (!static_cast<const bool*>(mask)[o]) t -= INFINITY;
-      } else if (mask_kind == 2) {
+      } else if (mask_kind == kMaskLikeQ) {
         t += to_float<kBf16>(static_cast<const elem_t<kBf16>*>(mask)[o]) * kLog2e;
       } else {
         t += static_cast<const float*>(mask)[o] * kLog2e;

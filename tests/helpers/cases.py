@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import pyattn
 from pyattn.inputs import dense_inputs, varlen_inputs
+from pyattn.op_args import FwdArgs, pick
 
 from .tolerance import dtype_id
 
@@ -165,8 +166,6 @@ def leaf(x, requires_grad):
 
 
 def fwd_args(inp, requires_grad=True, mask_grad=False, seed=0, offset=0):
-    """torch.ops.pyattn.fwd's arguments, in schema order (csrc/ops.cpp)."""
-    return (leaf(inp.q, requires_grad), leaf(inp.k, requires_grad), leaf(inp.v, requires_grad),
-            leaf(inp.mask, mask_grad), inp.alibi_slopes, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.max_seqlen_q,
-            inp.max_seqlen_k, inp.scale, inp.window_left, inp.window_right, inp.bottom_right, inp.softcap,
-            inp.dropout_p, torch.tensor([seed, offset]) if inp.dropout_p > 0 else None)
+    """torch.ops.pyattn.fwd's arguments (pyattn.op_args.FwdArgs) for inp, q/k/v (and mask) as fresh leaves."""
+    return pick(FwdArgs, inp, q=leaf(inp.q, requires_grad), k=leaf(inp.k, requires_grad), v=leaf(inp.v, requires_grad),
+                mask=leaf(inp.mask, mask_grad), rng_state=torch.tensor([seed, offset]) if inp.dropout_p > 0 else None)

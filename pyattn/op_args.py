@@ -1,0 +1,74 @@
+"""The attention ops' arguments, defined once for Python: csrc/ops.cpp's schemas as named tuples.
+
+Every Python caller builds and reads op calls through these (by name, never by position), and the Triton ops
+(pyattn/triton_ops.py) take their schemas from here; tests/test_op_args.py checks them against the C++ schemas.
+"""
+from collections import namedtuple
+
+# the scalars of fwd and bwd between cu_seqlens_k and rng_state (semantics: csrc/params.h)
+OPTIONS = ("SymInt max_seqlen_q", "SymInt max_seqlen_k", "float scale", "int window_left", "int window_right",
+           "bool bottom_right", "float softcap", "float dropout_p")
+
+FWD = ("Tensor q",  # (B, Hq, L, E)
+       "Tensor k",  # (B, Hkv, S, E)
+       "Tensor v",  # (B, Hkv, S, Ev)
+       "Tensor? mask",  # (B, Hq, L, S) view, bool or float
+       "Tensor? alibi_slopes",  # (B, Hq) float32
+       "Tensor? cu_seqlens_q",  # (B + 1,) int32; varlen: q/k/v hold packed rows in batch 1
+       "Tensor? cu_seqlens_k",  # (B + 1,) int32
+       *OPTIONS,
+       "Tensor? rng_state",  # (2,) int64 (seed, offset), when dropout_p > 0
+       "Tensor? sinks=None")  # (Hq,) float32
+FWD_RETURNS = "(Tensor out, Tensor lse)"
+
+BWD = ("Tensor dout",  # (B, Hq, L, Ev)
+       *FWD[:3],
+       "Tensor out",  # (B, Hq, L, Ev): fwd's
+       "Tensor lse",  # (B, Hq, L) float32: fwd's
+       "Tensor? dlse",  # (B, Hq, L) float32
+       *FWD[3:-1],
+       "bool mask_grad",  # also return dmask (B, Hq, L, S) float32
+       FWD[-1])
+BWD_RETURNS = "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)"
+
+KVCACHE_FWD = ("Tensor q",  # (B, L, Hq, E)
+               "Tensor k_cache",  # (B_cache, S_max, Hkv, E), or paged (num_pages, page_size, Hkv, E)
+               "Tensor v_cache",  # like k_cache, last dim Ev
+               "Tensor seqlens_k",  # (B,) int32
+               "Tensor? block_table",  # (B, max_pages) int32
+               "Tensor? cache_batch_idx",  # (B,) int32
+               "Tensor? cache_leftpad",  # (B,) int32
+               "Tensor? alibi_slopes",  # (B, Hq) float32
+               "Tensor? sinks",  # (Hq,) float32
+               "float scale", "int window_left", "int window_right", "float softcap")
+KVCACHE_FWD_RETURNS = FWD_RETURNS
+
+
+def _name(decl):
+    return decl.split()[1].split("=")[0]
+
+
+def _tuple(typename, decls):
+    """A namedtuple of the schema's arguments; those with a default (always None here) default to None."""
+    return namedtuple(typename, [_name(d) for d in decls], defaults=(None,) * sum("=" in d for d in decls))
+
+
+def schema(decls, returns):
+    """torch.library schema text without the op name: '(Tensor q, ...) -> (Tensor out, Tensor lse)'."""
+    return f"({', '.join(decls)}) -> {returns}"
+
+
+def tensor_names(decls):
+    return tuple(_name(d) for d in decls if d.startswith("Tensor"))
+
+
+Options = _tuple("Options", OPTIONS)
+FwdArgs = _tuple("FwdArgs", FWD)
+BwdArgs = _tuple("BwdArgs", BWD)
+KVCacheArgs = _tuple("KVCacheArgs", KVCACHE_FWD)
+
+
+def pick(cls, record, **given):
+    """cls's fields from given, else from record's attributes of the same names (AttnInputs, KVCacheInputs, another
+    args tuple)."""
+    return cls(**{name: given[name] if name in given else getattr(record, name) for name in cls._fields})
