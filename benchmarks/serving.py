@@ -6,7 +6,8 @@ paged ones (pages of 16 tokens, in shuffled order). Every call appends its k_new
 server's does. Peers: torch SDPA after gathering the pages into a dense padded (B, Hkv, S, D) tensor with a
 bottom-right causal mask (the append, the gather and the mask are timed: that is what a torch user does) and
 naive attention (pyattn's reference backend). Per point: ms, GB/s of K and V actually attended
-(sum of lengths * Hkv * D * 2 bytes * 2) and its fraction of the machine's copy bandwidth, measured once.
+(sum of lengths * Hkv * D * 2 bytes * 2) and its fraction of the machine's copy bandwidth. On the CPU the impls
+of a point and a 1 GiB copy are timed in interleaved rounds, so ratios and fractions hold on a shared host.
 Outputs are checked against float32 math on sampled rows of the first and last sequence before timing.
 On a GPU the peers are the same and pyattn runs its Triton and CUDA C++ backends.
 """
@@ -181,27 +182,46 @@ def _record(workload, B, S, layout, impl, lengths, device):
                 **{"pass": "fwd"}, ms=None, gbps=None, bandwidth_fraction=None, tflops=None, status="ok", note="")
 
 
-def run_point(rec, fn, c, copy_gbps):
-    q, k_new, v_new, cache_seqlens = inputs(c, rec["L"])
+def check_point(rec, fn, args):
+    """Runs the call once (it is also the warm-up) and checks it: (failed record, None) or (None, max error)."""
     try:
         with torch.no_grad():
-            err = max_error(fn(c, q, k_new, v_new, cache_seqlens), c, q)
-            if not err <= TOLERANCE["bf16"]:
-                return {**rec, "status": "wrong", "note": f"max error {err:.3g} > {TOLERANCE['bf16']}"}
-            # the check ran the call once: it was the warm-up
-            ms = measure.time_ms(lambda: fn(c, q, k_new, v_new, cache_seqlens), rec["device"], warm=True)
+            err = max_error(fn(*args), args[0], args[1])
     except (RuntimeError, NotImplementedError) as e:
-        return {**rec, "status": "error", "note": str(e).splitlines()[0][:200]}
-    gbps = rec["tokens"] * TOKEN_BYTES / ms / 1e6
-    return {**rec, "ms": ms, "gbps": gbps, "bandwidth_fraction": gbps / copy_gbps,
-            "tflops": attended_flops(c.lengths, rec["L"]) / ms / 1e9, "note": f"max error {err:.2g}"}
+        return {**rec, "status": "error", "note": str(e).splitlines()[0][:200]}, None
+    if not err <= TOLERANCE["bf16"]:
+        return {**rec, "status": "wrong", "note": f"max error {err:.3g} > {TOLERANCE['bf16']}"}, None
+    return None, err
 
 
-def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, device="cpu", log=print):
+def time_points(checked, c, args, copy):
+    """Times the checked points of one cache and workload ([(record, fn, max error)]). On the CPU they run in
+    interleaved rounds together with a copy of the copy buffers (copy: (src, dst)), and each point's fraction of
+    copy bandwidth is taken against that copy, measured in the same seconds; on CUDA each is timed alone
+    (CUDA events) against the run's copy bandwidth."""
+    device = checked[0][0]["device"]
+    with torch.no_grad():
+        if device == "cuda":
+            ms = {r["impl"]: measure.time_ms(lambda fn=fn: fn(*args), device, warm=True) for r, fn, _ in checked}
+        else:
+            steps = {r["impl"]: (lambda fn=fn: fn(*args)) for r, fn, _ in checked}
+            ms = measure.time_interleaved({**steps, "copy": lambda: copy[1].copy_(copy[0])})
+    copy_gbps = 2 * copy[0].numel() * copy[0].element_size() / ms["copy"] / 1e6 if "copy" in ms else copy[2]
+    out = []
+    for rec, _, err in checked:
+        t = ms[rec["impl"]]
+        gbps = rec["tokens"] * TOKEN_BYTES / t / 1e6
+        out.append({**rec, "ms": t, "gbps": gbps, "copy_gbps": copy_gbps, "bandwidth_fraction": gbps / copy_gbps,
+                    "tflops": attended_flops(c.lengths, rec["L"]) / t / 1e9, "note": f"max error {err:.2g}"})
+    return out
+
+
+def measure_points(seqlens, impls, max_call_s, time_limit, copy, device="cpu", log=print):
     """Batch 1 first (all sizes), then batch 16; one cache per (B, S, layout), shared by its points. A point
     is skipped, with the reason, past the time limit, when it would not fit, or when its time per call,
     extrapolated linearly in the tokens attended from the last point its series (impl, workload, layout) ran,
-    exceeds max_call_s (batch 16's first size extrapolates from batch 1's last)."""
+    exceeds max_call_s (batch 16's first size extrapolates from batch 1's last). The impls of a (cache,
+    workload) are timed together (time_points); copy: the copy buffers (src, dst) and the run's copy GB/s."""
     records, last, start = [], {}, time.time()
     for B in BATCHES:
         for S in seqlens:
@@ -217,7 +237,7 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, device="cp
                     records += [{**r, "status": "skipped", "note": f"run time limit {time_limit:.0f} s reached"}
                                 for r in recs]
                     continue
-                c = None
+                c, checked = None, {}
                 for rec in recs:
                     series = (rec["impl"], rec["workload"], layout)
                     predicted = last[series][0] / 1e3 * rec["tokens"] / last[series][1] if series in last else 0
@@ -236,11 +256,18 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, device="cp
                         records.append({**rec, "status": "skipped", "note": note})
                         continue
                     c = c or build_cache(layout, lengths, device)
-                    rec = run_point(rec, FNS[rec["impl"]], c, copy_gbps)
-                    if rec["ms"] is not None:
-                        last[series] = (rec["ms"], rec["tokens"])
-                    log(_line(rec))
-                    records.append(rec)
+                    args = (c, *inputs(c, rec["L"]))
+                    failed, err = check_point(rec, FNS[rec["impl"]], args)
+                    if failed:
+                        log(_line(failed))
+                        records.append(failed)
+                    else:
+                        checked.setdefault(rec["workload"], (args, []))[1].append((rec, FNS[rec["impl"]], err))
+                for args, points in checked.values():
+                    for rec in time_points(points, c, args, copy):
+                        last[(rec["impl"], rec["workload"], layout)] = (rec["ms"], rec["tokens"])
+                        log(_line(rec))
+                        records.append(rec)
                 del c
     return records
 
@@ -270,10 +297,12 @@ def markdown_table(records):
     return "\n".join(rows)
 
 
-def copy_bandwidth(device, nbytes=1 << 30, reps=5):
-    """GB/s of a large tensor copy (bytes read + bytes written), the best of reps: the decode roofline."""
+def copy_buffers(device, nbytes=1 << 30, reps=5):
+    """(src, dst, GB/s): the copy whose bandwidth (bytes read + bytes written, the best of reps) is the decode
+    roofline. On the CPU the buffers stay for time_points to copy again beside every point; on CUDA only the
+    bandwidth is kept (several times the L2, median of CUDA-event timings)."""
     if device == "cuda":
-        return measure.copy_gbps(device, 4 * nbytes)  # several times the L2, median of CUDA-event timings
+        return None, None, measure.copy_gbps(device, 4 * nbytes)
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -282,7 +311,7 @@ def copy_bandwidth(device, nbytes=1 << 30, reps=5):
         t0 = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
+    return src, dst, 2 * nbytes / best / 1e9
 
 
 def run(args, out_dir, meta):
@@ -295,9 +324,11 @@ def run(args, out_dir, meta):
                          f"available: {list(IMPLS[device])}")
     max_call_s = args.max_call_seconds or (0.5 if args.quick else 3.0)
     time_limit = args.time_limit or (75 if args.quick else 480)
-    copy_gbps = copy_bandwidth(device)
+    copy = copy_buffers(device)
+    copy_gbps = copy[2]
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (tensor copy, read + write)")
-    records = measure_points(seqlens, impls, max_call_s, time_limit, copy_gbps, device)
+    records = measure_points(seqlens, impls, max_call_s, time_limit, copy, device)
+    del copy
     meta = {**meta, "copy_gbps": copy_gbps, "max_call_seconds": max_call_s, "time_limit_seconds": time_limit,
             "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PAGE, "dtype": "bf16"}}
     meta["quick"] = bool(args.quick)
@@ -313,5 +344,8 @@ def run(args, out_dir, meta):
                 f"D={D}, pages of {PAGE} (shuffled); copy bandwidth {copy_gbps:.1f} GB/s\n\n")
         f.write("GB/s: bytes of K and V attended (sum of lengths x Hkv x D x 2 bytes x 2) per second. "
                 "torch-sdpa's time includes the append, the page gather into dense padded K/V and the mask.\n\n")
+        if device == "cpu":
+            f.write("The impls of a (cache, workload) and a 1 GiB copy are timed in interleaved rounds (median of "
+                    "each); \"of copy bandwidth\" is against that copy, measured in the same rounds.\n\n")
         f.write(table + "\n")
     print(f"\nwrote {out_dir}/{stem}.json and {stem}.md")
