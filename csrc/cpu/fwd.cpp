@@ -325,8 +325,9 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
     const Seq& seq = seqs[b];
     const int64_t j_begin = keys[b].first + c * kChunkBlocks * kBlockK;
     const int64_t j_end = std::min(keys[b].second, j_begin + kChunkBlocks * kBlockK);
+    auto partial = [&](int64_t hk) { return parts.data() + (first[b * Hkv + hk] + c) * part; };  // o, then m, l
     for (int64_t hk = h_lo; hk < h_hi; ++hk) {
-      acc* o = parts.data() + (first[b * Hkv + hk] + c) * part;
+      acc* o = partial(hk);
       init_rows(group * seq.L, Ev, o, o + M * Ev, o + M * Ev + M);
     }
     if (seq.L == 0) return;
@@ -334,7 +335,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
       const int64_t nj = std::min(kBlockK, j_end - j0);
       for (int64_t hk = h_lo; hk < h_hi; ++hk) {
         const Rows rows{hk * group, group, 0, seq.L};
-        acc* o = parts.data() + (first[b * Hkv + hk] + c) * part;
+        acc* o = partial(hk);
         acc* m = o + M * Ev;
         acc* l = m + M;
         if constexpr (kSameType) {
