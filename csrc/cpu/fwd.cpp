@@ -73,6 +73,8 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
                        FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
   const int64_t Ev = p.head_dim_v, ldp = kLdP<T, acc>;
   const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
+  // bf16/fp16 inputs: a cheaper exp2, and for their bf16 tiles the probabilities written as the A operand directly
+  constexpr bool kCheap = !std::is_same_v<scalar_t, acc>;
   for (int64_t g = 0; g < rows.heads; ++g) {
     // per-head score math: ALiBi slope and mask differ per head
     const int64_t h = rows.h0 + g;
@@ -81,12 +83,21 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
     const acc cf = sc.template apply<false>(s, kBlockK, rows.i0, rows.n, j0, nj, nullptr);
     for (int64_t r = g * rows.n; r < (g + 1) * rows.n; ++r) {
       acc* x = w.s.get() + r * kBlockK;
+      bool in_tile = false;  // the probabilities already written to the A operand
       const acc m_new = nan_max(m[r], row_max(x, nj) * cf);
       if (m_new == neg_inf<acc>()) {
         std::fill(x, x + nj, acc(0));  // nothing allowed so far: p = 0, o and l stay 0
       } else {
         const acc alpha = std::exp2(m[r] - m_new);
-        l[r] = l[r] * alpha + exp2_row(x, nj, cf, m_new);
+        acc sum;
+        if constexpr (!std::is_same_v<T, acc>) {
+          in_tile = p.dropout_p == 0;
+          sum = in_tile ? exp2_row_to<kCheap>(x, w.p.get() + r * ldp, nj, cf, m_new)
+                        : exp2_row<kCheap>(x, nj, cf, m_new);
+        } else {
+          sum = exp2_row<kCheap>(x, nj, cf, m_new);
+        }
+        l[r] = l[r] * alpha + sum;
         m[r] = m_new;
         if (alpha != 1) scale_row(o + r * Ev, Ev, alpha);
         if (p.dropout_p > 0) {
@@ -97,7 +108,7 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
       }
       if constexpr (!std::is_same_v<T, acc>) {
         T* pr = w.p.get() + r * ldp;
-        convert_row(x, pr, nj);
+        if (!in_tile) convert_row(x, pr, nj);
         if (kpad<T>(nj) > nj) pr[nj] = T(0);
       }
     }
