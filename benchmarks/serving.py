@@ -195,10 +195,10 @@ def check_point(rec, fn, args):
 
 
 def time_points(checked, c, args, copy):
-    """Times the checked points of one cache and workload ([(record, fn, max error)]). On the CPU they run in
-    interleaved rounds together with a copy of the copy buffers (copy: (src, dst)), and each point's fraction of
-    copy bandwidth is taken against that copy, measured in the same seconds; on CUDA each is timed alone
-    (CUDA events) against the run's copy bandwidth."""
+    """Times the checked points of one cache and workload ([(record, fn, max error)]); copy: copy_buffers()'s
+    (src, dst, GB/s). On the CPU they run in interleaved rounds together with dst.copy_(src), and each point's
+    fraction of copy bandwidth is taken against that copy, measured in the same seconds; on CUDA each is timed
+    alone (CUDA events) against the run's copy GB/s."""
     device = checked[0][0]["device"]
     with torch.no_grad():
         if device == "cuda":
@@ -221,7 +221,7 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy, device="cpu", l
     is skipped, with the reason, past the time limit, when it would not fit, or when its time per call,
     extrapolated linearly in the tokens attended from the last point its series (impl, workload, layout) ran,
     exceeds max_call_s (batch 16's first size extrapolates from batch 1's last). The impls of a (cache,
-    workload) are timed together (time_points); copy: the copy buffers (src, dst) and the run's copy GB/s."""
+    workload) are timed together (time_points); copy: copy_buffers()'s (src, dst, GB/s)."""
     records, last, start = [], {}, time.time()
     for B in BATCHES:
         for S in seqlens:
