@@ -3,7 +3,8 @@ processes on gloo, over a grid of total lengths N: a row of the grid is fixed N,
 
 Each process runs one thread pinned to core rank % cores: P processes on P cores against one process on one
 core. Per point and rank: median time of a call, peak extra memory (VmHWM growth, large buffers from mmap so
-freed memory leaves the RSS), bytes sent, time computing and time blocked on communication; then the same
+freed memory leaves the RSS), bytes sent, the (query, key) pairs its kernel calls compute (from the ring's
+plan: the work balance, free of the host's noise), time computing and time blocked on communication; then the same
 ring traffic without compute, timed alone, says how much of the communication ran behind compute. Every
 output is checked against float64 math on sampled rows (of the unsharded result) after it is measured.
 """
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from pyattn.distributed import ring_attention, unshard
 from pyattn.distributed.comm import Ring, recording
 from pyattn.distributed.local import run_local
+from pyattn.distributed.ring import rank_plan
 
 from . import measure
 from .plots import _log_axes, _pyplot, _save
@@ -41,6 +43,14 @@ def _comm_only_ms(group, kv, pass_):
     for tensors in hops:
         ring.pass_on(tensors).wait()
     return (time.perf_counter() - start) * 1e3
+
+
+def _work_pairs(rank, world, N, causal):
+    """The (query, key) pairs rank's kernel calls compute in one forward (zigzag, as _point calls it)."""
+    if world == 1:
+        return B * H * (N * (N + 1) // 2 if causal else N * N)
+    _, steps = rank_plan(rank, world, "zigzag", N // (2 * world), -1, 0 if causal else -1)
+    return B * H * sum(b.pairs() for piece_steps in steps for blocks in piece_steps for b in blocks)
 
 
 def _point(group, N, pass_, dtype, causal):
@@ -71,7 +81,7 @@ def _point(group, N, pass_, dtype, causal):
         full = [unshard(t, group=group) for t in (ring_attention(q, k, v, group=group, is_causal=causal), q, k, v)]
     err = _check_rows(*full, causal)
     return dict(ms=statistics.median(times) * 1e3, cpu_ms=cpu_s * 1e3, peak_mem_bytes=max(0, peak),
-                bytes_sent=stats["bytes_sent"],
+                bytes_sent=stats["bytes_sent"], work_pairs=_work_pairs(rank, world, N, causal),
                 compute_ms=stats["compute_s"] * 1e3, wait_ms=stats["wait_s"] * 1e3, comm_ms=comm_ms, max_error=err)
 
 
@@ -113,6 +123,8 @@ def _record(N, world, ranks, pass_, dtype, causal):
             "rank_ms": [m["ms"] for m in per], "rank_compute_ms": compute, "cpu_ms": max(m["cpu_ms"] for m in per),
             "rank_peak_mem_bytes": [m["peak_mem_bytes"] for m in per],
             "compute_balance": max(compute) / min(compute) if min(compute) > 0 else None,
+            "rank_work_pairs": [m["work_pairs"] for m in per],
+            "work_balance": max(m["work_pairs"] for m in per) / min(m["work_pairs"] for m in per),
             "comm_ms": comm, "wait_ms": wait,
             # communication that ran while the rank computed: its share of the traffic, and of the compute
             "comm_hidden": min(1.0, max(0.0, 1 - wait / comm)) if comm > 0 else None,
@@ -120,19 +132,20 @@ def _record(N, world, ranks, pass_, dtype, causal):
 
 
 def markdown_table(records):
-    rows = ["| N | P | N/P | ms per rank | x of P=1 | CPU ms per rank | x of P=1 | compute balance (max/min) | "
-            "peak extra mem per rank | x of P=1 | sent per rank | comm hidden | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| N | P | N/P | ms per rank | x of P=1 | CPU ms per rank | x of P=1 | work balance (max/min) | "
+            "compute time balance (max/min) | peak extra mem per rank | x of P=1 | sent per rank | comm hidden | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     single = {r["L"]: r for r in records if r["P"] == 1 and r["status"] == "ok"}
     for r in sorted(records, key=lambda r: (r["L"], r["P"])):
         base = single.get(r["L"])
         rel = lambda key: f"{r[key] / base[key]:.2f}" if base and r.get(key) and base.get(key) else ""  # noqa: E731
         ms = f"{r['ms']:.0f}" if r["ms"] is not None else ""
         balance = f"{r['compute_balance']:.2f}" if r.get("compute_balance") else ""
+        work = f"{r['work_balance']:.3f}" if r.get("work_balance") and r["P"] > 1 else ""
         hidden = f"{r['comm_hidden']:.0%}" if r.get("comm_hidden") is not None else ""
         cpu = f"{r['cpu_ms']:.0f}" if r.get("cpu_ms") is not None else ""
         rows.append(f"| {r['L']} | {r['P']} | {r['N_per_rank']} | {ms} | {rel('ms')} | {cpu} | {rel('cpu_ms')} | "
-                    f"{balance} | "
+                    f"{work} | {balance} | "
                     f"{fmt_bytes(r['peak_mem_bytes'])} | {rel('peak_mem_bytes')} | {fmt_bytes(r.get('bytes_sent'))} | "
                     f"{hidden} | {r['status']}{': ' + r['note'] if r['status'] != 'ok' else ''} |")
     return "\n".join(rows)

@@ -44,6 +44,9 @@ def test_context_parallel_preset_writes_records(tmp_path):
         assert r["ms"] > 0 and r["peak_mem_bytes"] >= 0 and len(r["rank_ms"]) == r["P"]
         # each rank sends the other P - 1 ranks' worth of K/V once: 2 tensors of (B, H, N/P, D) float32
         assert r["bytes_sent"] == (r["P"] - 1) * 2 * r["B"] * r["H"] * r["N_per_rank"] * r["D"] * 4
+        if r["P"] > 1:  # the ranks' blocks compute the causal pairs between them, zigzag: in equal shares
+            assert sum(r["rank_work_pairs"]) == r["B"] * r["H"] * r["L"] * (r["L"] + 1) // 2
+            assert r["work_balance"] == 1.0
     assert "| 512 | 4 | 128 |" in (tmp_path / "context-parallel.md").read_text()
     assert (tmp_path / "context-parallel.png").stat().st_size > 0
 

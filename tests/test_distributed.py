@@ -4,6 +4,7 @@ size; every check runs inside that one process group and reports here.
 Each sharded result (out, lse, dq, dk, dv) is unsharded and judged against single-process pyattn on the
 unsplit sequence and the float64 oracle, by the project's rule (helpers.assert_close_to_oracle).
 """
+import contextlib
 import functools
 import os
 import traceback
@@ -15,9 +16,11 @@ import torch.distributed as dist
 
 import pyattn
 from helpers import ATOL, assert_close_to_oracle
-from pyattn.distributed import positions, ring_attention, shard, ulysses_attention, unshard
+from pyattn.distributed import positions, ring, ring_attention, shard, ulysses_attention, unshard
 from pyattn.distributed.comm import recording
+from pyattn.distributed.layout import rank_chunks
 from pyattn.distributed.local import run_local
+from pyattn.distributed.ring import rank_plan
 
 WORLDS = (2, 4)
 FUNCTIONS = {"ring": ring_attention, "ulysses": ulysses_attention}
@@ -38,6 +41,7 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     backend: str = "cpu"
     fp32_accurate: bool = False  # float64 through the ring: merged by the kernels' float32 LSE
+    min_piece: int = 2  # ring.MIN_PIECE_TOKENS: small, so that these short shards travel in pieces
 
     def shapes(self, world):
         N = 2 * world * self.chunk
@@ -55,6 +59,8 @@ CASES = _ids(
     Case("ring-causal-contiguous", "ring", "contiguous", kwargs={"is_causal": True}),
     Case("ring-causal-zigzag", "ring", kwargs={"is_causal": True}),
     Case("ring-causal-zigzag-bf16", "ring", dtype=torch.bfloat16, kwargs={"is_causal": True}),
+    Case("ring-causal-zigzag-whole-shards", "ring", min_piece=512, kwargs={"is_causal": True}),
+    Case("ring-full-contiguous-whole-shards", "ring", "contiguous", min_piece=512),
     Case("ring-causal-zigzag-fp64", "ring", dtype=torch.float64, kwargs={"is_causal": True}, fp32_accurate=True),
     Case("ring-gqa-causal-zigzag", "ring", Hkv=2, kwargs={"is_causal": True, "enable_gqa": True}),
     Case("ring-window-5-3-zigzag", "ring", kwargs={"window_size": (5, 3)}),
@@ -106,14 +112,25 @@ def _single(case, world, dtype, backend):
     return [o.detach() for o in outs], list(grads)
 
 
+@contextlib.contextmanager
+def pieces_of(tokens):
+    """ring_attention's shards travel in pieces of at least tokens keys while inside."""
+    saved, ring.MIN_PIECE_TOKENS = ring.MIN_PIECE_TOKENS, tokens
+    try:
+        yield
+    finally:
+        ring.MIN_PIECE_TOKENS = saved
+
+
 def _sharded(case, world, layout=None):
     """The case through the distributed function, unsharded: outputs and grads on the full sequence."""
     layout = layout or case.layout
     t, slopes = _inputs(case, world, case.dtype)
     t = {n: shard(x, layout=layout, seq_dim=2 if n != "dlse" else -1) for n, x in t.items()}
     q, k, v = (t[n].requires_grad_() for n in "qkv")
-    outs = FUNCTIONS[case.fn](q, k, v, layout=layout, alibi_slopes=slopes, backend=case.backend, **case.kwargs)
-    grads = torch.autograd.grad(_loss(outs, t), (q, k, v))
+    with pieces_of(case.min_piece):
+        outs = FUNCTIONS[case.fn](q, k, v, layout=layout, alibi_slopes=slopes, backend=case.backend, **case.kwargs)
+        grads = torch.autograd.grad(_loss(outs, t), (q, k, v))
     outs = outs if isinstance(outs, tuple) else (outs,)
     full = [unshard(o.detach(), layout=layout, seq_dim=2 if o.dim() == 4 else -1) for o in outs]
     return full, [unshard(g, layout=layout) for g in grads]
@@ -153,8 +170,9 @@ def _dropout_run(fn, world, seed, p=0.3, layout="zigzag"):
     dout = torch.randn(1, 8, N, N, generator=g)
     qs, ks, vs = (shard(x, layout=layout).requires_grad_() for x in (q, k, v))
     torch.manual_seed(seed)
-    out = fn(qs, ks, vs, is_causal=True, dropout_p=p, layout=layout)
-    grads = torch.autograd.grad((out * shard(dout, layout=layout)).sum(), (qs, ks, vs))
+    with pieces_of(2):
+        out = fn(qs, ks, vs, is_causal=True, dropout_p=p, layout=layout)
+        grads = torch.autograd.grad((out * shard(dout, layout=layout)).sum(), (qs, ks, vs))
     return (q, k, v), unshard(out.detach(), layout=layout), [unshard(x, layout=layout) for x in grads], dout
 
 
@@ -399,3 +417,70 @@ def test_world_of_one_is_single_process_pyattn(world_of_one, layout):
     kw.pop("dropout_p")
     expected = pyattn.scaled_dot_product_attention(q, k, v, **kw)
     assert all(torch.equal(a, b) for a, b in zip(ulysses_attention(q, k, v, layout=layout, **kw), expected))
+
+
+PLAN_WINDOWS = {"causal": (-1, 0), "full": (-1, -1), "window-5-3": (5, 3), "causal-window-3": (3, 0)}
+
+
+def _global_rows(rank, world, layout, chunk):
+    """Global positions of a shard's rows."""
+    return [c * chunk + i for c in rank_chunks(rank, world, layout) for i in range(chunk)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4], ids=lambda w: f"P{w}")
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("window", list(PLAN_WINDOWS))
+@pytest.mark.parametrize("alibi", [False, True], ids=["pieces", "alibi-whole-shards"])
+def test_ring_plan_computes_every_visible_pair_once(world, layout, window, alibi):
+    """Over every rank, piece and ring step, the blocks cover each (query, key) pair the global band allows
+    exactly once and no other; Block.pairs counts what a block covers."""
+    left, right = PLAN_WINDOWS[window]
+    chunk = 8
+    N = chunk * world * (2 if layout == "zigzag" else 1)
+    covered = torch.zeros(N, N, dtype=torch.int64)
+    with pieces_of(2):
+        for rank in range(world):
+            q_rows = _global_rows(rank, world, layout, chunk)
+            pieces, steps = rank_plan(rank, world, layout, chunk, left, right, alibi=alibi)
+            assert sorted(r for piece in pieces for a, b in piece for r in range(a, b)) == list(range(len(q_rows)))
+            for piece, piece_steps in zip(pieces, steps):
+                for step, blocks in enumerate(piece_steps):
+                    kv_rows = _global_rows((rank - step) % world, world, layout, chunk)
+                    k_rows = [kv_rows[r] for a, b in piece for r in range(a, b)]
+                    for blk in blocks:
+                        i = torch.arange(blk.q1 - blk.q0)[:, None]
+                        j = torch.arange(blk.k1 - blk.k0)[None]
+                        band = torch.ones(len(i), j.shape[1], dtype=torch.bool)
+                        if blk.window_right >= 0:
+                            band &= j <= i + blk.window_right
+                        if blk.window_left >= 0:
+                            band &= j >= i - blk.window_left
+                        assert blk.pairs() == band.sum().item(), blk
+                        gq = torch.tensor(q_rows[blk.q0:blk.q1])[:, None].expand_as(band)
+                        gk = torch.tensor(k_rows[blk.k0:blk.k1])[None].expand_as(band)
+                        assert blk.q_pos == gq[0, 0] and blk.k_pos == gk[0, 0]
+                        covered.index_put_((gq[band], gk[band]), torch.tensor(1), accumulate=True)
+    gi, gj = torch.arange(N)[:, None], torch.arange(N)[None]
+    allowed = torch.ones(N, N, dtype=torch.bool)
+    if right >= 0:
+        allowed &= gj <= gi + right
+    if left >= 0:
+        allowed &= gj >= gi - left
+    assert torch.equal(covered, allowed.long())
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8], ids=lambda w: f"P{w}")
+def test_zigzag_pieces_balance_causal_work_at_every_step(world):
+    """Under a causal mask, zigzag shards travelling in pieces give every rank the same work at every step of
+    every piece, up to the diagonal's half-rows (ranks wait for each other at each step), and mirrored pieces
+    have the same work as each other."""
+    chunk = 4 * ring.MIN_PIECE_TOKENS
+    work = []
+    for rank in range(world):
+        pieces, steps = rank_plan(rank, world, "zigzag", chunk, -1, 0)
+        assert len(pieces) == ring.PIECES_PER_SHARD
+        work.append([[sum(b.pairs() for b in blocks) for blocks in piece_steps] for piece_steps in steps])
+    work = torch.tensor(work, dtype=torch.float64)  # (rank, piece, step)
+    assert (work.amax(0) / work.amin(0)).max() <= 1.001, work
+    per_piece = work.sum(2)
+    assert (per_piece.amax(1) / per_piece.amin(1)).max() <= 1.001, per_piece

@@ -1,19 +1,27 @@
 """Ring attention: each rank keeps its query shard while the key/value shards travel around the ring of ranks;
 every rank computes its blocks against the shard in hand with pyattn's fused forward (which returns the
 block's LSE) while the next shard is already on its way, and merges the partial results by LSE in float32.
-The backward makes its own ring pass: K/V travel again, each block's gradients come from pyattn's fused
+Long shards travel in pieces (blocks.key_pieces), one ring pass per piece, so that a rank holds two pieces
+rather than two shards: per-rank memory then falls as 1/P at a fixed sequence length.
+The backward makes its own ring passes: K/V travel again, each block's gradients come from pyattn's fused
 backward given the *global* out and LSE (so its softmax is already the final one), and the dK/dV
-accumulators travel with their shard until they reach its owner.
+accumulators travel with their piece until they reach its owner.
 """
 from dataclasses import replace
 
 import torch
 
 from .. import backends, ops
-from .blocks import Block, plan
+from .blocks import Block, key_pieces, plan
 from .call import sharded_call
 from .comm import Ring, timed
 from .dtensor import accepts_dtensors
+from .layout import rank_chunks
+
+# Keys per travelling piece: at least MIN_PIECE_TOKENS (shorter ones cost more in per-message latency and
+# per-call overhead than they save), about PIECES_PER_SHARD to a shard.
+MIN_PIECE_TOKENS = 512
+PIECES_PER_SHARD = 4
 
 
 def _accumulator_dtype(dtype):
@@ -31,6 +39,24 @@ def _alibi_one_side(slopes, blk, dtype):
     col = s.to(dtype) * torch.arange(cols, device=slopes.device, dtype=dtype)
     row = torch.arange(rows, device=slopes.device, dtype=torch.float32) + float(blk.q_pos - blk.k_pos)
     return col[:, :, None, :].expand(*slopes.shape, rows, cols), -(s * row)
+
+
+def _piece_rows(x, piece):
+    """x (B, H, N/P, E), a piece's row ranges (blocks.key_pieces) -> its rows (B, H, rows, E), contiguous."""
+    if len(piece) == 1:
+        return x[:, :, piece[0][0]:piece[0][1]].contiguous()
+    return torch.cat([x[:, :, a:b] for a, b in piece], 2)
+
+
+def rank_plan(rank, world, layout, chunk, window_left, window_right, alibi=False):
+    """What rank computes in a ring pass over world > 1 ranks with chunks of chunk tokens: the pieces its
+    shard travels in (blocks.key_pieces) and, for each piece and ring step, the blocks (blocks.plan).
+    ALiBi's bias depends on each chunk's position: whole shards then, and no fusing of neighbouring blocks."""
+    shard_len = chunk * len(rank_chunks(rank, world, layout))
+    pieces = key_pieces(shard_len, chunk, not alibi, MIN_PIECE_TOKENS, PIECES_PER_SHARD)
+    steps = [[plan(rank, (rank - step) % world, world, layout, chunk, window_left, window_right, piece, i, len(pieces),
+                   fuse=not alibi) for step in range(world)] for i, piece in enumerate(pieces)]
+    return pieces, steps
 
 
 class _LseMerge:
@@ -61,11 +87,11 @@ class _RingPass:
         self.ring = Ring(call.group, call.rank, call.world)
         if call.world == 1:  # the whole sequence, in order: one call, as single-process pyattn makes it
             L = inp.q.shape[2]
-            self.steps = [[Block(0, L, 0, L, inp.window_left, inp.window_right, 0, 0, 0)]]
-        else:  # ALiBi's bias depends on each chunk's position: no fusing of neighbouring blocks then
-            self.steps = [plan(call.rank, (call.rank - step) % call.world, call.world, call.layout, call.chunk,
-                               inp.window_left, inp.window_right, fuse=inp.alibi_slopes is None)
-                          for step in range(call.world)]
+            self.pieces = [((0, L),)]
+            self.steps = [[[Block(0, L, 0, L, inp.window_left, inp.window_right, 0, 0, 0)]]]
+        else:
+            self.pieces, self.steps = rank_plan(call.rank, call.world, call.layout, call.chunk, inp.window_left,
+                                                inp.window_right, alibi=inp.alibi_slopes is not None)
         chosen = backends.choose(self._probe(call), backend)
         if not isinstance(chosen, backends.FusedBackend):
             raise RuntimeError(f"ring_attention runs its blocks on pyattn's fused forward/backward ops; backend "
@@ -75,14 +101,16 @@ class _RingPass:
 
     def _probe(self, call):
         """The local inputs with every feature some block will use: the backend must take them all."""
-        inp, banded = self.inp, any(not b.unbanded for blocks in self.steps for b in blocks)
+        inp = self.inp
+        banded = any(not b.unbanded for steps in self.steps for blocks in steps for b in blocks)
         mask = None
         if inp.alibi_slopes is not None and call.world > 1:
             mask = inp.q.new_zeros((), dtype=torch.float32).expand(*inp.q.shape[:3], inp.k.shape[2])
         return replace(inp, mask=mask, window_left=1 if banded else -1, window_right=0 if banded else -1)
 
     def _block(self, blk, q, k, v):
-        """-> the block's input record, its LSE shift (B, Hq, rows) or None, and its dropout (seed, offset)."""
+        """q: this rank's shard, k, v: the piece in hand -> the block's input record, its LSE shift (B, Hq, rows) or
+        None, and its dropout (seed, offset)."""
         inp, mask, slopes, shift = self.inp, None, self.inp.alibi_slopes, None
         if slopes is not None and not blk.diagonal:
             mask, shift = _alibi_one_side(slopes, blk, _accumulator_dtype(inp.dtype))
@@ -93,78 +121,100 @@ class _RingPass:
                         window_left=blk.window_left, window_right=blk.window_right)
         return block, shift, rng
 
-    def _shards(self, step, kv):
-        """Start passing the shard in hand on (unless this is the last step) -> InFlight or None."""
+    def _pass_on(self, step, kv):
+        """Start passing the piece in hand on (unless this is the last step) -> InFlight or None."""
         return self.ring.pass_on(kv) if step + 1 < self.ring.world else None
 
     def forward(self, q, k, v):
         """This rank's shards q (B, Hq, N/P, E), k, v (B, Hkv, N/P, E|Ev) -> out (B, Hq, N/P, Ev) in their dtype,
         lse (B, Hq, N/P) float32."""
         if self.ring.world == 1:
-            block, _, rng = self._block(self.steps[0][0], q, k, v)
+            block, _, rng = self._block(self.steps[0][0][0], q, k, v)
             return ops.fused_forward(block, self.fwd_op, rng)
         merge = _LseMerge(q, v.shape[-1])
-        kv = (k.contiguous(), v.contiguous())
-        for step, blocks in enumerate(self.steps):
-            in_flight = self._shards(step, kv)
-            with timed("compute_s"):
-                for blk in blocks:
-                    block, shift, rng = self._block(blk, q, *kv)
-                    out_b, lse_b = ops.fused_forward(block, self.fwd_op, rng)
-                    merge.add(blk.q0, blk.q1, out_b, lse_b if shift is None else lse_b + shift)
-            if in_flight is not None:
-                kv = in_flight.wait()
+        for piece, steps in zip(self.pieces, self.steps):
+            self._forward_piece(piece, steps, q, k, v, merge)
         return merge.out.to(q.dtype), merge.lse
 
-    def _block_backward(self, blk, q, kv, out, lse, dout, dlse):
-        """One block's dq, dk, dv, given the block's rows of the global out (B, Hq, rows, Ev), lse (B, Hq, rows),
-        dout (B, Hq, rows, Ev) and dlse (B, Hq, rows) or None; kv: the shard in hand (k, v).
+    def _forward_piece(self, piece, steps, q, k, v, merge):
+        """One ring pass of a piece: this rank's rows of it, then each earlier rank's in turn (each freed as soon as
+        it has been used and passed on)."""
+        kv = (_piece_rows(k, piece), _piece_rows(v, piece))
+        for step, blocks in enumerate(steps):
+            in_flight = self._pass_on(step, kv)
+            with timed("compute_s"):
+                for blk in blocks:
+                    self._forward_block(blk, q, kv, merge)
+            if in_flight is not None:
+                kv = in_flight.wait()
+
+    def _forward_block(self, blk, q, kv, merge):
+        """(A function of its own so that the block's output is freed before the next one is computed.)"""
+        block, shift, rng = self._block(blk, q, *kv)
+        out_b, lse_b = ops.fused_forward(block, self.fwd_op, rng)
+        merge.add(blk.q0, blk.q1, out_b, lse_b if shift is None else lse_b + shift)
+
+    def _backward_block(self, blk, q, kv, out, lse, dout, dlse, grads):
+        """Adds one block's dq, dk, dv to grads = (dq of the shard, dk, dv of the piece in hand), given the global
+        out (B, Hq, N/P, Ev), lse (B, Hq, N/P), dout (B, Hq, N/P, Ev) and dlse (B, Hq, N/P) or None; kv: the
+        piece in hand (k, v).
 
         The fused backward takes the global LSE, so the block's softmax is the final one. In float64 the CPU
         kernel re-derives each row's LSE from the keys it is given (to undo the float32 rounding of lse),
         which would renormalize over this block alone: there, it gets the block's own LSE and dout, dlse
         scaled by the block's share exp(lse_block - lse), which gives the same gradients."""
+        rows = slice(blk.q0, blk.q1)
+        out, lse, dout, dlse = (None if t is None else t[:, :, rows] for t in (out, lse, dout, dlse))
         block, shift, rng = self._block(blk, q, *kv)
-        if q.dtype == torch.float64 and self.ring.world > 1:
+        if q.dtype == torch.float64:
             _, lse_block = ops.fused_forward(block, self.fwd_op, rng)
             share = torch.exp((lse_block if shift is None else lse_block + shift) - lse).nan_to_num_(0.0)
             dout, lse = dout * share.unsqueeze(-1).to(dout.dtype), lse_block
             dlse = None if dlse is None else dlse * share
         elif shift is not None:
             lse = lse - shift
-        return ops.fused_backward(block, dout, out, lse, dlse, rng, self.bwd_op)
+        dq, dk, dv = grads
+        dq_b, dk_b, dv_b = ops.fused_backward(block, dout, out, lse, dlse, rng, self.bwd_op)
+        dq[:, :, rows] += dq_b
+        dk[:, :, blk.k0:blk.k1] += dk_b
+        dv[:, :, blk.k0:blk.k1] += dv_b
 
     def backward(self, q, k, v, out, lse, dout, dlse):
         """Gradients for this rank's q, k, v shards, given out/lse of forward and dout (B, Hq, N/P, Ev) and
         dlse (B, Hq, N/P) (either may be None: its output was not used)."""
         dout = torch.zeros_like(out) if dout is None else dout
         if self.ring.world == 1:
-            return self._block_backward(self.steps[0][0], q, (k, v), out, lse, dout, dlse)
-        acc = _accumulator_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv, dkv_in_flight = (k.contiguous(), v.contiguous()), None
-        for step, blocks in enumerate(self.steps):
-            in_flight = self._shards(step, kv)
+            block, _, rng = self._block(self.steps[0][0][0], q, k, v)
+            return ops.fused_backward(block, dout, out, lse, dlse, rng, self.bwd_op)
+        dq = torch.zeros(q.shape, dtype=_accumulator_dtype(q.dtype), device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for piece, steps in zip(self.pieces, self.steps):
+            dk_piece, dv_piece = self._backward_piece(piece, steps, q, k, v, out, lse, dout, dlse, dq)
+            offset = 0
+            for a, b in piece:
+                for grad, grad_piece in ((dk, dk_piece), (dv, dv_piece)):
+                    grad[:, :, a:b] = grad_piece[:, :, offset:offset + b - a]
+                offset += b - a
+        return dq.to(q.dtype), dk, dv
+
+    def _backward_piece(self, piece, steps, q, k, v, out, lse, dout, dlse, dq):
+        """One ring pass of a piece, adding to dq -> the piece's dk, dv (float32, float64 for float64), summed
+        over every rank: they travel with the piece and, after the last step, one hop more back to its owner."""
+        acc, dkv_in_flight = _accumulator_dtype(q.dtype), None
+        kv = (_piece_rows(k, piece), _piece_rows(v, piece))
+        for step, blocks in enumerate(steps):
+            in_flight = self._pass_on(step, kv)
             dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in kv)
             with timed("compute_s"):
                 for blk in blocks:
-                    rows = slice(blk.q0, blk.q1)
-                    dlse_b = None if dlse is None else dlse[:, :, rows]
-                    dq_b, dk_b, dv_b = self._block_backward(blk, q, kv, out[:, :, rows], lse[:, :, rows],
-                                                            dout[:, :, rows], dlse_b)
-                    dq[:, :, rows] += dq_b
-                    dk[:, :, blk.k0:blk.k1] += dk_b
-                    dv[:, :, blk.k0:blk.k1] += dv_b
-            if dkv_in_flight is not None:  # what the ranks before this one added for the shard in hand
+                    self._backward_block(blk, q, kv, out, lse, dout, dlse, (dq, dk, dv))
+            if dkv_in_flight is not None:  # what the ranks before this one added for the piece in hand
                 dk_before, dv_before = dkv_in_flight.wait()
                 dk, dv = dk_before.add_(dk), dv_before.add_(dv)
-            if self.ring.world > 1:  # on to the next rank; after the last step, back to the shard's owner
-                dkv_in_flight = self.ring.pass_on((dk, dv))
+            dkv_in_flight = self.ring.pass_on((dk, dv))
             if in_flight is not None:
                 kv = in_flight.wait()
-        if dkv_in_flight is not None:
-            dk, dv = dkv_in_flight.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dkv_in_flight.wait()
 
 
 class _RingAttention(torch.autograd.Function):
