@@ -281,25 +281,32 @@ void bwd_key_block(const BwdState<scalar_t, T>& st, BwdScratch<T, acc_t<scalar_t
   }
 }
 
-// dq of (sequence, q head) t = sum over chunks, in chunk order, of the chunks' dQ^T.
+// dq of (sequence, q head) t = sum over chunks, in chunk order, of the chunks' dQ^T. Rows at a time:
+// the partial sums are read along their rows (contiguous), then the block is stored transposed.
 template <typename scalar_t, typename T>
 void reduce_dq(const BwdState<scalar_t, T>& st, int64_t t) {
   using acc = acc_t<scalar_t>;
+  constexpr int64_t kRows = 64;
   const AttnBwdParams& p = st.p;
-  const int64_t b = t / p.heads_q, h = t % p.heads_q, n_chunks = st.n_chunks;
+  const int64_t b = t / p.heads_q, h = t % p.heads_q, n_chunks = st.n_chunks, E = st.E;
   const Seq& seq = st.seqs[b];
   const Band band = make_band(p, seq);
   const Strides4 dqs = p.dq_strides;
   std::vector<std::pair<int64_t, int64_t>> ranges(n_chunks);
   for (int64_t c = 0; c < n_chunks; ++c) ranges[c] = chunk_queries(band, c, n_chunks);
-  for (int64_t i = 0; i < seq.L; ++i) {
-    scalar_t* dst = static_cast<scalar_t*>(p.dq) + seq.tb * dqs.batch + h * dqs.head + (seq.q0 + i) * dqs.row;
-    for (int64_t e = 0; e < st.E; ++e) {
-      acc sum = 0;
-      for (int64_t c = 0; c < n_chunks; ++c)
-        if (ranges[c].first <= i && i < ranges[c].second) sum += st.dqt(c, t)[e * seq.L + i];
-      dst[e * dqs.col] = static_cast<scalar_t>(sum);
+  std::vector<acc> sum(E * kRows);  // (E, kRows)
+  scalar_t* dq = static_cast<scalar_t*>(p.dq) + seq.tb * dqs.batch + h * dqs.head + seq.q0 * dqs.row;
+  for (int64_t i0 = 0; i0 < seq.L; i0 += kRows) {
+    const int64_t n = std::min(kRows, seq.L - i0);
+    std::fill(sum.begin(), sum.end(), acc(0));
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t lo = std::max(ranges[c].first, i0), hi = std::min(ranges[c].second, i0 + n);
+      const acc* part = st.dqt(c, t);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t i = lo; i < hi; ++i) sum[e * kRows + i - i0] += part[e * seq.L + i];
     }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t e = 0; e < E; ++e) dq[(i0 + i) * dqs.row + e * dqs.col] = static_cast<scalar_t>(sum[e * kRows + i]);
   }
 }
 
