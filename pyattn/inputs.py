@@ -107,6 +107,20 @@ def _shape(t):
     return tuple(t.shape)
 
 
+class _Shapes:
+    """"name (shape), ..." of some tensors for error messages, formatted only when one is raised (a decode
+    step's validation would otherwise spend more on this string than on its checks)."""
+
+    def __init__(self, **tensors):
+        self.tensors = tensors
+
+    def __str__(self):
+        return ", ".join(f"{name} {_shape(t)}" for name, t in self.tensors.items())
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
 def _check_tensor(name, t, ndim_min=None):
     if not isinstance(t, torch.Tensor):
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -255,6 +269,8 @@ def _check_mask_and_causal(attn_mask, is_causal, shapes):
 
 def _as_bhld(t, batch_shape):
     """Expand t to batch_shape + t.shape[-2:] and view it as (B, H, rows, cols)."""
+    if t.dim() == 4 and t.shape[:2] == batch_shape:  # the usual call: already so (a decode step's overhead)
+        return t
     t = t.expand(*batch_shape, *t.shape[-2:])
     h = batch_shape[-1] if len(batch_shape) else 1
     return t.reshape(math.prod(batch_shape[:-1]), h, *t.shape[-2:])
@@ -271,7 +287,7 @@ def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=
     L, E = query.shape[-2:]
     S, Ek = key.shape[-2:]
     Sv, Ev = value.shape[-2:]
-    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+    shapes = _Shapes(query=query, key=key, value=value)
     if Ek != E:
         raise AttentionInputError(f"query and key must have the same head dim E (last dim), got {shapes}")
     if Sv != S:
@@ -292,7 +308,8 @@ def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=
             raise AttentionInputError(f"enable_gqa: query heads (dim -3) must be a multiple of key/value heads, "
                                       f"got {shapes}")
         try:
-            outer = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+            outer = query.shape[:-3] if query.shape[:-3] == key.shape[:-3] == value.shape[:-3] else \
+                torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
         except RuntimeError:
             raise AttentionInputError(f"batch dims of query, key and value do not broadcast: {shapes}") from None
         q_batch, kv_batch = (*outer, hq), (*outer, hk)
@@ -346,7 +363,7 @@ def varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if t.dim() != 3:
             raise AttentionInputError(f"{name} must be 3-D (total, heads, head_dim), got shape {_shape(t)}")
     _check_qkv_types(q, k, v)
-    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+    shapes = _Shapes(q=q, k=k, v=v)
     if k.shape[2] != q.shape[2]:
         raise AttentionInputError(f"q and k must have the same head dim, got {shapes}")
     if k.shape[:2] != v.shape[:2]:

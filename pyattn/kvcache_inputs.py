@@ -12,7 +12,7 @@ import torch
 
 from . import features as F
 from .errors import AttentionInputError, AttentionTypeError
-from .inputs import _alibi, _check_qkv_types, _check_tensor, _options, _scale, _shape, _sinks, _window
+from .inputs import _alibi, _check_qkv_types, _check_tensor, _options, _scale, _shape, _Shapes, _sinks, _window
 
 
 @dataclass
@@ -189,7 +189,7 @@ def kvcache_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table
                                       "(B_cache, S_max, Hkv, D), or (num_pages, page_size, Hkv, D) with block_table)")
     _check_qkv_types(q, k_cache, v_cache)
     B, L, Hq, E = q.shape
-    shapes = f"q {_shape(q)}, k_cache {_shape(k_cache)}, v_cache {_shape(v_cache)}"
+    shapes = _Shapes(q=q, k_cache=k_cache, v_cache=v_cache)
     if k_cache.shape[3] != E:
         raise AttentionInputError(f"q and k_cache must have the same head dim, got {shapes}")
     if k_cache.shape[:3] != v_cache.shape[:3]:
