@@ -314,6 +314,9 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
     for (int64_t hk = 0; hk < Hkv; ++hk) first[b * Hkv + hk + 1] = first[b * Hkv + hk] + chunks[b];
   }
   std::vector<acc> parts(first.back() * part);
+  // Every sequence in one chunk (up to kChunkBlocks key blocks, a decode step's first ~1k tokens): the tasks
+  // store their results, with no merge pass (what it would compute: the same values).
+  const bool single_chunks = first.back() == B * Hkv;
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const bool direct = kSameType && direct_keys<T>(p);
   // A task takes a chunk of one sequence for several kv heads (all of them unless that leaves fewer than 4 tasks
@@ -362,7 +365,13 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
         attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
       }
     }
+    if (single_chunks)
+      for (int64_t hk = h_lo; hk < h_hi; ++hk) {
+        acc* o = partial(hk);
+        store_rows<scalar_t>(p, seq, Rows{hk * group, group, 0, seq.L}, o, o + M * Ev, o + M * Ev + M);
+      }
   });
+  if (single_chunks) return;
 
   // Merge the chunks of each (sequence, kv head) in key order: o, l rescaled to the common max.
   parallel_tasks(B * Hkv, [&] { return FwdScratch<T, acc>(E, Ev, false); }, [&](int64_t bh, FwdScratch<T, acc>& w) {
