@@ -58,7 +58,13 @@ inline T nan_max(T a, T b) { return (b > a || std::isnan(b)) ? b : a; }
 // dwarfs it: three fewer FMAs per vector in the softmax, which is most of a bf16 forward on AMX.
 template <bool kCheap = false>
 inline Vec exp2(Vec x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // vmaxps/vminps return their second operand when one is NaN: NaN passes in one instruction each, where
+  // at::vec::maximum/minimum add three to propagate it (6-8% of a bf16 forward on AMX, 2-3% of fp32, measured).
+  x = Vec(_mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), __m512(x))));
+#else
   x = at::vec::minimum(at::vec::maximum(x, Vec(-127.f)), Vec(127.f));
+#endif
   const Vec n = x.round();
   const Vec f = x - n;
   Vec p;
