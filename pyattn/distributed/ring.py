@@ -80,7 +80,7 @@ class _LseMerge:
 
 class _RingPass:
     """One ring_attention call: the blocks each ring step computes, the fused ops that compute them and the
-    dropout streams (one draw per call, one stream per (query chunk, key chunk) block)."""
+    dropout streams (one draw per call, one stream per (query chunk, key chunk, piece) block)."""
 
     def __init__(self, call, backend):
         inp = self.inp = call.inp
