@@ -78,7 +78,7 @@ def _fuse(blocks):
     return out
 
 
-def key_pieces(shard_len, chunk, split, min_tokens, per_shard):
+def key_pieces(shard_len, chunk, may_split, min_tokens, per_shard):
     """How a shard's keys travel the ring: in pieces, one after another, each on a ring pass of its own, so
     that a rank holds two pieces (the one in use, the next arriving) rather than two shards. -> a list of
     pieces, each a tuple of shard row ranges (a, b), one per chunk, in the order the piece tensor holds them.
@@ -87,10 +87,10 @@ def key_pieces(shard_len, chunk, split, min_tokens, per_shard):
     of its second: a zigzag of its own, so that under a causal mask every rank has the same work at every
     step of every piece, as with whole shards (ranks wait for each other at each step), and every piece the
     same work. (Pieces that each lie in one chunk leave ranks waiting: 13% slower at P = 2, N = 65536.)
-    About per_shard pieces of at least min_tokens keys; one (the whole shard) when split is False (ALiBi: a
+    About per_shard pieces of at least min_tokens keys; one (the whole shard) when may_split is False (ALiBi: a
     block's bias needs whole chunks) or the shard is short."""
     per_rank = shard_len // chunk
-    n = max(1, min(per_shard, shard_len // min_tokens)) if split else 1
+    n = max(1, min(per_shard, shard_len // min_tokens)) if may_split else 1
     bounds = [chunk * i // n for i in range(n + 1)]
     return [tuple((c * chunk + bounds[j], c * chunk + bounds[j + 1])
                   for c, j in enumerate((i, n - 1 - i)[:per_rank])) for i in range(n)]
