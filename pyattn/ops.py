@@ -6,7 +6,7 @@ csrc/cuda; the Triton ops (triton_ops.py) are defined at the end of this file.
 """
 import torch
 
-from . import op_args
+from . import graph_backward, op_args
 from .inputs import AttnInputs
 from .op_args import BwdArgs, FwdArgs, KVCacheArgs, Options, pick
 
@@ -121,6 +121,10 @@ def register_attention_op(fwd_name, bwd_name):
     def backward(ctx, dout, dlse):
         out, lse, *saved = ctx.saved_tensors
         fwd = dict(zip(FWD_TENSORS, saved))
+        if graph_backward.wanted(fwd, dout):
+            grads = graph_backward.backward(FwdArgs(**fwd, **ctx.options._asdict()), dout, dlse, ctx.mask_grad,
+                                            ctx.sinks_grad)
+            return tuple(grads.get(name) for name in FwdArgs._fields)
         dq, dk, dv, dmask = bwd_op(*BwdArgs(dout=dout, out=out, lse=lse, dlse=dlse, mask_grad=ctx.mask_grad, **fwd,
                                             **ctx.options._asdict()))
         grads = dict(q=dq, k=dk, v=dv)

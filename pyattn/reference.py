@@ -20,8 +20,9 @@ def _band(L, S, inp: AttnInputs, device):
     return allowed, (i - j).abs()
 
 
-def _dense(q, k, v, mask, alibi, inp: AttnInputs):
-    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask (B, Hq, L, S), alibi (B, Hq)."""
+def _dense(q, k, v, mask, alibi, inp: AttnInputs, keep=None):
+    """q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask (B, Hq, L, S), alibi (B, Hq); keep (B, Hq, L, S)
+    bool: the dropout keep-mask to use (None draws one)."""
     group = q.shape[1] // max(k.shape[1], 1)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     L, S = q.shape[-2], k.shape[-2]
@@ -53,14 +54,16 @@ def _dense(q, k, v, mask, alibi, inp: AttnInputs):
         p = p[..., :-1]
     lse = (row_max + torch.log(denom)).masked_fill(empty, float("-inf")).squeeze(-1).float()
     if inp.dropout_p > 0:
-        p = torch.nn.functional.dropout(p, inp.dropout_p)
+        p = torch.nn.functional.dropout(p, inp.dropout_p) if keep is None else p * keep / (1 - inp.dropout_p)
     return (p.to(q.dtype) @ v), lse
 
 
-def attention(inp: AttnInputs):
-    """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32 natural log."""
+def attention(inp: AttnInputs, keep=None):
+    """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32 natural log. keep: the dropout keep-mask of a dense call."""
     if not inp.varlen:
-        return _dense(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp)
+        return _dense(inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp, keep)
+    if keep is not None:
+        raise NotImplementedError("reference attention: a given dropout keep-mask needs dense (not varlen) inputs")
     outs, lses = [], []
     cu_q, cu_k = inp.cu_seqlens_q.tolist(), inp.cu_seqlens_k.tolist()
     for b in range(len(cu_q) - 1):

@@ -57,10 +57,15 @@ def test_opcheck_dropout_mask(backend, device):
 # ----------------------------------------------------------------------------------------------------------
 # gradcheck in float64 through the public function
 
-def gradcheck(fn, *inputs, lse=False):
-    """float64 gradcheck; lse is float32 by contract, so with it the finite differences take a larger step."""
+def gradcheck(fn, *inputs, lse=False, order="grad"):
+    """float64 gradcheck (order "grad") or gradgradcheck (order "gradgrad": the backward with create_graph=True,
+    graph_backward); lse is float32 by contract, so with it the finite differences take a larger step."""
     tol = dict(eps=1e-3, atol=1e-3, rtol=1e-2) if lse else dict(eps=1e-6, atol=1e-5, rtol=1e-3)
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=False, **tol)
+    check = torch.autograd.gradcheck if order == "grad" else torch.autograd.gradgradcheck
+    assert check(fn, inputs, fast_mode=False, **tol)
+
+
+orders = pytest.mark.parametrize("order", ["grad", "gradgrad"])
 
 
 def rand(*shape):
@@ -80,12 +85,14 @@ GRADCHECK = [
     ("float-mask-grad", dict(mask="float")),
     ("lse", dict(return_lse=True, is_causal=True)),
     ("dropout-seeded", dict(dropout_p=0.3)),
+    ("sinks", dict(sinks=True)),
 ]
 
 
 @cpu_only
+@orders
 @pytest.mark.parametrize("kw", [pytest.param(kw, id=i) for i, kw in GRADCHECK])
-def test_gradcheck(backend, device, kw):
+def test_gradcheck(backend, device, kw, order):
     kw = dict(kw)
     hkv = 1 if kw.get("enable_gqa") else 2
     q, k, v = rand(1, 2, 5, 8), rand(1, hkv, 7, 8), rand(1, hkv, 7, 6)
@@ -97,21 +104,26 @@ def test_gradcheck(backend, device, kw):
         kw["alibi_slopes"] = torch.rand(2)
     dropout = kw.get("dropout_p", 0.0)
 
-    def fn(q, k, v, *m):
+    sinks = kw.pop("sinks", False)
+
+    def fn(q, k, v, *extra):
         if dropout:
             torch.manual_seed(0)  # the same mask on every call
-        extra = {"attn_mask": m[0]} if m else {}
-        return pyattn.scaled_dot_product_attention(q, k, v, **extra, **kw, backend=backend)
+        named = dict(zip(["attn_mask"] * (mask == "float") + ["sinks"] * sinks, extra))
+        return pyattn.scaled_dot_product_attention(q, k, v, **named, **kw, backend=backend)
 
     if mask == "float":
         inputs.append(rand(1, 2, 5, 7))
-    gradcheck(fn, *inputs, lse=kw.get("return_lse", False))
+    if sinks:
+        inputs.append(rand(2))
+    gradcheck(fn, *inputs, lse=kw.get("return_lse", False), order=order)
 
 
 @cpu_only
 @pytest.mark.parametrize("kw", [dict(), dict(is_causal=True, causal_alignment="bottom_right", return_lse=True),
                                 dict(window_size=(1, 2), softcap=2.0)], ids=["plain", "causal-br-lse", "window"])
-def test_gradcheck_varlen(backend, device, kw):
+@orders
+def test_gradcheck_varlen(backend, device, kw, order):
     # lengths q (2, 0, 5), k (3, 1, 5): every query row sees a key (lse finite, so finite differences work)
     q, k, v = rand(7, 2, 4), rand(9, 1, 4), rand(9, 1, 3)
     cu_q, cu_k = torch.tensor([0, 2, 2, 7], dtype=torch.int32), torch.tensor([0, 3, 4, 9], dtype=torch.int32)
@@ -120,8 +132,18 @@ def test_gradcheck_varlen(backend, device, kw):
     def fn(q, k, v):
         return pyattn.varlen_attention(q, k, v, cu_q, cu_k, 5, 5, alibi_slopes=slopes, backend=backend, **kw)
 
-    gradcheck(fn, q, k, v, lse=kw.get("return_lse", False))
+    gradcheck(fn, q, k, v, lse=kw.get("return_lse", False), order=order)
 
+
+
+@cpu_only
+def test_create_graph_with_varlen_dropout_raises(backend, device):
+    # the varlen keep-mask cannot be drawn again in differentiable form: a clear error, never zero second derivatives
+    q, k, v = rand(7, 2, 4), rand(9, 1, 4), rand(9, 1, 3)
+    cu_q, cu_k = torch.tensor([0, 2, 7], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = pyattn.varlen_attention(q, k, v, cu_q, cu_k, 5, 5, dropout_p=0.2, backend=backend)
+    with pytest.raises(pyattn.AttentionInputError, match="create_graph=True and dropout_p=0.2"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
 
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile
