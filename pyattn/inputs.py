@@ -9,6 +9,7 @@ never copied.
 Causal masking is folded into the window (causal == window_right 0), so kernels have one band rule.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,15 +93,16 @@ class AttnInputs:
         return feats
 
 
-def autocast(*tensors):
-    """Under torch.autocast, attention runs in the autocast dtype, as torch's SDPA does."""
+def autocast(*tensors, dtype=None):
+    """Under torch.autocast, attention runs in the autocast dtype (or dtype, when given), as torch's SDPA does:
+    floating tensors are cast to it, float64 ones excepted (torch's autocast leaves them too)."""
     first = tensors[0]
     if not isinstance(first, torch.Tensor) or first.device.type not in AUTOCAST_DEVICES \
             or not torch.is_autocast_enabled(first.device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and not is_causal_bias(t)
-                 else t for t in tensors)
+    dtype = dtype or torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 and not is_causal_bias(t) else t for t in tensors)
 
 
 def _shape(t):
@@ -141,12 +143,21 @@ def _check_qkv_types(query, key, value):
                                   f"{value.device}")
 
 
+def _real(x):
+    """x as a float when it is a real number as torch's float arguments take it (Python or NumPy number, one-element
+    tensor), else None; bools are not numbers here."""
+    if isinstance(x, torch.Tensor):
+        return float(x) if x.numel() == 1 and x.dtype != torch.bool and not x.is_complex() else None
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else None
+
+
 def _scale(scale, head_dim):
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    value = _real(scale)
+    if value is None:
         raise AttentionTypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return value
 
 
 def _window(window_size, is_causal):
@@ -165,7 +176,8 @@ def _window(window_size, is_causal):
 
 
 def _options(dropout_p, softcap, causal_alignment, return_lse):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+    p = _real(dropout_p)
+    if p is None or not 0.0 <= p <= 1.0:
         raise AttentionInputError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not softcap > 0):
@@ -174,7 +186,7 @@ def _options(dropout_p, softcap, causal_alignment, return_lse):
         raise AttentionInputError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, got {causal_alignment!r}")
     if not isinstance(return_lse, bool):
         raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    return float(dropout_p), float(softcap or 0.0), causal_alignment == "bottom_right"
+    return p, float(softcap or 0.0), causal_alignment == "bottom_right"
 
 
 def _alibi(alibi_slopes, batch_shape, device):

@@ -283,6 +283,27 @@ def test_indices_cross_to_the_host_once(page_size, monkeypatch):
     assert reads == ["tolist"]
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged"])
+def test_autocast_appends_to_the_callers_cache(cache_dtype, page_size):
+    # under autocast the new tokens (bf16 from a Linear) land in the caller's cache, whatever its dtype, and the step
+    # equals the same call without autocast with q and the new tokens in the cache's dtype
+    torch.manual_seed(0)
+    B, S_max, Hq, Hkv, D = 2, 12, 4, 2, 16
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    shape = (B, S_max, Hkv, D) if page_size is None else (B * S_max // page_size, page_size, Hkv, D)
+    k_cache, v_cache = (torch.randn(shape).to(cache_dtype) for _ in range(2))
+    table = None if page_size is None else torch.randperm(shape[0]).int().view(B, -1)
+    q, k_new, v_new = (torch.randn(B, 1, h, D, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    caches = (k_cache.clone(), v_cache.clone())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pyattn.kvcache_attention(q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=lens,
+                                       block_table=table)
+    expected = pyattn.kvcache_attention(q.to(cache_dtype), *caches, k_new=k_new.to(cache_dtype),
+                                        v_new=v_new.to(cache_dtype), cache_seqlens=lens, block_table=table)
+    assert torch.equal(k_cache, caches[0]) and torch.equal(v_cache, caches[1])
+    assert out.dtype == cache_dtype and torch.equal(out, expected)
+
 def test_table_of_no_pages_attends_to_nothing():
     """A paged call whose block_table has no columns (nothing cached, nothing appended): every row sees no key,
     so out is 0 and lse -inf, as for any fully masked row; the index checks have nothing to look at."""

@@ -219,6 +219,19 @@ def test_autocast():
     assert_close_to_oracle("out", out, want, oracle, torch.bfloat16)
 
 
+
+def test_autocast_leaves_float64_alone():
+    """torch's autocast casts float32 only: float64 attention stays float64, direct or routed."""
+    q, k, v = (t.double() for t in qkv())
+    want = TORCH_SDPA(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = pyattn.scaled_dot_product_attention(q, k, v)
+        with pyattn.enabled():
+            routed, _ = ran_pyattn(F.scaled_dot_product_attention, q, k, v)
+    for out in (direct, routed):
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, want)
+
 def test_dropout_is_pyattns_with_torch_seed():
     """Routed dropout draws its seed from torch's generator: torch.manual_seed reproduces a call."""
     q, k, v = qkv()
