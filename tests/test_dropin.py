@@ -185,6 +185,19 @@ def test_explicit_scale(backend, device, scale):
           qkv((2, 2, 33, 16), (2, 2, 33, 16), (2, 2, 33, 16)))
 
 
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_scalar_arguments_as_torch_takes_them(kind):
+    """scale and dropout_p as a NumPy number or a one-element tensor, as torch's float arguments take them."""
+    import numpy as np
+    as_kind = np.float32 if kind == "numpy" else torch.tensor
+    q, k, v = qkv((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)).values()
+    torch.manual_seed(0)
+    want = pyattn.scaled_dot_product_attention(q, k, v, scale=0.25, dropout_p=0.5)
+    torch.manual_seed(0)
+    got = pyattn.scaled_dot_product_attention(q, k, v, scale=as_kind(0.25), dropout_p=as_kind(0.5))
+    assert torch.equal(got, want)
+
+
 @backends
 @pytest.mark.parametrize("shapes", [
     pytest.param(((2, 8, 33, 16), (2, 2, 17, 16), (2, 2, 17, 16)), id="gqa-8-2"),
