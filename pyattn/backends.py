@@ -18,6 +18,13 @@ from .kvcache_inputs import KVCacheInputs
 TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
+def functorch_active():
+    """Whether a torch.func transform wraps this call. torch.library ops have neither grad nor jvp rules there
+    (autograd.Functions without setup_context), so the fused backends step aside for torch's SDPA or the
+    reference math, which torch.func differentiates. Not asked while Dynamo traces (a constant there)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 class Backend:
     name = ""
     devices = ()
@@ -69,9 +76,13 @@ class FusedBackend(Backend):
     kvcache_op_name = "kvcache_fwd"
 
     def extra_reasons(self, inp):
+        reasons = []
         if inp.dropout_p >= 1.0:
-            return ["dropout_p == 1 drops every weight (left to torch)"]
-        return []
+            reasons.append("dropout_p == 1 drops every weight (left to torch)")
+        if functorch_active():
+            reasons.append("torch.func transforms (grad, vmap, jvp, ...) are active, and torch.library custom ops have "
+                           "no rules for them")
+        return reasons
 
     def forward(self, inp):
         return ops.fused_forward(inp, self.op_name)

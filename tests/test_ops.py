@@ -145,6 +145,29 @@ def test_create_graph_with_varlen_dropout_raises(backend, device):
     with pytest.raises(pyattn.AttentionInputError, match="create_graph=True and dropout_p=0.2"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
 
+
+TRANSFORMS = {
+    "grad": lambda fn, q, k, v: torch.func.grad(lambda q: fn(q, k, v).sum())(q),
+    "jacrev": lambda fn, q, k, v: torch.func.jacrev(lambda q: fn(q, k, v))(q),
+    "vmap-grad": lambda fn, q, k, v: torch.func.vmap(torch.func.grad(lambda q: fn(q[None], k, v).sum()))(q),
+    "vmap": lambda fn, q, k, v: torch.func.vmap(lambda q: fn(q, k, v))(q),
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True), dict(sinks="yes")], ids=["plain", "causal", "sinks"])
+def test_torch_func_transforms(transform, kw):
+    # torch.library ops have no functorch rules: auto steps aside for torch's SDPA or the reference math
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    kw = {**kw, "sinks": torch.randn(3, dtype=torch.float64)} if "sinks" in kw else kw
+    run = TRANSFORMS[transform]
+    got = run(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, **kw), q, k, v)
+    want = run(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, **kw, backend="reference"), q, k, v)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(pyattn.AttentionInputError, match="torch.func transforms"):
+        run(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, **kw, backend="cpu"), q, k, v)
+
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile
 
