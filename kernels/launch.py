@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ..features import mask_kind
-from ..op_args import FwdArgs
+from ..op_args import FwdArgs, new_out
 from . import configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
@@ -125,7 +125,7 @@ _NO_CACHE = dict(KV_CACHE=False, PAGED=False, HAS_CACHE_IDX=False, HAS_LEFTPAD=F
 def forward(a: FwdArgs):
     """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
     pb = _Problem(a)
-    out = (torch.zeros if pb.varlen else torch.empty)(pb.B, pb.Hq, pb.L, pb.Ev, dtype=a.q.dtype, device=a.q.device)
+    out = new_out(a.q, pb.Ev, zeros=pb.varlen)
     lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=a.q.device)
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
         return out, lse

@@ -8,7 +8,7 @@ import os
 import torch
 
 from . import features as F
-from . import ops, reference
+from . import op_args, ops, reference
 from .errors import AttentionInputError
 from .features import ALL_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
 from .inputs import AttnInputs
@@ -192,7 +192,10 @@ class ReferenceBackend(Backend):
     features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT}
 
     def forward(self, inp):
-        return reference.attention(inp)
+        out, lse = reference.attention(inp)
+        if op_args.heads_inner(inp.q):  # laid out like q, as the fused backends return it (op_args.new_out)
+            out = op_args.new_out(inp.q, out.shape[-1]).copy_(out)
+        return out, lse
 
     def kvcache_forward(self, inp):
         return reference.kvcache_attention(inp)

@@ -346,8 +346,10 @@ def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 def dense_outputs(inp: AttnInputs, out, lse):
-    """out (B, Hq, L, Ev), lse (B, Hq, L) -> out in the user's shape, or (out, lse) with return_lse."""
-    out = out.reshape(inp.out_shape)
+    """out (B, Hq, L, Ev), lse (B, Hq, L) -> out in the user's shape, or (out, lse) with return_lse. A 4-D out is
+    returned as it is: reshape to the same shape may restride its size-1 dims, and its strides follow q's as torch's."""
+    if tuple(out.shape) != tuple(inp.out_shape):
+        out = out.reshape(inp.out_shape)
     return (out, lse.reshape(inp.out_shape[:-1])) if inp.return_lse else out
 
 

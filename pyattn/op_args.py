@@ -72,3 +72,17 @@ def pick(cls, record, **given):
     """cls's fields from given, else from record's attributes of the same names (AttnInputs, KVCacheInputs, another
     args tuple)."""
     return cls(**{name: given[name] if name in given else getattr(record, name) for name in cls._fields})
+
+
+def new_out(q, Ev, zeros=False):
+    """fwd's out (B, Hq, L, Ev) for q (B, Hq, L, E), laid out like q, as torch's SDPA returns it: (B, L, Hq, Ev) in
+    memory when q's heads are inner to its rows (q = x.view(B, L, Hq, E).transpose(1, 2), as models project it),
+    else contiguous. csrc/host_params.cpp (alloc_out_lse) allocates the same."""
+    B, Hq, L, _ = q.shape
+    make = q.new_zeros if zeros else q.new_empty
+    return make(B, L, Hq, Ev).transpose(1, 2) if heads_inner(q) else make(B, Hq, L, Ev)
+
+
+def heads_inner(q):
+    """Whether q (B, Hq, L, E)'s heads are inner to its rows in memory (new_out's layout choice)."""
+    return q.stride(1) < q.stride(2)

@@ -77,7 +77,7 @@ def kvcache_fake(*args):
 def _fwd_fake(*args):
     a = FwdArgs(*args)
     B, Hq, L, _ = a.q.shape
-    return a.q.new_empty(B, Hq, L, a.v.shape[-1]), a.q.new_empty(B, Hq, L, dtype=torch.float32)
+    return op_args.new_out(a.q, a.v.shape[-1]), a.q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
 def _bwd_fake(*args):

@@ -245,12 +245,20 @@ def test_one_bigger_case(backend, device):
 
 
 @backends
-def test_output_layout(backend, device):
-    """Same shape and dtype as torch, on the input's device; inputs are not modified."""
-    t = {n: x.to(default_dtype(backend)) for n, x in qkv((2, 3, 9, 16), (2, 3, 17, 16), (2, 3, 17, 8)).items()}
+@pytest.mark.parametrize("layout", ["BHLE", "BLHE"])
+def test_output_layout(backend, device, layout):
+    """Same shape, dtype and memory layout as torch (out laid out like q: a model's q = x.view(B, L, H, E)
+    .transpose(1, 2) gets an out whose .transpose(1, 2) is contiguous), on the input's device; inputs are not
+    modified."""
+    def make(B, H, L, E):
+        x = torch.randn(B, H, L, E) if layout == "BHLE" else torch.randn(B, L, H, E).transpose(1, 2)
+        return x.to(default_dtype(backend))
+    # Ev != E for BHLE; E == Ev for BLHE, where torch runs its flash kernel (its math backend returns contiguous)
+    t = dict(q=make(2, 3, 9, 16), k=make(2, 3, 17, 16), v=make(2, 3, 17, 8 if layout == "BHLE" else 16))
     before = {n: x.clone() for n, x in t.items()}
     out = sdpa_of(backend)(t["q"], t["k"], t["v"])
     ref = F.scaled_dot_product_attention(t["q"], t["k"], t["v"])
     assert out.shape == ref.shape and out.dtype == ref.dtype and out.device == ref.device
+    assert out.stride() == ref.stride()
     for n in t:
         assert torch.equal(t[n], before[n]), f"{n} was modified"
