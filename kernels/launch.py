@@ -100,7 +100,7 @@ class _Problem:
                           VARLEN=self.varlen, DROPOUT=a.dropout_p > 0, DOT_PRECISION=_dot_precision(a.q.dtype))
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
         self.tuned = configs.autotunes(max(self.max_q, self.max_k))
-        self.group = self.Hq // self.Hkv
+        self.group = self.Hq // max(self.Hkv, 1)  # no heads at all: an empty call
         self.device_index = a.q.device.index or 0
         self.cc = 0 if configs.INTERPRET else configs.arch(self.device_index)
 

@@ -316,7 +316,7 @@ def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=
         if hk != hv:
             raise AttentionInputError(f"enable_gqa: key and value must have the same number of heads (dim -3), "
                                       f"got {shapes}")
-        if hk == 0 or hq % hk:
+        if (hq % hk if hk else hq):  # no heads at all is fine, as in torch
             raise AttentionInputError(f"enable_gqa: query heads (dim -3) must be a multiple of key/value heads, "
                                       f"got {shapes}")
         try:
