@@ -129,6 +129,31 @@ def test_paged_equals_contiguous(page_size, dtype, backend, device):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), case.id
 
 
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("page_size", [5, 16], ids=lambda p: f"page{p}")
+def test_paged_decode_of_all_heads(page_size, dtype, backend, device):
+    """Decode chunks long enough that a task takes every kv head (one thread), where the CPU kernel scores a page's
+    keys of all heads in one matmul: identical to the contiguous cache, and close to the float64 oracle."""
+    case = KVCase("decode-long", (3000, 5100), Hq=8, Hkv=2, D=32, S_max=5104)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, kc, vc, kw = make(case, dtype)
+        qp, kp, vp, kwp = make(case, dtype, page_size)
+        pages = kwp["block_table"].to(torch.int64)
+        kc, vc = (t[pages].flatten(1, 2)[:, :case.S_max] for t in (kp, vp))
+        a = run(q, kc, vc, kw, backend)[:2]
+        b = run(q, kp, vp, kwp, backend)[:2]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    f64 = {n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t for n, t in kw.items()}
+    o_out = run(q.double(), kc.double(), vc.double(), f64, "reference")[0]
+    base = run(q, kc, vc, kw, "reference")[0]
+    assert_close_to_oracle("out", b[0], base, o_out, dtype)
+
 @pytest.mark.parametrize("backend,device", KV_BACKENDS)
 def test_append_then_attend_equals_dense(backend, device):
     """Appending L_new tokens then attending equals bottom-right causal attention on the whole sequences."""
