@@ -1,5 +1,8 @@
 """The public functions: validate -> normalize (pyattn.inputs) -> choose a backend -> run -> user shapes."""
+import torch
+
 from . import backends, routing
+from .errors import AttentionInputError
 from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
 from .kvcache import explain_kvcache
 
@@ -12,8 +15,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev), and with return_lse also the
     float32 log-sum-exp (..., L) of the scores. attn_mask may also be a torch.nn.attention.bias.CausalBias.
-    See DESIGN.md's API contract.
+    See DESIGN.md's API contract. Nested (jagged) tensors go to torch's function, which has their rules; for
+    packed sequences with pyattn's kernels and extras, see varlen_attention.
     """
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        extras = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                      backend=backend if backend not in (None, "auto") else None, return_lse=return_lse or None,
+                      causal_alignment=None if causal_alignment == "top_left" else causal_alignment)
+        given = sorted(name for name, value in extras.items() if value is not None)
+        if given:
+            raise AttentionInputError(f"nested (jagged) query, key or value run on torch's SDPA, which takes none of "
+                                      f"{given}; pack the sequences for pyattn.varlen_attention instead")
+        return routing.TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                  enable_gqa=enable_gqa)
     inp = dense_inputs(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                        enable_gqa=enable_gqa, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                        causal_alignment=causal_alignment, return_lse=return_lse, sinks=sinks)

@@ -185,6 +185,17 @@ def test_explicit_scale(backend, device, scale):
           qkv((2, 2, 33, 16), (2, 2, 33, 16), (2, 2, 33, 16)))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_tensors_run_on_torch():
+    """Jagged nested tensors have torch's own SDPA rules: the drop-in hands them to it; pyattn's extras refuse."""
+    seqs = [torch.randn(5, 2, 8), torch.randn(3, 2, 8)]
+    nt = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)  # (B, H, j, E)
+    got, want = pyattn.scaled_dot_product_attention(nt, nt, nt), F.scaled_dot_product_attention(nt, nt, nt)
+    assert got.is_nested and all(torch.equal(a, b) for a, b in zip(got.unbind(), want.unbind()))
+    with pytest.raises(pyattn.AttentionInputError, match=r"nested .*\['softcap'\].*varlen_attention"):
+        pyattn.scaled_dot_product_attention(nt, nt, nt, softcap=2.0)
+
+
 @pytest.mark.parametrize("kind", ["numpy", "tensor"])
 def test_scalar_arguments_as_torch_takes_them(kind):
     """scale and dropout_p as a NumPy number or a one-element tensor, as torch's float arguments take them."""
