@@ -10,6 +10,7 @@ from .inputs import AttnInputs
 from .op_args import FwdArgs
 
 _TENSORS = ("q", "k", "v", "mask", "sinks")  # the arguments with a gradient
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def wanted(fwd, dout):
@@ -34,15 +35,18 @@ def _keep_mask(args: FwdArgs):
 def backward(args: FwdArgs, dout, dlse, mask_grad, sinks_grad):
     """{name: gradient} for q, k, v (and the float mask, the sinks when asked) of the forward called with args, each
     differentiable."""
-    inp = AttnInputs(**{name: getattr(args, name) for name in FwdArgs._fields if name != "rng_state"},
-                     return_lse=dlse is not None, out_shape=None)
     keep = _keep_mask(args) if args.dropout_p > 0 else None
     names = [name for name in ("q", "k", "v") if getattr(args, name).requires_grad]
     names += ["mask"] * mask_grad + ["sinks"] * sinks_grad
     if not names:
         return {}
     with torch.enable_grad():
+        # bf16/fp16 in float32, as torch's math backend computes them
+        wide = {name: getattr(args, name).float() for name in ("q", "k", "v")} if args.q.dtype in _HALF else {}
+        fields = {name: getattr(args, name) for name in FwdArgs._fields if name != "rng_state"}
+        inp = AttnInputs(**{**fields, **wide, "return_lse": dlse is not None, "out_shape": None})
         out, lse = reference.attention(inp, keep)
+        out = out.to(args.q.dtype)
         outputs, grad_outputs = [out], [dout]
         if dlse is not None:
             outputs.append(lse)
