@@ -313,8 +313,14 @@ def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=
         attn_mask, is_causal = None, True
     if enable_gqa and query.dim() >= 3:
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk != hv and hk and hv and hq % hk == 0 and hq % hv == 0:
+            # torch repeats key and value each to hq heads. Here both go to the larger count when it is a multiple
+            # of the smaller (else to hq), so q head h still meets key head h // (hq / hk), value h // (hq / hv)
+            h = max(hk, hv) if max(hk, hv) % min(hk, hv) == 0 else hq
+            key, value = key.repeat_interleave(h // hk, dim=-3), value.repeat_interleave(h // hv, dim=-3)
+            hk = hv = h
         if hk != hv:
-            raise AttentionInputError(f"enable_gqa: key and value must have the same number of heads (dim -3), "
+            raise AttentionInputError(f"enable_gqa: key and value heads (dim -3) must divide the query heads, "
                                       f"got {shapes}")
         if (hq % hk if hk else hq):  # no heads at all is fine, as in torch
             raise AttentionInputError(f"enable_gqa: query heads (dim -3) must be a multiple of key/value heads, "

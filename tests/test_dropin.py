@@ -216,6 +216,8 @@ def test_scalar_arguments_as_torch_takes_them(kind):
     pytest.param(((6, 17, 16), (3, 33, 16), (3, 33, 16)), id="gqa-3d-6-3"),
     pytest.param(((2, 6, 17, 16), (1, 2, 33, 16), (1, 2, 33, 16)), id="gqa-bcast-batch"),
     pytest.param(((2, 2, 4, 9, 16), (2, 2, 2, 17, 16), (2, 2, 2, 17, 16)), id="gqa-5d"),
+    pytest.param(((2, 4, 9, 16), (2, 2, 17, 16), (2, 1, 17, 16)), id="gqa-k2-v1"),  # torch repeats each its way
+    pytest.param(((2, 6, 9, 16), (2, 2, 17, 16), (2, 3, 17, 16)), id="gqa-k2-v3"),
 ])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gqa(backend, device, shapes, causal):
