@@ -35,8 +35,9 @@ def kvcache_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seql
     window_size (left, right) counts positions. sinks (Hq,): per-head sink logits (gpt-oss).
     -> out (B, L, Hq, D) (and lse (B, Hq, L) float32 with return_lse). Every index is checked before anything
     is written, read back in one transfer (one sync on a GPU; none while a CUDA graph is captured, where the
-    checks are skipped). Under torch.autocast the attention runs in the caches' dtype. The fused kernels are forward-only; when autograd must follow q, the caches or sinks, the
-    reference backend runs (auto) and gradients reach them (not k_new/v_new, which must come detached).
+    checks are skipped). Under torch.autocast the attention runs in the caches' dtype. The fused kernels are
+    forward-only; when autograd must follow q, the caches or sinks, the reference backend runs (auto) and gradients
+    reach them (not k_new/v_new, which must come detached).
     """
     if isinstance(k_cache, torch.Tensor):
         # the caches are written in place and may be GiBs: under autocast they keep their dtype (never a cast copy,
