@@ -2,6 +2,7 @@
 #include "host_params.h"
 
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace pyattn {
@@ -258,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor
   // out laid out like q, as torch's SDPA returns it: (B, L, Hq, Ev) in memory when q's heads are inner to its rows
   // (q = x.view(B, L, Hq, E).transpose(1, 2), as models project it), else contiguous (pyattn/op_args.py: new_out)
   const bool heads_inner = q.stride(1) < q.stride(2);
-  const auto sizes = heads_inner ? std::vector<int64_t>{B, L, Hq, v.size(3)} : std::vector<int64_t>{B, Hq, L, v.size(3)};
+  std::vector<int64_t> sizes{B, Hq, L, v.size(3)};
+  if (heads_inner) std::swap(sizes[1], sizes[2]);
   at::Tensor out = varlen ? at::zeros(sizes, q.options()) : at::empty(sizes, q.options());
   if (heads_inner) out = out.transpose(1, 2);
   at::Tensor lse = varlen ? at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), lse_options)

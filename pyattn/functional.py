@@ -19,15 +19,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     packed sequences with pyattn's kernels and extras, see varlen_attention.
     """
     if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
-        extras = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                      backend=backend if backend not in (None, "auto") else None, return_lse=return_lse or None,
-                      causal_alignment=None if causal_alignment == "top_left" else causal_alignment)
-        given = sorted(name for name, value in extras.items() if value is not None)
-        if given:
+        given = {"alibi_slopes": alibi_slopes is not None, "backend": backend not in (None, "auto"),
+                 "causal_alignment": causal_alignment != "top_left", "return_lse": bool(return_lse),
+                 "sinks": sinks is not None, "softcap": softcap is not None, "window_size": window_size is not None}
+        if any(given.values()):
             raise AttentionInputError(f"nested (jagged) query, key or value run on torch's SDPA, which takes none of "
-                                      f"{given}; pack the sequences for pyattn.varlen_attention instead")
-        return routing.TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                  enable_gqa=enable_gqa)
+                                      f"{[name for name, on in given.items() if on]}; pack the sequences for "
+                                      "pyattn.varlen_attention instead")
+        return backends.TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                   enable_gqa=enable_gqa)
     inp = dense_inputs(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                        enable_gqa=enable_gqa, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                        causal_alignment=causal_alignment, return_lse=return_lse, sinks=sinks)

@@ -124,14 +124,14 @@ def register_attention_op(fwd_name, bwd_name):
         if graph_backward.wanted(fwd, dout):
             grads = graph_backward.backward(FwdArgs(**fwd, **ctx.options._asdict()), dout, dlse, ctx.mask_grad,
                                             ctx.sinks_grad)
-            return tuple(grads.get(name) for name in FwdArgs._fields)
-        dq, dk, dv, dmask = bwd_op(*BwdArgs(dout=dout, out=out, lse=lse, dlse=dlse, mask_grad=ctx.mask_grad, **fwd,
-                                            **ctx.options._asdict()))
-        grads = dict(q=dq, k=dk, v=dv)
-        if ctx.mask_grad:
-            grads["mask"] = dmask.to(fwd["mask"].dtype)
-        if ctx.sinks_grad:
-            grads["sinks"] = sinks_grad(fwd["sinks"], out, lse, dout, dlse)
+        else:
+            dq, dk, dv, dmask = bwd_op(*BwdArgs(dout=dout, out=out, lse=lse, dlse=dlse, mask_grad=ctx.mask_grad,
+                                                **fwd, **ctx.options._asdict()))
+            grads = dict(q=dq, k=dk, v=dv)
+            if ctx.mask_grad:
+                grads["mask"] = dmask.to(fwd["mask"].dtype)
+            if ctx.sinks_grad:
+                grads["sinks"] = sinks_grad(fwd["sinks"], out, lse, dout, dlse)
         return tuple(grads.get(name) for name in FwdArgs._fields)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=_fwd_setup_context)
