@@ -12,6 +12,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/decode_rows.h"
 #include "cpu/kernel.h"
 #include "cpu/operands.h"
 #include "cpu/parallel.h"
@@ -42,12 +43,16 @@ struct FwdScratch {
   std::unique_ptr<acc[]> st;  // decode: S^T (kBlockK, kBlockQ)
   std::unique_ptr<T[]> qt_all;  // paged decode: Q^T of every q head (kpad(E), cols)
   std::unique_ptr<acc[]> st_all;  // paged decode: (kBlockK * Hkv, cols) scores of a key block, all heads
+  // decode on rows (attend_block_rows): a key block's rows of kv head 0 in K and V, the next block's in K, and
+  // those of the head at work (K, V) and of the next one (K)
+  std::unique_ptr<const T*[]> rows;
   FwdScratch(int64_t E, int64_t Ev, bool decode)
       : q(new T[kBlockQ * kpad<T>(E)]), s(new acc[kBlockQ * kBlockK]),
         p(std::is_same_v<T, acc> ? nullptr : new T[kBlockQ * kpad<T>(kBlockK)]), o(new acc[kBlockQ * Ev]),
         m(new acc[kBlockQ]), l(new acc[kBlockQ]), keep(new uint8_t[kBlockK]),
         kt(decode ? new T[kpad<T>(E) * kBlockK] : nullptr), v(decode ? new T[kpad<T>(kBlockK) * Ev] : nullptr),
-        qt(decode ? new T[kpad<T>(E) * kBlockQ] : nullptr), st(decode ? new acc[kBlockK * kBlockQ] : nullptr) {}
+        qt(decode ? new T[kpad<T>(E) * kBlockQ] : nullptr), st(decode ? new acc[kBlockK * kBlockQ] : nullptr),
+        rows(decode ? new const T*[6 * kBlockK] : nullptr) {}
   ~FwdScratch() { matmul_release<T>(); }
   void alloc_all_heads(int64_t E, int64_t Hkv, int64_t cols) {
     if (qt_all) return;
@@ -73,12 +78,14 @@ void init_rows(int64_t M, int64_t Ev, acc* o, acc* m, acc* l) {
 template <typename T, typename acc>
 constexpr int64_t kLdP = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
 
-// The raw scores of key block [j0, j0 + nj) in w.s (M, nj; ld kBlockK) -> online softmax update of o (M, Ev),
-// m, l (M,); returns the probabilities as the A operand of P V (ld kLdP).
+// The raw scores of key block [j0, j0 + nj) in w.s (M, nj; ld kBlockK; from row r0) -> online softmax update of
+// o (M, Ev), m, l (M,); returns the probabilities as the A operand of P V (ld kLdP; from row r0 of w.s or w.p).
 template <typename scalar_t, typename T, typename acc>
 const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
-                       FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
+                       FwdScratch<T, acc>& w, acc* o, acc* m, acc* l, int64_t r0 = 0) {
   const int64_t Ev = p.head_dim_v, ldp = kLdP<T, acc>;
+  acc* s0 = w.s.get() + r0 * kBlockK;
+  T* p0 = std::is_same_v<T, acc> ? nullptr : w.p.get() + r0 * ldp;
   const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
   // bf16/fp16 inputs: a cheaper exp2, and for their bf16 tiles the probabilities written as the A operand directly
   constexpr bool kCheap = !std::is_same_v<scalar_t, acc>;
@@ -86,10 +93,10 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
     // per-head score math: ALiBi slope and mask differ per head
     const int64_t h = rows.h0 + g;
     const Scores<scalar_t, acc> sc(p, seq, b, h);
-    acc* s = w.s.get() + g * rows.n * kBlockK;
+    acc* s = s0 + g * rows.n * kBlockK;
     const acc cf = sc.template apply<false>(s, kBlockK, rows.i0, rows.n, j0, nj, nullptr);
     for (int64_t r = g * rows.n; r < (g + 1) * rows.n; ++r) {
-      acc* x = w.s.get() + r * kBlockK;
+      acc* x = s0 + r * kBlockK;
       bool in_tile = false;  // the probabilities already written to the A operand
       const acc m_new = nan_max(m[r], row_max(x, nj) * cf);
       if (m_new == neg_inf<acc>()) {
@@ -99,7 +106,7 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
         acc sum;
         if constexpr (!std::is_same_v<T, acc>) {
           in_tile = p.dropout_p == 0;
-          sum = in_tile ? exp2_row_to<kCheap>(x, w.p.get() + r * ldp, nj, cf, m_new)
+          sum = in_tile ? exp2_row_to<kCheap>(x, p0 + r * ldp, nj, cf, m_new)
                         : exp2_row<kCheap>(x, nj, cf, m_new);
         } else {
           sum = exp2_row<kCheap>(x, nj, cf, m_new);
@@ -114,14 +121,14 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
         }
       }
       if constexpr (!std::is_same_v<T, acc>) {
-        T* pr = w.p.get() + r * ldp;
+        T* pr = p0 + r * ldp;
         if (!in_tile) convert_row(x, pr, nj);
         if (kpad<T>(nj) > nj) pr[nj] = T(0);
       }
     }
   }
-  if constexpr (std::is_same_v<T, acc>) return w.s.get();
-  else return w.p.get();
+  if constexpr (std::is_same_v<T, acc>) return s0;
+  else return p0;
 }
 
 // One key block [j0, j0 + nj) for the tile's rows (q already in w.q): scores, online softmax update of
@@ -250,6 +257,76 @@ void load_qt(const AttnParams& p, const Seq& seq, const Rows& rows, T* qt) {
            p.head_dim, rows.n, qt + b_col<T>(g * rows.n), rows.size());
 }
 
+// Pointers to rows [j, j + n) of kr -> out.
+template <typename T>
+void row_pointers(const KeyRows<T>& kr, int64_t j, int64_t n, const T** out) {
+  for (int64_t i = 0, run; i < n; i += run) {
+    run = kr.run(j + i, n - i);
+    const T* r0 = kr.row(j + i);
+    for (int64_t k = 0; k < run; ++k) out[i + k] = r0 + k * kr.row_stride;
+  }
+}
+
+// Decode's key block [j0, j0 + nj) for kv heads [h_lo, h_hi) without brgemm (decode_rows.h). The cache is read
+// where it lies (pages included) in memory order, kRowsGroup keys of all heads at a time (their rows lie
+// together), once for q.k and once for P V, each group prefetching the next one (then V's first, the next block's
+// K: next_nj keys from j0 + nj). 32 keys (64 KiB at 8 heads of 128) measured best of 16, 32, 64 and 128.
+// partial(hk) -> that head's o (M, Ev), m, l.
+template <typename scalar_t, typename T, typename acc, typename Partial>
+void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h_lo, int64_t h_hi, int64_t j0,
+                       int64_t nj, int64_t next_nj, int64_t M, FwdScratch<T, acc>& w, const Partial& partial) {
+  if constexpr (kDecodeRows && std::is_same_v<T, c10::BFloat16>) {
+    constexpr int64_t kRowsGroup = 32;
+    const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E), group = p.heads_q / p.heads_kv;
+    const int64_t ks = p.k_strides.head, vs = p.v_strides.head, Ms = group * seq.L, ldp = kLdP<T, acc>;
+    const int64_t k_bytes = E * int64_t(sizeof(T)), v_bytes = Ev * int64_t(sizeof(T));
+    const KeyRows<T> kr(p, seq, b, p.k, p.k_strides, 0), vr(p, seq, b, p.v, p.v_strides, 0);
+    const T** k0 = w.rows.get();
+    const T** v0 = k0 + kBlockK;
+    const T** k_next = v0 + kBlockK;
+    row_pointers(kr, j0, nj, k0);
+    row_pointers(vr, j0, nj, v0);
+    if (next_nj > 0) row_pointers(kr, j0 + nj, next_nj, k_next);
+    // Group i of the rows this block reads, in order (K's groups, V's, then the next block's first of K), for head hk
+    const int64_t G = (nj + kRowsGroup - 1) / kRowsGroup;
+    auto prefetch = [&](int64_t i, int64_t hk) {
+      if (i < G) return RowsPrefetch{k0 + i * kRowsGroup, hk * ks, std::min(kRowsGroup, nj - i * kRowsGroup), k_bytes};
+      if (i < 2 * G) {
+        const int64_t j = (i - G) * kRowsGroup;
+        return RowsPrefetch{v0 + j, hk * vs, std::min(kRowsGroup, nj - j), v_bytes};
+      }
+      return RowsPrefetch{k_next, hk * ks, std::min(kRowsGroup, next_nj), k_bytes};
+    };
+    // heads whose rows fit in the tile scratch (w.q, w.s, w.p: kBlockQ rows)
+    const int64_t fit = std::max<int64_t>(1, kBlockQ / Ms);
+    for (int64_t hg = h_lo; hg < h_hi; hg += fit) {
+      const int64_t hn = std::min(fit, h_hi - hg);
+      load_q<scalar_t>(p, seq, Rows{hg * group, hn * group, 0, seq.L}, w);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
+        for (int64_t hk = hg; hk < hg + hn; ++hk) {
+          const int64_t t = hk - hg;
+          decode_rows_scores(k0 + j, hk * ks, n, E, w.q.get() + t * Ms * Ep, Ep, Ms,
+                             w.s.get() + t * Ms * kBlockK + j, kBlockK, prefetch(g + 1, hk));
+        }
+      }
+      for (int64_t hk = hg; hk < hg + hn; ++hk) {
+        acc* o = partial(hk);
+        softmax_block<T>(p, seq, b, Rows{hk * group, group, 0, seq.L}, j0, nj, w, o, o + M * Ev, o + M * Ev + M,
+                         (hk - hg) * Ms);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
+        for (int64_t hk = hg; hk < hg + hn; ++hk) {
+          const int64_t t = hk - hg;
+          decode_rows_pv(v0 + j, hk * vs, n, Ev, w.p.get() + t * Ms * ldp + j, ldp, Ms, partial(hk),
+                         prefetch(G + g + 1, hk));
+        }
+      }
+    }
+  }
+}
+
 // Epilogue: out = o / l and lse, for the tile's rows; fully masked rows (l == 0) get 0 and -inf. A sink
 // joins l (and lse) with no value: such rows get 0 and the sink. o is normalized in place; m, l may change.
 template <typename scalar_t, typename acc>
@@ -359,7 +436,8 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const bool direct = kSameType && direct_keys<T>(p);
   // pages with a key's heads together, and scores of all heads small enough for L2 (all_heads_scores)
-  const bool pages_whole = direct && p.block_table != nullptr && p.k_strides.head == E &&
+  const bool on_rows = kDecodeRows && std::is_same_v<T, c10::BFloat16> && direct && decode_rows_fit(M, E, Ev);
+  const bool pages_whole = direct && !on_rows && p.block_table != nullptr && p.k_strides.head == E &&
                            p.k_strides.row == Hkv * E && Hkv * Hkv * M <= 256;
   // A task takes a chunk of one sequence for several kv heads (all of them unless that leaves fewer than 4 tasks
   // per thread), key block by key block: a block's rows of all heads lie together in the cache, and reading them
@@ -396,6 +474,11 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
       }
     for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
       const int64_t nj = std::min(kBlockK, j_end - j0);
+      if (on_rows) {
+        const int64_t next_nj = std::clamp<int64_t>(j_end - j0 - kBlockK, 0, kBlockK);
+        attend_block_rows<scalar_t>(p, seq, b, h_lo, h_hi, j0, nj, next_nj, M, w, partial);
+        continue;
+      }
       if constexpr (kSameType)
         if (all_heads) all_heads_scores(p, seq, b, j0, nj, cols, w);
       for (int64_t hk = h_lo; hk < h_hi; ++hk) {
