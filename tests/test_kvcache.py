@@ -196,6 +196,23 @@ def test_cache_batch_idx_and_leftpad():
         torch.testing.assert_close(o_ref[0][b].transpose(0, 1), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("page_size", [None, 16], ids=lambda p: "contiguous" if p is None else f"page{p}")
+def test_cache_batch_idx_and_leftpad_in_bf16_decode(page_size):
+    """cache_batch_idx and cache_leftpad where the CPU kernel reads bf16 decode rows directly (decode-rows): close to
+    the float64 oracle."""
+    case = next(c for c in CASES if c.id == "decode-rows")
+    q, kc, vc, kw = make(case, torch.float64)
+    kw["cache_leftpad"] = torch.tensor([5, 0, 17], dtype=torch.int32)
+    if page_size is None:
+        kw["cache_batch_idx"] = torch.tensor([2, 0, 1], dtype=torch.int32)
+    else:
+        kc, vc, kw["block_table"] = paged(kc, vc, page_size, torch.Generator().manual_seed(3))
+    o_out = run(q, kc, vc, kw, "reference")[0]
+    base = run(q, kc, vc, kw, "reference", torch.bfloat16)[0]
+    out = run(q, kc, vc, kw, "cpu", torch.bfloat16)[0]
+    assert_close_to_oracle("out", out, base, o_out, torch.bfloat16)
+
+
 def test_kvcache_gradients_by_finite_differences():
     """With autograd on, the reference backend runs it: gradients of q, the caches and the sinks in float64."""
     case = KVCase("tiny", (3, 0, 6), L=2, L_new=0, Hq=2, Hkv=1, D=4, S_max=8, kw=dict(sinks=True))
@@ -365,8 +382,8 @@ def test_op_checks_indices_itself():
     bt = kw["block_table"].clone()
     bt[1, 0] = 1000
     args = KVCacheArgs(q=q, k_cache=kc, v_cache=vc, seqlens_k=torch.tensor([5, 3, 2], dtype=torch.int32),
-                       block_table=bt, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None, scale=0.25,
-                       window_left=-1, window_right=0, softcap=0.0)
+                       block_table=bt, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, sinks=None,
+                       scale=0.25, window_left=-1, window_right=0, softcap=0.0)
     with pytest.raises(RuntimeError, match="block_table"):
         torch.ops.pyattn.kvcache_fwd(*args)
     with pytest.raises(RuntimeError, match="capacity"):
