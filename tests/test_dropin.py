@@ -224,11 +224,11 @@ def test_gqa(backend, device, shapes, causal):
     check(backend, functools.partial(plain, enable_gqa=True, is_causal=causal), qkv(*shapes))
 
 
-
 @backends
 def test_gqa_with_no_heads(backend, device):
     """enable_gqa with 0 query and 0 key/value heads gives an empty output, as torch's."""
     check(backend, functools.partial(plain, enable_gqa=True), qkv((2, 0, 5, 8), (2, 0, 7, 8), (2, 0, 7, 8)))
+
 
 @backends
 def test_gqa_with_mask(backend, device):

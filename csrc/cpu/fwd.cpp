@@ -438,8 +438,9 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   const bool single_chunks = first.back() == B * Hkv;
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const bool direct = kSameType && direct_keys<T>(p);
+  // bf16 rows read where they lie on AVX512-BF16 (attend_block_rows)
+  const bool on_rows = std::is_same_v<T, c10::BFloat16> && direct && decode_rows_fit(M, E, Ev);
   // pages with a key's heads together, and scores of all heads small enough for L2 (all_heads_scores)
-  const bool on_rows = kDecodeRows && std::is_same_v<T, c10::BFloat16> && direct && decode_rows_fit(M, E, Ev);
   const bool pages_whole = direct && !on_rows && p.block_table != nullptr && p.k_strides.head == E &&
                            p.k_strides.row == Hkv * E && Hkv * Hkv * M <= 256;
   // A task takes a chunk of one sequence for several kv heads (all of them unless that leaves fewer than 4 tasks
