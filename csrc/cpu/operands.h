@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <type_traits>
 
 #include <ATen/Context.h>
@@ -42,8 +43,10 @@ template <typename T>
 constexpr int64_t b_col(int64_t n) { return kVnni<T> ? 2 * n : n; }
 
 // Whether torch's brgemm multiplies bf16 with B in VNNI layout on this CPU now. torch decides per call
-// (mkldnn enabled, and oneDNN's effective ISA, which ONEDNN_MAX_CPU_ISA can lower) and raises otherwise;
-// one 2x2 probe per process answers for the ISA, the mkldnn switch is read each time.
+// (mkldnn enabled, and oneDNN's effective ISA, which ONEDNN_MAX_CPU_ISA can lower) and raises otherwise,
+// oneDNN's own dnnl::error (a std::exception, not a c10::Error) where it has no bf16 brgemm for the ISA, as
+// on AVX-512 without BF16 (Skylake, Cascade Lake); one 2x2 probe per process answers for the ISA, the
+// mkldnn switch is read each time.
 inline bool bf16_vnni_brgemm() {
   if (!at::globalContext().userEnabledMkldnn()) return false;
   static const bool works = [] {
@@ -53,7 +56,7 @@ inline bool bf16_vnni_brgemm() {
       at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, true);
       at::native::cpublas::brgemm_release(true);
       return c[0] == 2.f;
-    } catch (const c10::Error&) {
+    } catch (const std::exception&) {
       return false;
     }
   }();
