@@ -1,49 +1,90 @@
-// Decode's key blocks on AVX512-BF16 without brgemm: q.k and P V as vdpbf16ps on the cache rows where they lie.
+// Decode's key blocks without packing or brgemm: q.k and P V on the cache rows where they lie (attend_block_rows).
 // Decode does a few flops per byte it reads (4 q rows per kv head at 32:8 heads), so a step is a stream of the
 // cache, and what counts is keeping the memory busy:
-//   - brgemm's calls and the VNNI packing of V cost more than the math (130 TSC cycles a key and head from L3
-//     on the Sapphire Rapids, 66 of them P V's pack and call); here q.k and P V read the rows once, as they lie;
+//   - brgemm's calls and the packing of V cost more than the math (130 TSC cycles a key and head from L3 on the
+//     Sapphire Rapids, 66 of them P V's pack and call); here q.k and P V read the rows once, as they lie;
 //   - the rows are read in memory order, a group of keys of all kv heads at a time (attend_block_rows), and the
 //     next group is prefetched into L2 while the current one is used: reading one head's rows at a time (256 bytes
 //     in every 2 KiB at 8 heads of 128) ran at ~60% of the speed of memory order, and memory order without the
 //     prefetch at ~68% (64k tokens, 2 threads).
-// The probabilities are bf16 as for the brgemm path; the sums are fp32.
+// Two kernel families, by the tile type:
+//   bf16 tiles (AVX512-BF16): vdpbf16ps on the bf16 rows; the probabilities are bf16 as for the brgemm path;
+//   fp32 tiles (every other CPU, and fp32/fp16 caches): FMA on at::vec vectors, the rows widened as they load.
+// The sums are fp32 in both.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
+#include <ATen/cpu/vec/functional.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#define PYATTN_DECODE_ROWS 1
+#include "cpu/vec_math.h"
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define PYATTN_DECODE_ROWS_BF16 1
 #endif
 
 namespace pyattn::cpu {
 
-#if defined(PYATTN_DECODE_ROWS)
-constexpr bool kDecodeRows = true;
+#if defined(PYATTN_DECODE_ROWS_BF16)
+constexpr bool kDecodeRowsBf16 = true;
 #else
-constexpr bool kDecodeRows = false;
+constexpr bool kDecodeRowsBf16 = false;
 #endif
 constexpr int64_t kDecodeRowsMax = 8;  // q rows a tile may have (group * L): the kernels' registers
 
-// Whether decode_rows_* take a tile of M rows and these head dims here: whole 32-element chunks, up to 256.
+// Whether attend_block_rows takes a tile of M rows and these head dims with tile type T here: bf16 tiles in whole
+// 32-element chunks up to 256 (the bf16 kernels keep q in registers), fp32 tiles in whole vectors.
+template <typename T>
 inline bool decode_rows_fit(int64_t M, int64_t E, int64_t Ev) {
-  return kDecodeRows && M <= kDecodeRowsMax && E % 32 == 0 && Ev % 32 == 0 && E <= 256 && Ev <= 256;
+  if (M > kDecodeRowsMax) return false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    return kDecodeRowsBf16 && E % 32 == 0 && Ev % 32 == 0 && E <= 256 && Ev <= 256;
+  else if constexpr (std::is_same_v<T, float>)
+    return E % Vec::size() == 0 && Ev % Vec::size() == 0;
+  else
+    return false;
 }
 
-// Rows to prefetch: rows[i] + offset for i < n, bytes each.
+// Prefetch of rows[i] + offset bytes, bytes long, for i < n (rows of any element type: the kernels' row pointers).
 struct RowsPrefetch {
-  const c10::BFloat16* const* rows = nullptr;
+  const void* const* rows = nullptr;
   int64_t offset = 0, n = 0, bytes = 0;
   inline void operator()(int64_t i) const;
 };
 
-#if defined(PYATTN_DECODE_ROWS)
+// The L2, not L1: a group's rows of all heads (64 KiB) are more than L1 holds beside the current ones.
+// As asm: GCC 12 drops _mm_prefetch and __builtin_prefetch from the kernels' loops (none was left in the object code).
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t c = 0; c < bytes; c += 64) {
+    const char* at = static_cast<const char*>(row) + c;
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht1 %0" : : "m"(*at));
+#elif defined(__aarch64__)
+    asm volatile("prfm pldl2keep, [%0]" : : "r"(at));
+#else
+    __builtin_prefetch(at, 0, 2);
+#endif
+  }
+}
 
-// Lanes i of the result = the sum of the 16 lanes of v[i].
+void RowsPrefetch::operator()(int64_t i) const {
+  if (i < n) prefetch_row(static_cast<const char*>(rows[i]) + offset, bytes);
+}
+
+// Row i of a kernel's rows: rows[i] + offset elements of S.
+template <typename S>
+inline const S* row_at(const void* const* rows, int64_t i, int64_t offset) {
+  return static_cast<const S*>(rows[i]) + offset;
+}
+
+// Lane i of the result = the sum of the 16 lanes of v[i].
+#if defined(CPU_CAPABILITY_AVX512)
 inline __m512 sum_lanes16(const __m512* v) {
   __m512 t[8], u[4];
   for (int i = 0; i < 8; ++i)
@@ -57,22 +98,124 @@ inline __m512 sum_lanes16(const __m512* v) {
   const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
 }
+#endif
 
-// The L2, not L1: a group's rows of all heads (64 KiB) are more than L1 holds beside the current ones.
-// As asm: GCC 12 drops _mm_prefetch from the kernels' loops (none was left in the object code).
-inline void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t c = 0; c < bytes; c += 64) asm volatile("prefetcht1 %0" : : "m"(*(static_cast<const char*>(row) + c)));
+// Lane i of the result = the sum of the lanes of v[i], for Vec::size() vectors.
+inline Vec sum_lanes(const Vec* v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 x[16];
+  for (int i = 0; i < 16; ++i) x[i] = v[i];
+  return sum_lanes16(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // hadd pairs neighbours within each 128-bit half: after two rounds, half H of u0 holds half H's sums of v[0..3]
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  float sums[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) {
+    float lanes[Vec::size()];
+    v[i].store(lanes);
+    sums[i] = 0;
+    for (float x : lanes) sums[i] += x;
+  }
+  return Vec::loadu(sums);
+#endif
 }
 
-void RowsPrefetch::operator()(int64_t i) const {
-  if (i < n) prefetch_row(rows[i] + offset, bytes);
+// Vec::size() elements of S at x, as fp32.
+template <typename S>
+inline Vec load_fp32(const S* x) {
+  if constexpr (std::is_same_v<S, float>) {
+    return Vec::loadu(x);
+  } else {
+    Vec v;
+    at::vec::load_to_float(x, v);
+    return v;
+  }
 }
+
+// s (M, nj; ld lds) = q (M, E; ld ldq; fp32) @ K^T, K's row i at row_at<S>(krows, i, koff); prefetches pf's rows.
+// Each key's E / W vectors are widened once and multiply all M rows of q (from L1); the W sums of W keys go into
+// one vector by sum_lanes.
+template <int M, typename S>
+void decode_rows_scores_fma(const void* const* krows, int64_t koff, int64_t nj, int64_t E, const float* q,
+                            int64_t ldq, float* s, int64_t lds, const RowsPrefetch& pf) {
+  constexpr int W = Vec::size();
+  constexpr int kChains = M <= 4 ? 2 : 1;  // independent sums per row: FMA's latency, not its throughput
+  for (int64_t j0 = 0; j0 < nj; j0 += W) {
+    const int64_t n = std::min<int64_t>(W, nj - j0);
+    Vec sums[M][W];
+    for (int64_t i = 0; i < W; ++i) {
+      if (i >= n) {
+        for (int r = 0; r < M; ++r) sums[r][i] = Vec(0.f);
+        continue;
+      }
+      pf(j0 + i);
+      const S* k = row_at<S>(krows, j0 + i, koff);
+      Vec a[M][kChains];
+      for (int r = 0; r < M; ++r)
+        for (int c = 0; c < kChains; ++c) a[r][c] = Vec(0.f);
+      for (int64_t e = 0; e < E; e += kChains * W)
+        for (int c = 0; c < kChains; ++c) {
+          if (e + c * W >= E) break;
+          const Vec kv = load_fp32(k + e + c * W);
+          for (int r = 0; r < M; ++r) a[r][c] = at::vec::fmadd(kv, Vec::loadu(q + r * ldq + e + c * W), a[r][c]);
+        }
+      for (int r = 0; r < M; ++r) {
+        sums[r][i] = a[r][0];
+        for (int c = 1; c < kChains; ++c) sums[r][i] = sums[r][i] + a[r][c];
+      }
+    }
+    for (int r = 0; r < M; ++r) sum_lanes(sums[r]).store(s + r * lds + j0, n);
+  }
+}
+
+// o (M, Ev; fp32) += p (M, nj; ld ldp; fp32) @ V, V's row i at row_at<S>(vrows, i, voff); prefetches pf's rows.
+// One band of NC vectors of o's columns at a time in registers (M NC accumulators, NC rows' vectors), over key runs
+// short enough for L1 so that the bands after the first read the rows from there.
+template <int M, typename S>
+void decode_rows_pv_fma(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const float* p, int64_t ldp,
+                        float* o, const RowsPrefetch& pf) {
+  constexpr int W = Vec::size();
+  constexpr int kRegs = W * sizeof(float) == 64 ? 32 : 16;
+  constexpr int NC = std::min(8, std::max(1, (kRegs - 2) / (M + 1)));
+  const int64_t run = std::max<int64_t>(8, 16384 / (Ev * int64_t(sizeof(S))));
+  for (int64_t j0 = 0; j0 < nj; j0 += run) {
+    const int64_t n = std::min(run, nj - j0);
+    for (int64_t c0 = 0; c0 < Ev; c0 += NC * W) {
+      const int64_t nc = std::min<int64_t>(NC, (Ev - c0) / W);
+      Vec acc[M][NC];
+      for (int r = 0; r < M; ++r)
+        for (int c = 0; c < NC; ++c)
+          if (c < nc) acc[r][c] = Vec::loadu(o + r * Ev + c0 + c * W);
+      for (int64_t j = j0; j < j0 + n; ++j) {
+        if (c0 == 0) pf(j);
+        const S* v = row_at<S>(vrows, j, voff) + c0;
+        Vec x[NC];
+        for (int c = 0; c < NC; ++c)
+          if (c < nc) x[c] = load_fp32(v + c * W);
+        for (int r = 0; r < M; ++r) {
+          const Vec pr(p[r * ldp + j]);
+          for (int c = 0; c < NC; ++c)
+            if (c < nc) acc[r][c] = at::vec::fmadd(x[c], pr, acc[r][c]);
+        }
+      }
+      for (int r = 0; r < M; ++r)
+        for (int c = 0; c < NC; ++c)
+          if (c < nc) acc[r][c].store(o + r * Ev + c0 + c * W);
+    }
+  }
+}
+
+#if defined(PYATTN_DECODE_ROWS_BF16)
 
 // s (M, nj; ld lds) = q (M, E = 32 NC; ld ldq) @ K^T, K's row i at krows[i] + koff; prefetches pf's rows along.
 // M and NC are template arguments so that q and the accumulators live in registers (runtime ones spilled them all).
 template <int M, int NC>
-void decode_rows_scores_t(const c10::BFloat16* const* krows, int64_t koff, int64_t nj, const c10::BFloat16* q,
-                          int64_t ldq, float* s, int64_t lds, const RowsPrefetch& pf) {
+void decode_rows_scores_bf16(const void* const* krows, int64_t koff, int64_t nj, const c10::BFloat16* q,
+                             int64_t ldq, float* s, int64_t lds, const RowsPrefetch& pf) {
   __m512bh qv[M][NC];
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < NC; ++c) qv[r][c] = (__m512bh)_mm512_loadu_si512(q + r * ldq + 32 * c);
@@ -85,8 +228,9 @@ void decode_rows_scores_t(const c10::BFloat16* const* krows, int64_t koff, int64
         continue;
       }
       pf(j0 + i);
+      const c10::BFloat16* row = row_at<c10::BFloat16>(krows, j0 + i, koff);
       __m512bh k[NC];
-      for (int c = 0; c < NC; ++c) k[c] = (__m512bh)_mm512_loadu_si512(krows[j0 + i] + koff + 32 * c);
+      for (int c = 0; c < NC; ++c) k[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
       for (int r = 0; r < M; ++r) {
         // two chains: dpbf16's latency, not its throughput, would set the pace of one
         __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), k[0], qv[r][0]), b = _mm512_setzero_ps();
@@ -108,8 +252,8 @@ void decode_rows_scores_t(const c10::BFloat16* const* krows, int64_t koff, int64
 // 128-bit lane; the accumulators hold o in that order, one band of NC 32-column chunks at a time (registers:
 // 2 M NC of them), over key runs short enough for L1 so the bands after the first read the rows from there.
 template <int M>
-void decode_rows_pv_t(const c10::BFloat16* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const c10::BFloat16* p,
-                      int64_t ldp, float* o, const RowsPrefetch& pf) {
+void decode_rows_pv_bf16(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const c10::BFloat16* p,
+                         int64_t ldp, float* o, const RowsPrefetch& pf) {
   constexpr int NC = M <= 4 ? 2 : 1;
   constexpr int64_t kRun = 64;
   const __m512i zero = _mm512_setzero_si512();
@@ -127,11 +271,13 @@ void decode_rows_pv_t(const c10::BFloat16* const* vrows, int64_t voff, int64_t n
           pf(j);
           pf(j + 1);
         }
+        const c10::BFloat16* v0 = row_at<c10::BFloat16>(vrows, j, voff) + c0;
+        const c10::BFloat16* v1 = j + 1 < nj ? row_at<c10::BFloat16>(vrows, j + 1, voff) + c0 : nullptr;
         __m512bh x[2 * NC];
         for (int c = 0; c < NC; ++c) {
           if (c >= nc) break;
-          const __m512i a = _mm512_loadu_si512(vrows[j] + voff + c0 + 32 * c);
-          const __m512i b = j + 1 < nj ? _mm512_loadu_si512(vrows[j + 1] + voff + c0 + 32 * c) : zero;
+          const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
+          const __m512i b = v1 != nullptr ? _mm512_loadu_si512(v1 + 32 * c) : zero;
           x[2 * c] = (__m512bh)_mm512_unpacklo_epi16(a, b);
           x[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
         }
@@ -154,6 +300,8 @@ void decode_rows_pv_t(const c10::BFloat16* const* vrows, int64_t voff, int64_t n
   }
 }
 
+#endif  // PYATTN_DECODE_ROWS_BF16
+
 // fn(std::integral_constant<int, n>{}) for a runtime n in [1, 8]: the kernels' sizes as template arguments.
 template <typename Fn>
 void with_size_1_to_8(int64_t n, Fn&& fn) {
@@ -169,20 +317,36 @@ void with_size_1_to_8(int64_t n, Fn&& fn) {
   }
 }
 
-// The two above for runtime sizes: M q rows (<= kDecodeRowsMax), head dims E and Ev (decode_rows_fit).
-inline void decode_rows_scores(const c10::BFloat16* const* krows, int64_t koff, int64_t nj, int64_t E,
-                               const c10::BFloat16* q, int64_t ldq, int64_t M, float* s, int64_t lds,
-                               const RowsPrefetch& pf) {
+// The kernels for runtime sizes (decode_rows_fit<T>): the cache's element type S, the tile type T (q and the
+// probabilities), M q rows, head dims E and Ev.
+template <typename S, typename T>
+void decode_rows_scores(const void* const* krows, int64_t koff, int64_t nj, int64_t E, const T* q, int64_t ldq,
+                        int64_t M, float* s, int64_t lds, const RowsPrefetch& pf) {
   with_size_1_to_8(M, [&](auto m) {
-    with_size_1_to_8(E / 32, [&](auto nc) { decode_rows_scores_t<m(), nc()>(krows, koff, nj, q, ldq, s, lds, pf); });
+    if constexpr (std::is_same_v<T, float>) {
+      decode_rows_scores_fma<m(), S>(krows, koff, nj, E, q, ldq, s, lds, pf);
+    } else {
+#if defined(PYATTN_DECODE_ROWS_BF16)
+      with_size_1_to_8(E / 32, [&](auto nc) {
+        decode_rows_scores_bf16<m(), nc()>(krows, koff, nj, q, ldq, s, lds, pf);
+      });
+#endif
+    }
   });
 }
 
-inline void decode_rows_pv(const c10::BFloat16* const* vrows, int64_t voff, int64_t nj, int64_t Ev,
-                           const c10::BFloat16* p, int64_t ldp, int64_t M, float* o, const RowsPrefetch& pf) {
-  with_size_1_to_8(M, [&](auto m) { decode_rows_pv_t<m()>(vrows, voff, nj, Ev, p, ldp, o, pf); });
+template <typename S, typename T>
+void decode_rows_pv(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const T* p, int64_t ldp,
+                    int64_t M, float* o, const RowsPrefetch& pf) {
+  with_size_1_to_8(M, [&](auto m) {
+    if constexpr (std::is_same_v<T, float>) {
+      decode_rows_pv_fma<m(), S>(vrows, voff, nj, Ev, p, ldp, o, pf);
+    } else {
+#if defined(PYATTN_DECODE_ROWS_BF16)
+      decode_rows_pv_bf16<m()>(vrows, voff, nj, Ev, p, ldp, o, pf);
+#endif
+    }
+  });
 }
-
-#endif  // PYATTN_DECODE_ROWS
 
 }  // namespace pyattn::cpu

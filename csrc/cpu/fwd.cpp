@@ -7,8 +7,8 @@
 //            are tasks enough), key block by key block in cache order; a tile stacks all rows of a GQA
 //            group's q heads, so each key is read once per group. K^T and V are packed
 //            per key block into scratch (no copy of the cache); the chunks' partial (o, m, l) are then
-//            merged in key order, which keeps the result independent of the thread count. bf16 tiles of up
-//            to 8 rows on AVX512-BF16 skip the packing and brgemm: attend_block_rows (decode_rows.h).
+//            merged in key order, which keeps the result independent of the thread count. Tiles of up to
+//            8 rows skip the packing and brgemm: attend_block_rows (decode_rows.h).
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -45,15 +45,15 @@ struct FwdScratch {
   std::unique_ptr<T[]> qt_all;  // paged decode: Q^T of every q head (kpad(E), cols)
   std::unique_ptr<acc[]> st_all;  // paged decode: (kBlockK * Hkv, cols) scores of a key block, all heads
   // decode on rows (attend_block_rows): pointers to a key block's rows of kv head 0 in K and V, and to the next
-  // block's in K (3 kBlockK)
-  std::unique_ptr<const T*[]> rows;
+  // block's in K (3 kBlockK; the cache's element type, which fp32 tiles widen)
+  std::unique_ptr<const void*[]> rows;
   FwdScratch(int64_t E, int64_t Ev, bool decode)
       : q(new T[kBlockQ * kpad<T>(E)]), s(new acc[kBlockQ * kBlockK]),
         p(std::is_same_v<T, acc> ? nullptr : new T[kBlockQ * kpad<T>(kBlockK)]), o(new acc[kBlockQ * Ev]),
         m(new acc[kBlockQ]), l(new acc[kBlockQ]), keep(new uint8_t[kBlockK]),
         kt(decode ? new T[kpad<T>(E) * kBlockK] : nullptr), v(decode ? new T[kpad<T>(kBlockK) * Ev] : nullptr),
         qt(decode ? new T[kpad<T>(E) * kBlockQ] : nullptr), st(decode ? new acc[kBlockK * kBlockQ] : nullptr),
-        rows(decode ? new const T*[3 * kBlockK] : nullptr) {}
+        rows(decode ? new const void*[3 * kBlockK] : nullptr) {}
   ~FwdScratch() { matmul_release<T>(); }
   void alloc_all_heads(int64_t E, int64_t Hkv, int64_t cols) {
     if (qt_all) return;
@@ -261,44 +261,45 @@ void load_qt(const AttnParams& p, const Seq& seq, const Rows& rows, T* qt) {
 }
 
 // Pointers to rows [j, j + n) of kr -> out.
-template <typename T>
-void row_pointers(const KeyRows<T>& kr, int64_t j, int64_t n, const T** out) {
+template <typename S>
+void row_pointers(const KeyRows<S>& kr, int64_t j, int64_t n, const void** out) {
   for (int64_t i = 0, run; i < n; i += run) {
     run = kr.run(j + i, n - i);
-    const T* r0 = kr.row(j + i);
+    const S* r0 = kr.row(j + i);
     for (int64_t k = 0; k < run; ++k) out[i + k] = r0 + k * kr.row_stride;
   }
 }
 
-// Decode's key block [j0, j0 + nj) for kv heads [h_lo, h_hi) without brgemm (decode_rows.h). The cache is read
-// where it lies (pages included) in memory order, kRowsGroup keys of all heads at a time (their rows lie
+// Decode's key block [j0, j0 + nj) for kv heads [h_lo, h_hi) without packing or brgemm (decode_rows.h). The cache
+// is read where it lies (pages included) in memory order, kRowsGroup keys of all heads at a time (their rows lie
 // together), once for q.k and once for P V, each group prefetching the next one (then V's first, the next block's
-// K: next_nj keys from j0 + nj). Groups of 32 keys (64 KiB at 8 heads of 128): 16 and 64 measured within 3%.
+// K: next_nj keys from j0 + nj). Groups of 32 keys (64 KiB at 8 heads of 128 bf16): 16 and 64 measured within 3%.
 // partial(hk) -> that head's o (M, Ev), m, l.
 template <typename scalar_t, typename T, typename acc, typename Partial>
 void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h_lo, int64_t h_hi, int64_t j0,
                        int64_t nj, int64_t next_nj, int64_t M, FwdScratch<T, acc>& w, const Partial& partial) {
-  if constexpr (kDecodeRows && std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
     constexpr int64_t kRowsGroup = 32;
+    constexpr int64_t kElem = sizeof(scalar_t);
     const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E), group = p.heads_q / p.heads_kv;
     const int64_t ks = p.k_strides.head, vs = p.v_strides.head, Ms = group * seq.L, ldp = kLdP<T, acc>;
-    const int64_t k_bytes = E * int64_t(sizeof(T)), v_bytes = Ev * int64_t(sizeof(T));
-    const KeyRows<T> kr(p, seq, b, p.k, p.k_strides, 0), vr(p, seq, b, p.v, p.v_strides, 0);
-    const T** k0 = w.rows.get();
-    const T** v0 = k0 + kBlockK;
-    const T** k_next = v0 + kBlockK;
+    const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, 0), vr(p, seq, b, p.v, p.v_strides, 0);
+    const void** k0 = w.rows.get();
+    const void** v0 = k0 + kBlockK;
+    const void** k_next = v0 + kBlockK;
     row_pointers(kr, j0, nj, k0);
     row_pointers(vr, j0, nj, v0);
     if (next_nj > 0) row_pointers(kr, j0 + nj, next_nj, k_next);
     // Group i of the rows this block reads, in order (K's groups, V's, then the next block's first of K), for head hk
     const int64_t G = (nj + kRowsGroup - 1) / kRowsGroup;
     auto prefetch = [&](int64_t i, int64_t hk) {
-      if (i < G) return RowsPrefetch{k0 + i * kRowsGroup, hk * ks, std::min(kRowsGroup, nj - i * kRowsGroup), k_bytes};
+      if (i < G)
+        return RowsPrefetch{k0 + i * kRowsGroup, hk * ks * kElem, std::min(kRowsGroup, nj - i * kRowsGroup), E * kElem};
       if (i < 2 * G) {
         const int64_t j = (i - G) * kRowsGroup;
-        return RowsPrefetch{v0 + j, hk * vs, std::min(kRowsGroup, nj - j), v_bytes};
+        return RowsPrefetch{v0 + j, hk * vs * kElem, std::min(kRowsGroup, nj - j), Ev * kElem};
       }
-      return RowsPrefetch{k_next, hk * ks, std::min(kRowsGroup, next_nj), k_bytes};
+      return RowsPrefetch{k_next, hk * ks * kElem, std::min(kRowsGroup, next_nj), E * kElem};
     };
     // heads whose rows fit in the tile scratch (w.q, w.s, w.p: kBlockQ rows)
     const int64_t fit = std::max<int64_t>(1, kBlockQ / Ms);
@@ -309,21 +310,23 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
         const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
         for (int64_t hk = hg; hk < hg + hn; ++hk) {
           const int64_t t = hk - hg;
-          decode_rows_scores(k0 + j, hk * ks, n, E, w.q.get() + t * Ms * Ep, Ep, Ms,
-                             w.s.get() + t * Ms * kBlockK + j, kBlockK, prefetch(g + 1, hk));
+          decode_rows_scores<scalar_t>(k0 + j, hk * ks, n, E, w.q.get() + t * Ms * Ep, Ep, Ms,
+                                       w.s.get() + t * Ms * kBlockK + j, kBlockK, prefetch(g + 1, hk));
         }
       }
+      const T* probs = nullptr;  // of head hg; head hk's from row (hk - hg) Ms
       for (int64_t hk = hg; hk < hg + hn; ++hk) {
         acc* o = partial(hk);
-        softmax_block<T>(p, seq, b, Rows{hk * group, group, 0, seq.L}, j0, nj, w, o, o + M * Ev, o + M * Ev + M,
-                         (hk - hg) * Ms);
+        const T* pa = softmax_block<scalar_t>(p, seq, b, Rows{hk * group, group, 0, seq.L}, j0, nj, w, o, o + M * Ev,
+                                              o + M * Ev + M, (hk - hg) * Ms);
+        if (hk == hg) probs = pa;
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
         for (int64_t hk = hg; hk < hg + hn; ++hk) {
           const int64_t t = hk - hg;
-          decode_rows_pv(v0 + j, hk * vs, n, Ev, w.p.get() + t * Ms * ldp + j, ldp, Ms, partial(hk),
-                         prefetch(G + g + 1, hk));
+          decode_rows_pv<scalar_t>(v0 + j, hk * vs, n, Ev, probs + t * Ms * ldp + j, ldp, Ms, partial(hk),
+                                   prefetch(G + g + 1, hk));
         }
       }
     }
@@ -438,8 +441,8 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   const bool single_chunks = first.back() == B * Hkv;
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const bool direct = kSameType && direct_keys<T>(p);
-  // bf16 rows read where they lie on AVX512-BF16 (attend_block_rows)
-  const bool on_rows = std::is_same_v<T, c10::BFloat16> && direct && decode_rows_fit(M, E, Ev);
+  // rows read where they lie, without brgemm (attend_block_rows)
+  const bool on_rows = decode_rows_fit<T>(M, E, Ev) && p.k_strides.col == 1 && p.v_strides.col == 1;
   // pages with a key's heads together, and scores of all heads small enough for L2 (all_heads_scores)
   const bool pages_whole = direct && !on_rows && p.block_table != nullptr && p.k_strides.head == E &&
                            p.k_strides.row == Hkv * E && Hkv * Hkv * M <= 256;
