@@ -1,5 +1,14 @@
 """pytest fixtures and hooks only; the shared test library is tests/helpers (import from `helpers`)."""
+import getpass
 import os
+import tempfile
+
+# Inductor's on-disk cache does not key its C++ kernels by ATEN_CPU_CAPABILITY: a kernel compiled for AVX-512 and
+# reused by a run held to avx2 (or back) computes wrong values or corrupts memory (torch 2.13, seen in
+# test_compiled_decode_step_matches_eager). A held run keeps its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 import pytest
 import torch
