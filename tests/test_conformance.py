@@ -217,6 +217,10 @@ def test_nan_and_inf_reach_what_they_touch(backend, device, setups, is_causal, n
         assert torch.equal(w.isnan().any(-1).any(1)[0][sorted(nan_rows | finite_rows)],
                            rows[sorted(nan_rows | finite_rows)]), f"{name}: torch's NaN rows differ"
     if whole:
+        # against torch's math kernel, its definition: its flash kernel on AVX2 loses NaN in dk and dv that the same
+        # kernel keeps on AVX-512 (q-elem-inf: 16 of 40 rows of dv NaN on avx2, 40 on avx512 and in math)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            want = _nan_run(TORCH_SDPA, t, is_causal, dtype)
         for name, g, w in zip(names[2:], got[2:], want[2:]):
             assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN where torch has none or the reverse"
     for name, g in zip(names, got):
