@@ -120,9 +120,9 @@ def test_kernel_modules_export_only_their_init():
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="binutils' objdump is not installed")
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 prefetch instructions")
 def test_kernels_keep_their_prefetches():
-    """The CPU kernel prefetches rows ahead of their use (paged V in pack_keys; the AVX512-BF16 decode's next rows in
-    decode_rows.h). GCC 12 took helpers of nothing but prefetches for functions without effects and dropped their
-    calls (decode 10-40% slower, no error anywhere): the object code of every x86 capability must hold them."""
+    """The CPU kernel prefetches rows ahead of their use (paged V in pack_keys; decode's next rows in decode_rows.h).
+    GCC 12 took helpers of nothing but prefetches for functions without effects and dropped their calls (decode
+    10-40% slower, no error anywhere): the object code of every x86 capability must hold them."""
     import importlib
     for name in cpu_capability.compiled():
         path = importlib.util.find_spec(f"pyattn._cpu_{name}").origin
@@ -136,5 +136,4 @@ def test_kernels_keep_their_prefetches():
                 prefetches[function] = prefetches.get(function, 0) + 1
         where = lambda part: sum(n for f, n in prefetches.items() if part in f)  # noqa: E731
         assert where("pack_keys") >= 1, (name, "no prefetch of paged rows in pack_keys (fwd.cpp prefetch_rows)")
-        if name == "avx512_bf16":
-            assert where("decode_rows_") >= 8, (name, "no prefetch in decode_rows.h's kernels")
+        assert where("decode_rows_") >= 8, (name, "no prefetch in decode_rows.h's kernels")

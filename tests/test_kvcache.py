@@ -36,8 +36,8 @@ CASES = [
     KVCase("softcap-alibi", (12, 3), L=2, L_new=2, kw=dict(softcap=5.0, alibi=True)),
     KVCase("sinks", (0, 17, 31), L=2, L_new=2, kw=dict(sinks=True)),
     KVCase("dv", (6, 11), kw=dict(Dv=8)),
-    # decode tiles of up to 8 rows and head dims of whole 32s: the CPU kernel's vdpbf16ps path on AVX512-BF16
-    # (decode_rows.h): several key blocks (256) and chunks (1024), ragged lengths, 1 to 8 rows, 1 to 4 chunks of 32
+    # decode tiles of up to 8 rows: the CPU kernel reads the cache rows where they lie (decode_rows.h): several key
+    # blocks (256) and chunks (1024), ragged lengths, 1 to 8 rows, head dims of 1 to 16 vectors
     KVCase("decode-rows", (1500, 0, 333), Hq=8, Hkv=2, D=64, S_max=1536),
     KVCase("decode-rows-mha-d128", (290, 1), Hq=2, Hkv=2, D=128, S_max=320),
     KVCase("decode-rows-g8-d96", (700, 257), Hq=16, Hkv=2, D=96, S_max=768, kw=dict(Dv=32)),

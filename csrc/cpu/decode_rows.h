@@ -7,10 +7,9 @@
 //     next group is prefetched into L2 while the current one is used: reading one head's rows at a time (256 bytes
 //     in every 2 KiB at 8 heads of 128) ran at ~60% of the speed of memory order, and memory order without the
 //     prefetch at ~68% (64k tokens, 2 threads).
-// Two kernel families, by the tile type:
-//   bf16 tiles (AVX512-BF16): vdpbf16ps on the bf16 rows; the probabilities are bf16 as for the brgemm path;
-//   fp32 tiles (every other CPU, and fp32/fp16 caches): FMA on at::vec vectors, the rows widened as they load.
-// The sums are fp32 in both.
+// The kernels are FMA on at::vec vectors (AVX2, AVX-512, NEON, SVE or plain C++) with fp32 q and probabilities,
+// the rows widened as they load (bf16, fp16 or fp32 caches): vdpbf16ps kernels on the bf16 rows, tried on
+// AVX512-BF16, ran at the same speed (64k tokens, B = 1 and 16: within 2%), the memory being the limit.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -25,30 +24,13 @@
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-#define PYATTN_DECODE_ROWS_BF16 1
-#endif
-
 namespace pyattn::cpu {
 
-#if defined(PYATTN_DECODE_ROWS_BF16)
-constexpr bool kDecodeRowsBf16 = true;
-#else
-constexpr bool kDecodeRowsBf16 = false;
-#endif
 constexpr int64_t kDecodeRowsMax = 8;  // q rows a tile may have (group * L): the kernels' registers
 
-// Whether attend_block_rows takes a tile of M rows and these head dims with tile type T here: bf16 tiles in whole
-// 32-element chunks up to 256 (the bf16 kernels keep q in registers), fp32 tiles in whole vectors.
-template <typename T>
+// Whether the kernels take a tile of M rows and these head dims: whole vectors.
 inline bool decode_rows_fit(int64_t M, int64_t E, int64_t Ev) {
-  if (M > kDecodeRowsMax) return false;
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    return kDecodeRowsBf16 && E % 32 == 0 && Ev % 32 == 0 && E <= 256 && Ev <= 256;
-  else if constexpr (std::is_same_v<T, float>)
-    return E % Vec::size() == 0 && Ev % Vec::size() == 0;
-  else
-    return false;
+  return M <= kDecodeRowsMax && E % Vec::size() == 0 && Ev % Vec::size() == 0;
 }
 
 // Prefetch of rows[i] + offset bytes, bytes long, for i < n (rows of any element type: the kernels' row pointers).
@@ -83,8 +65,8 @@ inline const S* row_at(const void* const* rows, int64_t i, int64_t offset) {
   return static_cast<const S*>(rows[i]) + offset;
 }
 
-// Lane i of the result = the sum of the 16 lanes of v[i].
 #if defined(CPU_CAPABILITY_AVX512)
+// Lane i of the result = the sum of the 16 lanes of v[i].
 inline __m512 sum_lanes16(const __m512* v) {
   __m512 t[8], u[4];
   for (int i = 0; i < 8; ++i)
@@ -209,99 +191,6 @@ void decode_rows_pv_fma(const void* const* vrows, int64_t voff, int64_t nj, int6
   }
 }
 
-#if defined(PYATTN_DECODE_ROWS_BF16)
-
-// s (M, nj; ld lds) = q (M, E = 32 NC; ld ldq) @ K^T, K's row i at krows[i] + koff; prefetches pf's rows along.
-// M and NC are template arguments so that q and the accumulators live in registers (runtime ones spilled them all).
-template <int M, int NC>
-void decode_rows_scores_bf16(const void* const* krows, int64_t koff, int64_t nj, const c10::BFloat16* q,
-                             int64_t ldq, float* s, int64_t lds, const RowsPrefetch& pf) {
-  __m512bh qv[M][NC];
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < NC; ++c) qv[r][c] = (__m512bh)_mm512_loadu_si512(q + r * ldq + 32 * c);
-  for (int64_t j0 = 0; j0 < nj; j0 += 16) {
-    const int64_t n = std::min<int64_t>(16, nj - j0);
-    __m512 acc[M][16];
-    for (int64_t i = 0; i < 16; ++i) {
-      if (i >= n) {
-        for (int r = 0; r < M; ++r) acc[r][i] = _mm512_setzero_ps();
-        continue;
-      }
-      pf(j0 + i);
-      const c10::BFloat16* row = row_at<c10::BFloat16>(krows, j0 + i, koff);
-      __m512bh k[NC];
-      for (int c = 0; c < NC; ++c) k[c] = (__m512bh)_mm512_loadu_si512(row + 32 * c);
-      for (int r = 0; r < M; ++r) {
-        // two chains: dpbf16's latency, not its throughput, would set the pace of one
-        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), k[0], qv[r][0]), b = _mm512_setzero_ps();
-        for (int c = 1; c < NC; ++c) {
-          if (c % 2) b = _mm512_dpbf16_ps(b, k[c], qv[r][c]);
-          else a = _mm512_dpbf16_ps(a, k[c], qv[r][c]);
-        }
-        acc[r][i] = _mm512_add_ps(a, b);
-      }
-    }
-    for (int r = 0; r < M; ++r)
-      _mm512_mask_storeu_ps(s + r * lds + j0, __mmask16((1u << n) - 1), sum_lanes16(acc[r]));
-  }
-}
-
-// o (M, Ev; fp32) += p (M, nj bf16; ld ldp, even; p[r][nj] = 0 when nj is odd) @ V, V's row i at vrows[i] + voff;
-// prefetches pf's rows along.
-// dpbf16 takes keys in pairs: rows j and j + 1 interleaved by unpack, which permutes the columns within each
-// 128-bit lane; the accumulators hold o in that order, one band of NC 32-column chunks at a time (registers:
-// 2 M NC of them), over key runs short enough for L1 so the bands after the first read the rows from there.
-template <int M>
-void decode_rows_pv_bf16(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const c10::BFloat16* p,
-                         int64_t ldp, float* o, const RowsPrefetch& pf) {
-  constexpr int NC = M <= 4 ? 2 : 1;
-  constexpr int64_t kRun = 64;
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-  for (int64_t j0 = 0; j0 < nj; j0 += kRun) {
-    const int64_t n = std::min(kRun, nj - j0);
-    for (int64_t c0 = 0; c0 < Ev; c0 += 32 * NC) {
-      const int nc = std::min<int64_t>(NC, (Ev - c0) / 32);
-      __m512 acc[M][2 * NC];
-      for (int r = 0; r < M; ++r)
-        for (int c = 0; c < 2 * NC; ++c) acc[r][c] = _mm512_setzero_ps();
-      for (int64_t j = j0; j < j0 + n; j += 2) {
-        if (c0 == 0) {
-          pf(j);
-          pf(j + 1);
-        }
-        const c10::BFloat16* v0 = row_at<c10::BFloat16>(vrows, j, voff) + c0;
-        const c10::BFloat16* v1 = j + 1 < nj ? row_at<c10::BFloat16>(vrows, j + 1, voff) + c0 : nullptr;
-        __m512bh x[2 * NC];
-        for (int c = 0; c < NC; ++c) {
-          if (c >= nc) break;
-          const __m512i a = _mm512_loadu_si512(v0 + 32 * c);
-          const __m512i b = v1 != nullptr ? _mm512_loadu_si512(v1 + 32 * c) : zero;
-          x[2 * c] = (__m512bh)_mm512_unpacklo_epi16(a, b);
-          x[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
-        }
-        for (int r = 0; r < M; ++r) {
-          const __m512bh pair = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p + r * ldp + j));
-          for (int c = 0; c < 2 * NC; ++c)
-            if (c < 2 * nc) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x[c], pair);
-        }
-      }
-      // unpacklo/hi of a chunk hold, per 128-bit lane L, its columns 8L + 0..3 and 8L + 4..7: back in order
-      for (int r = 0; r < M; ++r)
-        for (int c = 0; c < nc; ++c) {
-          float* dst = o + r * Ev + c0 + 32 * c;
-          const __m512 lo = acc[r][2 * c], hi = acc[r][2 * c + 1];
-          _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_permutex2var_ps(lo, first, hi)));
-          _mm512_storeu_ps(dst + 16,
-                           _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_permutex2var_ps(lo, second, hi)));
-        }
-    }
-  }
-}
-
-#endif  // PYATTN_DECODE_ROWS_BF16
-
 // fn(std::integral_constant<int, n>{}) for a runtime n in [1, 8]: the kernels' sizes as template arguments.
 template <typename Fn>
 void with_size_1_to_8(int64_t n, Fn&& fn) {
@@ -317,36 +206,17 @@ void with_size_1_to_8(int64_t n, Fn&& fn) {
   }
 }
 
-// The kernels for runtime sizes (decode_rows_fit<T>): the cache's element type S, the tile type T (q and the
-// probabilities), M q rows, head dims E and Ev.
-template <typename S, typename T>
-void decode_rows_scores(const void* const* krows, int64_t koff, int64_t nj, int64_t E, const T* q, int64_t ldq,
+// The kernels for runtime sizes (decode_rows_fit): the cache's element type S, M q rows, head dims E and Ev.
+template <typename S>
+void decode_rows_scores(const void* const* krows, int64_t koff, int64_t nj, int64_t E, const float* q, int64_t ldq,
                         int64_t M, float* s, int64_t lds, const RowsPrefetch& pf) {
-  with_size_1_to_8(M, [&](auto m) {
-    if constexpr (std::is_same_v<T, float>) {
-      decode_rows_scores_fma<m(), S>(krows, koff, nj, E, q, ldq, s, lds, pf);
-    } else {
-#if defined(PYATTN_DECODE_ROWS_BF16)
-      with_size_1_to_8(E / 32, [&](auto nc) {
-        decode_rows_scores_bf16<m(), nc()>(krows, koff, nj, q, ldq, s, lds, pf);
-      });
-#endif
-    }
-  });
+  with_size_1_to_8(M, [&](auto m) { decode_rows_scores_fma<m(), S>(krows, koff, nj, E, q, ldq, s, lds, pf); });
 }
 
-template <typename S, typename T>
-void decode_rows_pv(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const T* p, int64_t ldp,
+template <typename S>
+void decode_rows_pv(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const float* p, int64_t ldp,
                     int64_t M, float* o, const RowsPrefetch& pf) {
-  with_size_1_to_8(M, [&](auto m) {
-    if constexpr (std::is_same_v<T, float>) {
-      decode_rows_pv_fma<m(), S>(vrows, voff, nj, Ev, p, ldp, o, pf);
-    } else {
-#if defined(PYATTN_DECODE_ROWS_BF16)
-      decode_rows_pv_bf16<m()>(vrows, voff, nj, Ev, p, ldp, o, pf);
-#endif
-    }
-  });
+  with_size_1_to_8(M, [&](auto m) { decode_rows_pv_fma<m(), S>(vrows, voff, nj, Ev, p, ldp, o, pf); });
 }
 
 }  // namespace pyattn::cpu

@@ -8,7 +8,7 @@
 //            group's q heads, so each key is read once per group. K^T and V are packed
 //            per key block into scratch (no copy of the cache); the chunks' partial (o, m, l) are then
 //            merged in key order, which keeps the result independent of the thread count. Tiles of up to
-//            8 rows skip the packing and brgemm: attend_block_rows (decode_rows.h).
+//            8 rows skip the packing and brgemm, on fp32 tiles: attend_block_rows (decode_rows.h).
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -270,6 +270,13 @@ void row_pointers(const KeyRows<S>& kr, int64_t j, int64_t n, const void** out) 
   }
 }
 
+// Whether decode reads the cache's rows where they lie (attend_block_rows; fp32 tiles, whatever the input type):
+// tiles of up to 8 rows (group * L), head dims of whole vectors, rows with unit column stride.
+inline bool decode_on_rows(const AttnParams& p) {
+  return decode_rows_fit(p.heads_q / p.heads_kv * p.seqlen_q, p.head_dim, p.head_dim_v) && p.k_strides.col == 1 &&
+         p.v_strides.col == 1;
+}
+
 // Decode's key block [j0, j0 + nj) for kv heads [h_lo, h_hi) without packing or brgemm (decode_rows.h). The cache
 // is read where it lies (pages included) in memory order, kRowsGroup keys of all heads at a time (their rows lie
 // together), once for q.k and once for P V, each group prefetching the next one (then V's first, the next block's
@@ -278,7 +285,7 @@ void row_pointers(const KeyRows<S>& kr, int64_t j, int64_t n, const void** out) 
 template <typename scalar_t, typename T, typename acc, typename Partial>
 void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h_lo, int64_t h_hi, int64_t j0,
                        int64_t nj, int64_t next_nj, int64_t M, FwdScratch<T, acc>& w, const Partial& partial) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t kRowsGroup = 32;
     constexpr int64_t kElem = sizeof(scalar_t);
     const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E), group = p.heads_q / p.heads_kv;
@@ -441,8 +448,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   const bool single_chunks = first.back() == B * Hkv;
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const bool direct = kSameType && direct_keys<T>(p);
-  // rows read where they lie, without brgemm (attend_block_rows)
-  const bool on_rows = decode_rows_fit<T>(M, E, Ev) && p.k_strides.col == 1 && p.v_strides.col == 1;
+  const bool on_rows = std::is_same_v<T, float> && decode_on_rows(p);
   // pages with a key's heads together, and scores of all heads small enough for L2 (all_heads_scores)
   const bool pages_whole = direct && !on_rows && p.block_table != nullptr && p.k_strides.head == E &&
                            p.k_strides.row == Hkv * E && Hkv * Hkv * M <= 256;
@@ -548,9 +554,12 @@ void run_fwd(const AttnParams& p) {
   std::vector<Seq> seqs(p.batch);
   for (int64_t b = 0; b < p.batch; ++b) seqs[b] = get_seq(p, b);
   // Short queries: a tile holds every row of a GQA group, so each key block is read once per group.
+  const bool decode = p.heads_q / p.heads_kv * p.seqlen_q <= kBlockQ;
+  if constexpr (!std::is_same_v<scalar_t, double>)
+    if (decode && decode_on_rows(p)) return fwd_decode<scalar_t, float>(p, seqs);
   with_tile_type<scalar_t>([&](auto tile) {
     using T = decltype(tile);
-    if (p.heads_q / p.heads_kv * p.seqlen_q <= kBlockQ) fwd_decode<scalar_t, T>(p, seqs);
+    if (decode) fwd_decode<scalar_t, T>(p, seqs);
     else fwd_prefill<scalar_t, T>(p, seqs);
   });
 }
