@@ -70,8 +70,9 @@ def test_unknown_capability_name_warns_and_is_ignored():
 def test_bf16_runs_where_onednn_has_no_bf16_vnni(isa):
     """Where oneDNN has no bf16 VNNI brgemm, bf16 runs on fp32 tiles and explain says so. ONEDNN_MAX_CPU_ISA=AVX2
     (an AVX2-only CPU) makes torch's brgemm raise; AVX512_CORE (Skylake, Cascade Lake: AVX-512 without BF16) passes
-    torch's check and oneDNN itself raises. Both once reached the caller."""
-    code = ("import torch, pyattn; torch.manual_seed(0); q, k, v = torch.randn(3, 2, 3, 40, 16).bfloat16(); "
+    torch's check and oneDNN itself raises. Both once reached the caller. Head dim 20, not a whole number of vectors:
+    the decode takes the matmul path too, not decode_rows.h's."""
+    code = ("import torch, pyattn; torch.manual_seed(0); q, k, v = torch.randn(3, 2, 3, 40, 20).bfloat16(); "
             "out = pyattn.scaled_dot_product_attention(q, k, v, is_causal=True); "
             "ref = torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True); "
             "kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(); "

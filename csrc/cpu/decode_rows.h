@@ -13,6 +13,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <type_traits>
 
 #include <ATen/cpu/vec/functional.h>
@@ -65,9 +66,10 @@ inline const S* row_at(const void* const* rows, int64_t i, int64_t offset) {
   return static_cast<const S*>(rows[i]) + offset;
 }
 
+// Lane i of the result = the sum of the lanes of v[i], for Vec::size() vectors: W sums in a few shuffles and adds
+// where reducing each vector alone would take log2(W) rounds apiece.
+inline Vec sum_lanes(const Vec* v) {
 #if defined(CPU_CAPABILITY_AVX512)
-// Lane i of the result = the sum of the 16 lanes of v[i].
-inline __m512 sum_lanes16(const __m512* v) {
   __m512 t[8], u[4];
   for (int i = 0; i < 8; ++i)
     t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -79,15 +81,6 @@ inline __m512 sum_lanes16(const __m512* v) {
   const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
   const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd));
-}
-#endif
-
-// Lane i of the result = the sum of the lanes of v[i], for Vec::size() vectors.
-inline Vec sum_lanes(const Vec* v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 x[16];
-  for (int i = 0; i < 16; ++i) x[i] = v[i];
-  return sum_lanes16(x);
 #elif defined(CPU_CAPABILITY_AVX2)
   // hadd pairs neighbours within each 128-bit half: after two rounds, half H of u0 holds half H's sums of v[0..3]
   const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
@@ -96,12 +89,7 @@ inline Vec sum_lanes(const Vec* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 #else
   float sums[Vec::size()];
-  for (int i = 0; i < Vec::size(); ++i) {
-    float lanes[Vec::size()];
-    v[i].store(lanes);
-    sums[i] = 0;
-    for (float x : lanes) sums[i] += x;
-  }
+  for (int i = 0; i < Vec::size(); ++i) sums[i] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), v[i]);
   return Vec::loadu(sums);
 #endif
 }
@@ -161,7 +149,7 @@ template <int M, typename S>
 void decode_rows_pv_fma(const void* const* vrows, int64_t voff, int64_t nj, int64_t Ev, const float* p, int64_t ldp,
                         float* o, const RowsPrefetch& pf) {
   constexpr int W = Vec::size();
-  constexpr int kRegs = W * sizeof(float) == 64 ? 32 : 16;
+  constexpr int kRegs = W * sizeof(float) == 64 ? 32 : 16;  // AVX-512's 32; 16 otherwise (AVX2; NEON: conservative)
   constexpr int NC = std::min(8, std::max(1, (kRegs - 2) / (M + 1)));
   const int64_t run = std::max<int64_t>(8, 16384 / (Ev * int64_t(sizeof(S))));
   for (int64_t j0 = 0; j0 < nj; j0 += run) {

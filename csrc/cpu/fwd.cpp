@@ -288,8 +288,8 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
   if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t kRowsGroup = 32;
     constexpr int64_t kElem = sizeof(scalar_t);
-    const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E), group = p.heads_q / p.heads_kv;
-    const int64_t ks = p.k_strides.head, vs = p.v_strides.head, Ms = group * seq.L, ldp = kLdP<T, acc>;
+    const int64_t E = p.head_dim, Ev = p.head_dim_v, group = p.heads_q / p.heads_kv;
+    const int64_t ks = p.k_strides.head, vs = p.v_strides.head, Ms = group * seq.L;
     const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, 0), vr(p, seq, b, p.v, p.v_strides, 0);
     const void** k0 = w.rows.get();
     const void** v0 = k0 + kBlockK;
@@ -317,23 +317,22 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
         const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
         for (int64_t hk = hg; hk < hg + hn; ++hk) {
           const int64_t t = hk - hg;
-          decode_rows_scores<scalar_t>(k0 + j, hk * ks, n, E, w.q.get() + t * Ms * Ep, Ep, Ms,
+          decode_rows_scores<scalar_t>(k0 + j, hk * ks, n, E, w.q.get() + t * Ms * E, E, Ms,
                                        w.s.get() + t * Ms * kBlockK + j, kBlockK, prefetch(g + 1, hk));
         }
       }
-      const T* probs = nullptr;  // of head hg; head hk's from row (hk - hg) Ms
+      // fp32 tiles: the probabilities replace the scores in w.s
       for (int64_t hk = hg; hk < hg + hn; ++hk) {
         acc* o = partial(hk);
-        const T* pa = softmax_block<scalar_t>(p, seq, b, Rows{hk * group, group, 0, seq.L}, j0, nj, w, o, o + M * Ev,
-                                              o + M * Ev + M, (hk - hg) * Ms);
-        if (hk == hg) probs = pa;
+        softmax_block<scalar_t>(p, seq, b, Rows{hk * group, group, 0, seq.L}, j0, nj, w, o, o + M * Ev, o + M * Ev + M,
+                                (hk - hg) * Ms);
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
         for (int64_t hk = hg; hk < hg + hn; ++hk) {
           const int64_t t = hk - hg;
-          decode_rows_pv<scalar_t>(v0 + j, hk * vs, n, Ev, probs + t * Ms * ldp + j, ldp, Ms, partial(hk),
-                                   prefetch(G + g + 1, hk));
+          decode_rows_pv<scalar_t>(v0 + j, hk * vs, n, Ev, w.s.get() + t * Ms * kBlockK + j, kBlockK, Ms,
+                                   partial(hk), prefetch(G + g + 1, hk));
         }
       }
     }
