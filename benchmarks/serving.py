@@ -6,8 +6,9 @@ paged ones (pages of 16 tokens, in shuffled order). Every call appends its k_new
 server's does. Peers: torch SDPA after gathering the pages into a dense padded (B, Hkv, S, D) tensor with a
 bottom-right causal mask (the append, the gather and the mask are timed: that is what a torch user does) and
 naive attention (pyattn's reference backend). Per point: ms, GB/s of K and V actually attended
-(sum of lengths * Hkv * D * 2 bytes * 2) and its fraction of the machine's copy bandwidth. On the CPU the impls
-of a point and a 1 GiB copy are timed in interleaved rounds, so ratios and fractions hold on a shared host.
+(sum of lengths * Hkv * D * 2 bytes * 2), its fraction of the machine's copy bandwidth, and for paged caches the
+speed against the contiguous cache. On the CPU the impls and layouts of a (B, S, workload) and a 1 GiB copy are
+timed in interleaved rounds, so ratios and fractions hold on a shared host.
 Outputs are checked against float32 math on sampled rows of the first and last sequence before timing.
 On a GPU the peers are the same and pyattn runs its Triton and CUDA C++ backends.
 """
@@ -194,25 +195,31 @@ def check_point(rec, fn, args):
     return None, err
 
 
-def time_points(checked, c, args, copy):
-    """Times the checked points of one cache and workload ([(record, fn, max error)]); copy: copy_buffers()'s
-    (src, dst, GB/s). On the CPU they run in interleaved rounds together with dst.copy_(src), and each point's
-    fraction of copy bandwidth is taken against that copy, measured in the same seconds; on CUDA each is timed
-    alone (CUDA events) against the run's copy GB/s."""
+def time_points(checked, copy):
+    """Times the checked points of one (B, S) and workload ([(record, fn, max error, args)], over one or both
+    layouts; copy: copy_buffers()'s (src, dst, GB/s). On the CPU they run in interleaved rounds together with
+    dst.copy_(src), and each point's fraction of copy bandwidth is taken against that copy, measured in the same
+    seconds; paged and contiguous points timed together give a ratio that the host's drift does not move. On CUDA
+    each is timed alone (CUDA events) against the run's copy GB/s."""
     device = checked[0][0]["device"]
+    key = {id(rec): f"{rec['impl']}/{rec['layout']}" for rec, *_ in checked}
     with torch.no_grad():
+        steps = {key[id(r)]: (lambda fn=fn, args=args: fn(*args)) for r, fn, _, args in checked}
         if device == "cuda":
-            ms = {r["impl"]: measure.time_ms(lambda fn=fn: fn(*args), device, warm=True) for r, fn, _ in checked}
+            ms = {name: measure.time_ms(step, device, warm=True) for name, step in steps.items()}
         else:
-            steps = {r["impl"]: (lambda fn=fn: fn(*args)) for r, fn, _ in checked}
             ms = measure.time_interleaved({**steps, "copy": lambda: copy[1].copy_(copy[0])})
     copy_gbps = 2 * copy[0].numel() * copy[0].element_size() / ms["copy"] / 1e6 if "copy" in ms else copy[2]
     out = []
-    for rec, _, err in checked:
-        t = ms[rec["impl"]]
+    for rec, _, err, args in checked:
+        t = ms[key[id(rec)]]
         gbps = rec["tokens"] * TOKEN_BYTES / t / 1e6
         out.append({**rec, "ms": t, "gbps": gbps, "copy_gbps": copy_gbps, "bandwidth_fraction": gbps / copy_gbps,
-                    "tflops": attended_flops(c.lengths, rec["L"]) / t / 1e9, "note": f"max error {err:.2g}"})
+                    "tflops": attended_flops(args[0].lengths, rec["L"]) / t / 1e9, "note": f"max error {err:.2g}"})
+    for rec in out:  # paged against contiguous, same impl, same rounds
+        same = [r for r in out if r["layout"] == "contiguous" and r["impl"] == rec["impl"]]
+        if rec["layout"] == "paged" and same:
+            rec["x_contiguous"] = same[0]["ms"] / rec["ms"]
     return out
 
 
@@ -221,54 +228,76 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy, device="cpu", l
     is skipped, with the reason, past the time limit, when it would not fit, or when its time per call,
     extrapolated linearly in the tokens attended from the last point its series (impl, workload, layout) ran,
     exceeds max_call_s (batch 16's first size extrapolates from batch 1's last). The impls of a (cache,
-    workload) are timed together (time_points); copy: copy_buffers()'s (src, dst, GB/s)."""
+    workload) are timed together (time_points), and both layouts' when their caches fit in memory together;
+    copy: copy_buffers()'s (src, dst, GB/s)."""
     records, last, start = [], {}, time.time()
+
+    def predicted_s(rec):
+        series = (rec["impl"], rec["workload"], rec["layout"])
+        return last[series][0] / 1e3 * rec["tokens"] / last[series][1] if series in last else 0
+
+    def check_layout(B, S, lengths, layout, checked):
+        """Checks the points of one cache into checked ({workload: [(record, fn, max error, args)]}: their args
+        hold the cache) or records why they are skipped."""
+        nonlocal records
+        recs = [_record(w, B, S, layout, impl, lengths, device) for w in WORKLOADS for impl in impls]
+        need = cache_bytes(layout, lengths)
+        if need > 0.7 * measure.available_bytes(device):
+            records += [{**r, "status": "skipped", "note": f"cache of {fmt_bytes(need)} does not fit"} for r in recs]
+            return
+        if time.time() - start > time_limit:
+            records += [{**r, "status": "skipped", "note": f"run time limit {time_limit:.0f} s reached"} for r in recs]
+            return
+        c = None
+        for rec in recs:
+            predicted = predicted_s(rec)
+            extra = extra_bytes(rec["impl"], B, rec["L"], S)
+            if rec["L"] > int(lengths.min()):
+                note = f"chunk of {rec['L']} is longer than the shortest sequence ({int(lengths.min())})"
+            elif time.time() - start > time_limit:
+                note = f"run time limit {time_limit:.0f} s reached"
+            elif extra > 0.7 * measure.available_bytes(device):
+                note = f"needs {fmt_bytes(extra)} beyond the cache: does not fit"
+            elif predicted > max_call_s:
+                note = f"time budget: predicted {predicted:.1f} s per call"
+            else:
+                note = None
+            if note:
+                records.append({**rec, "status": "skipped", "note": note})
+                continue
+            c = c or build_cache(layout, lengths, device)
+            args = (c, *inputs(c, rec["L"]))
+            failed, err = check_point(rec, FNS[rec["impl"]], args)
+            if failed:
+                log(_line(failed))
+                records.append(failed)
+            else:
+                checked.setdefault(rec["workload"], []).append((rec, FNS[rec["impl"]], err, args))
+
+    def time_checked(checked):
+        for points in checked.values():
+            for rec in time_points(points, copy):
+                last[(rec["impl"], rec["workload"], rec["layout"])] = (rec["ms"], rec["tokens"])
+                log(_line(rec))
+                records.append(rec)
+        checked.clear()  # drops the caches
+
     for B in BATCHES:
         for S in seqlens:
             lengths = lengths_for(B, S)
+            # both caches, and the largest scratch of a point that will run on top: the layouts are timed together
+            # if that fits
+            room = 0.7 * measure.available_bytes(device)
+            runs = [r for r in (_record(w, B, S, lay, impl, lengths, device) for w in WORKLOADS for impl in impls
+                                for lay in LAYOUTS) if r["L"] <= int(lengths.min()) and predicted_s(r) <= max_call_s]
+            extras = [e for e in (extra_bytes(r["impl"], B, r["L"], S) for r in runs) if e <= room]
+            together = sum(cache_bytes(layout, lengths) for layout in LAYOUTS) + max(extras, default=0) <= room
+            checked = {}
             for layout in LAYOUTS:
-                recs = [_record(w, B, S, layout, impl, lengths, device) for w in WORKLOADS for impl in impls]
-                need = cache_bytes(layout, lengths)
-                if need > 0.7 * measure.available_bytes(device):
-                    records += [{**r, "status": "skipped", "note": f"cache of {fmt_bytes(need)} does not fit"}
-                                for r in recs]
-                    continue
-                if time.time() - start > time_limit:
-                    records += [{**r, "status": "skipped", "note": f"run time limit {time_limit:.0f} s reached"}
-                                for r in recs]
-                    continue
-                c, checked = None, {}
-                for rec in recs:
-                    series = (rec["impl"], rec["workload"], layout)
-                    predicted = last[series][0] / 1e3 * rec["tokens"] / last[series][1] if series in last else 0
-                    extra = extra_bytes(rec["impl"], B, rec["L"], S)
-                    if rec["L"] > int(lengths.min()):
-                        note = f"chunk of {rec['L']} is longer than the shortest sequence ({int(lengths.min())})"
-                    elif time.time() - start > time_limit:
-                        note = f"run time limit {time_limit:.0f} s reached"
-                    elif extra > 0.7 * measure.available_bytes(device):
-                        note = f"needs {fmt_bytes(extra)} beyond the cache: does not fit"
-                    elif predicted > max_call_s:
-                        note = f"time budget: predicted {predicted:.1f} s per call"
-                    else:
-                        note = None
-                    if note:
-                        records.append({**rec, "status": "skipped", "note": note})
-                        continue
-                    c = c or build_cache(layout, lengths, device)
-                    args = (c, *inputs(c, rec["L"]))
-                    failed, err = check_point(rec, FNS[rec["impl"]], args)
-                    if failed:
-                        log(_line(failed))
-                        records.append(failed)
-                    else:
-                        checked.setdefault(rec["workload"], (args, []))[1].append((rec, FNS[rec["impl"]], err))
-                for args, points in checked.values():
-                    for rec in time_points(points, c, args, copy):
-                        last[(rec["impl"], rec["workload"], layout)] = (rec["ms"], rec["tokens"])
-                        log(_line(rec))
-                        records.append(rec)
-                del c
+                check_layout(B, S, lengths, layout, checked)
+                if not together:
+                    time_checked(checked)
+            time_checked(checked)
     return records
 
 
@@ -280,17 +309,18 @@ def _line(r):
 
 def markdown_table(records):
     rows = [("| workload | B | S (lengths) | layout | impl | ms | GB/s of cache | of copy bandwidth | GFLOP/s | "
-             "x torch-sdpa | status |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x torch-sdpa | x contiguous | status |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     torch_ms = {(r["workload"], r["B"], r["S"], r["layout"]): r["ms"] for r in records
                 if r["impl"] == "torch-sdpa" and r["ms"] is not None}
     order = {w: i for i, w in enumerate(WORKLOADS)}
     for r in sorted(records, key=lambda r: (order[r["workload"]], r["B"], r["S"], r["layout"], r["impl"])):
         base = torch_ms.get((r["workload"], r["B"], r["S"], r["layout"]))
         lengths = f"{r['S']}" if r["B"] == 1 else f"{r['S']} ({r['lengths'][0]}..{r['lengths'][1]})"
-        cells = ["", "", "", "", ""]
+        cells = ["", "", "", "", "", ""]
         if r["ms"] is not None:
             cells = [f"{r['ms']:.2f}", f"{r['gbps']:.1f}", f"{r['bandwidth_fraction']:.0%}", f"{r['tflops'] * 1e3:.0f}",
-                     f"{base / r['ms']:.2f}" if base else ""]
+                     f"{base / r['ms']:.2f}" if base else "",
+                     f"{r['x_contiguous']:.2f}" if "x_contiguous" in r else ""]
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
         rows.append(f"| {r['workload']} | {r['B']} | {lengths} | {r['layout']} | {r['impl']} | {' | '.join(cells)} | "
                     f"{status} |")
@@ -345,7 +375,9 @@ def run(args, out_dir, meta):
         f.write("GB/s: bytes of K and V attended (sum of lengths x Hkv x D x 2 bytes x 2) per second. "
                 "torch-sdpa's time includes the append, the page gather into dense padded K/V and the mask.\n\n")
         if device == "cpu":
-            f.write("The impls of a (cache, workload) and a 1 GiB copy are timed in interleaved rounds (median of "
-                    "each); \"of copy bandwidth\" is against that copy, measured in the same rounds.\n\n")
+            f.write("The impls and both layouts of a (B, S, workload) and a 1 GiB copy are timed in interleaved rounds "
+                    "(median of each; the layouts one after the other where their caches do not fit together); \"of "
+                    "copy bandwidth\" is against that copy, and \"x contiguous\" (paged speed over contiguous, same "
+                    "impl) against the contiguous point, measured in the same rounds.\n\n")
         f.write(table + "\n")
     print(f"\nwrote {out_dir}/{stem}.json and {stem}.md")

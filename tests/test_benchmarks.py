@@ -67,6 +67,11 @@ def test_serving_preset_writes_records(tmp_path):
     for r in decode:
         assert r["status"] == "ok", r
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bandwidth_fraction"] > 0
+        assert ("x_contiguous" in r) == (r["layout"] == "paged")  # both layouts fit together: same rounds
+        if r["layout"] == "paged":
+            contiguous = next(c for c in decode if c["layout"] == "contiguous" and c["impl"] == r["impl"]
+                              and c["B"] == r["B"] and c["S"] == r["S"])
+            assert r["x_contiguous"] == pytest.approx(contiguous["ms"] / r["ms"])
     assert all(r["status"] == "skipped" and "longer than" in r["note"] for r in records if r["workload"] == "prefill")
     assert "| decode | 16 | 128 (64..128) | paged | pyattn-cpu |" in (tmp_path / "serving.md").read_text()
 
