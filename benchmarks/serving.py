@@ -202,24 +202,23 @@ def time_points(checked, copy):
     seconds; paged and contiguous points timed together give a ratio that the host's drift does not move. On CUDA
     each is timed alone (CUDA events) against the run's copy GB/s."""
     device = checked[0][0]["device"]
-    key = {id(rec): f"{rec['impl']}/{rec['layout']}" for rec, *_ in checked}
+    name = lambda rec: f"{rec['impl']}/{rec['layout']}"  # noqa: E731
     with torch.no_grad():
-        steps = {key[id(r)]: (lambda fn=fn, args=args: fn(*args)) for r, fn, _, args in checked}
+        steps = {name(r): (lambda fn=fn, args=args: fn(*args)) for r, fn, _, args in checked}
         if device == "cuda":
-            ms = {name: measure.time_ms(step, device, warm=True) for name, step in steps.items()}
+            ms = {n: measure.time_ms(step, device, warm=True) for n, step in steps.items()}
         else:
             ms = measure.time_interleaved({**steps, "copy": lambda: copy[1].copy_(copy[0])})
     copy_gbps = 2 * copy[0].numel() * copy[0].element_size() / ms["copy"] / 1e6 if "copy" in ms else copy[2]
     out = []
     for rec, _, err, args in checked:
-        t = ms[key[id(rec)]]
+        t = ms[name(rec)]
         gbps = rec["tokens"] * TOKEN_BYTES / t / 1e6
         out.append({**rec, "ms": t, "gbps": gbps, "copy_gbps": copy_gbps, "bandwidth_fraction": gbps / copy_gbps,
                     "tflops": attended_flops(args[0].lengths, rec["L"]) / t / 1e9, "note": f"max error {err:.2g}"})
-    for rec in out:  # paged against contiguous, same impl, same rounds
-        same = [r for r in out if r["layout"] == "contiguous" and r["impl"] == rec["impl"]]
-        if rec["layout"] == "paged" and same:
-            rec["x_contiguous"] = same[0]["ms"] / rec["ms"]
+        contiguous = ms.get(f"{rec['impl']}/contiguous")  # same impl, same rounds
+        if rec["layout"] == "paged" and contiguous is not None:
+            out[-1]["x_contiguous"] = contiguous / t
     return out
 
 
@@ -236,32 +235,37 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy, device="cpu", l
         series = (rec["impl"], rec["workload"], rec["layout"])
         return last[series][0] / 1e3 * rec["tokens"] / last[series][1] if series in last else 0
 
+    def fits(nbytes):
+        return nbytes <= 0.7 * measure.available_bytes(device)
+
+    def skip_note(rec, lengths):
+        """Why a point of a cache that fits is not run, or None."""
+        extra = extra_bytes(rec["impl"], rec["B"], rec["L"], rec["S"])
+        if rec["L"] > int(lengths.min()):
+            return f"chunk of {rec['L']} is longer than the shortest sequence ({int(lengths.min())})"
+        if time.time() - start > time_limit:
+            return f"run time limit {time_limit:.0f} s reached"
+        if not fits(extra):
+            return f"needs {fmt_bytes(extra)} beyond the cache: does not fit"
+        if predicted_s(rec) > max_call_s:
+            return f"time budget: predicted {predicted_s(rec):.1f} s per call"
+        return None
+
     def check_layout(B, S, lengths, layout, checked):
         """Checks the points of one cache into checked ({workload: [(record, fn, max error, args)]}: their args
         hold the cache) or records why they are skipped."""
-        nonlocal records
         recs = [_record(w, B, S, layout, impl, lengths, device) for w in WORKLOADS for impl in impls]
         need = cache_bytes(layout, lengths)
-        if need > 0.7 * measure.available_bytes(device):
-            records += [{**r, "status": "skipped", "note": f"cache of {fmt_bytes(need)} does not fit"} for r in recs]
+        if not fits(need):
+            records.extend({**r, "status": "skipped", "note": f"cache of {fmt_bytes(need)} does not fit"} for r in recs)
             return
         if time.time() - start > time_limit:
-            records += [{**r, "status": "skipped", "note": f"run time limit {time_limit:.0f} s reached"} for r in recs]
+            records.extend({**r, "status": "skipped", "note": f"run time limit {time_limit:.0f} s reached"}
+                           for r in recs)
             return
         c = None
         for rec in recs:
-            predicted = predicted_s(rec)
-            extra = extra_bytes(rec["impl"], B, rec["L"], S)
-            if rec["L"] > int(lengths.min()):
-                note = f"chunk of {rec['L']} is longer than the shortest sequence ({int(lengths.min())})"
-            elif time.time() - start > time_limit:
-                note = f"run time limit {time_limit:.0f} s reached"
-            elif extra > 0.7 * measure.available_bytes(device):
-                note = f"needs {fmt_bytes(extra)} beyond the cache: does not fit"
-            elif predicted > max_call_s:
-                note = f"time budget: predicted {predicted:.1f} s per call"
-            else:
-                note = None
+            note = skip_note(rec, lengths)
             if note:
                 records.append({**rec, "status": "skipped", "note": note})
                 continue
@@ -287,11 +291,11 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy, device="cpu", l
             lengths = lengths_for(B, S)
             # both caches, and the largest scratch of a point that will run on top: the layouts are timed together
             # if that fits
-            room = 0.7 * measure.available_bytes(device)
-            runs = [r for r in (_record(w, B, S, lay, impl, lengths, device) for w in WORKLOADS for impl in impls
-                                for lay in LAYOUTS) if r["L"] <= int(lengths.min()) and predicted_s(r) <= max_call_s]
-            extras = [e for e in (extra_bytes(r["impl"], B, r["L"], S) for r in runs) if e <= room]
-            together = sum(cache_bytes(layout, lengths) for layout in LAYOUTS) + max(extras, default=0) <= room
+            runs = [_record(w, B, S, lay, impl, lengths, device)
+                    for w in WORKLOADS for impl in impls for lay in LAYOUTS]
+            scratch = max((extra_bytes(r["impl"], B, r["L"], S) for r in runs if skip_note(r, lengths) is None),
+                          default=0)
+            together = fits(sum(cache_bytes(lay, lengths) for lay in LAYOUTS) + scratch)
             checked = {}
             for layout in LAYOUTS:
                 check_layout(B, S, lengths, layout, checked)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("preset", ["default", "decode"])
@@ -74,6 +75,22 @@ def test_serving_preset_writes_records(tmp_path):
             assert r["x_contiguous"] == pytest.approx(contiguous["ms"] / r["ms"])
     assert all(r["status"] == "skipped" and "longer than" in r["note"] for r in records if r["workload"] == "prefill")
     assert "| decode | 16 | 128 (64..128) | paged | pyattn-cpu |" in (tmp_path / "serving.md").read_text()
+
+
+def test_serving_times_layouts_apart_where_both_caches_do_not_fit(monkeypatch):
+    """Where one cache fits but not both, the layouts are timed one after the other, and paged records carry no
+    same-rounds ratio; where both fit, they do."""
+    from benchmarks import measure, serving
+
+    small, large = (serving.lengths_for(b, 64) for b in serving.BATCHES)
+    one = max(serving.cache_bytes(lay, large) for lay in serving.LAYOUTS)
+    assert 2 * max(serving.cache_bytes(lay, small) for lay in serving.LAYOUTS) < one
+    monkeypatch.setattr(measure, "available_bytes", lambda device: 1.5 * one / 0.7)  # one large cache, not two
+    src = torch.ones(1024)
+    records = serving.measure_points([64], ["pyattn-cpu"], 3.0, 600, (src, torch.empty_like(src), 1.0), log=print)
+    paged = {r["B"]: r for r in records if r["layout"] == "paged" and r["workload"] == "decode"}
+    assert all(r["status"] == "ok" for r in paged.values())
+    assert "x_contiguous" in paged[1] and "x_contiguous" not in paged[16]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
