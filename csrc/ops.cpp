@@ -96,6 +96,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "version, compiled backends, CUDA architectures and CPU capabilities of this build, and the one in use");
   m.def("mask_kinds", &mask_kinds, "csrc/params.h's mask kinds (AttnParams::mask_kind) by their Python names");
   m.def("_set_cpu_kernels", &set_cpu_kernels, "use the kernels of a pyattn._cpu_<capability> module");
-  m.def("_cpu_bf16_vnni", [] { return pyattn::cpu::kernels().bf16_vnni(); },
-        "whether the CPU kernels in use multiply bf16 on bf16 VNNI tiles now (else widened to fp32)");
+  m.def("_cpu_fwd_plan",
+        [](const at::Tensor& like, int64_t rows, int64_t E, int64_t Ev) {
+          return pyattn::cpu::fwd_plan(like.scalar_type(), rows, E, Ev);
+        },
+        "how the CPU kernels in use run the forward of like's dtype on tiles of `rows` q rows (a GQA group's heads "
+        "x L), head dims E, Ev");
 }

@@ -132,9 +132,14 @@ class CPUBackend(FusedBackend):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
 
     def notes(self, inp):
-        from . import cpu_capability
-        bf16 = f"; bf16 matmuls: {cpu_capability.bf16_matmuls()}" if inp.dtype == torch.bfloat16 else ""
-        return f" [{cpu_capability.describe()}{bf16}]"
+        from . import _C, cpu_capability
+        E, Ev = inp.head_dims
+        if isinstance(inp, KVCacheInputs):  # q (B, L, Hq, E), k_cache (..., Hkv, E)
+            Hq, Hkv, L = inp.q.shape[2], inp.k_cache.shape[-2], inp.q.shape[1]
+        else:  # q (B, Hq, L, E), k (B, Hkv, S, E); varlen: L is the longest sequence's
+            Hq, Hkv, L = inp.q.shape[1], inp.k.shape[1], inp.max_seqlen_q
+        plan = _C._cpu_fwd_plan(inp.q, Hq // Hkv * L, E, Ev)  # the kernel's tiles stack a GQA group's rows
+        return f" [{cpu_capability.describe()}; forward: {plan}]"
 
 
 class CUDABackend(FusedBackend):

@@ -108,12 +108,6 @@ def current():
     return _state["name"]
 
 
-def bf16_matmuls():
-    """How bf16 matmuls run now: on bf16 VNNI tiles (torch's oneDNN brgemm), or widened to fp32 tiles."""
-    from . import _C
-    return "bf16 VNNI brgemm" if _C._cpu_bf16_vnni() else "fp32 tiles (no bf16 VNNI brgemm here)"
-
-
 def describe():
     """One line for explain(): the capability in use and why no higher one."""
     why = "; ".join(f"not {n}: {w}" for n, w in _state["why_not_higher"].items())

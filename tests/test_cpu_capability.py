@@ -87,6 +87,29 @@ def test_bf16_runs_where_onednn_has_no_bf16_vnni(isa):
     assert "fp32 tiles" in explain, explain
 
 
+@pytest.mark.parametrize("call,plan", [
+    ("sdpa-L300-gqa", "prefill: fp32 tiles of 40 x 18"),
+    ("sdpa-L3-E20", "decode: fp32 tiles of 128 x 256, split-KV chunks of 1024 keys"),
+    ("kvcache-decode-gqa", "decode: fp32 FMA on the cache's rows where they lie"),
+    ("kvcache-L40-gqa", "prefill: fp32 tiles of 40 x 18"),
+])
+def test_explain_names_the_forward_plan(call, plan, monkeypatch):
+    """explain() says how the CPU kernel would run the forward: decode or prefill by the rows a tile stacks (a GQA
+    group's heads x L), on the cache's rows or on tiles, which tiles (PYATTN_CPU_FWD_TILE sets prefill's)."""
+    monkeypatch.setenv("PYATTN_CPU_FWD_TILE", "40x18")
+    if call.startswith("sdpa"):
+        L, E = (300, 64) if "L300" in call else (3, 20)
+        q, k = torch.randn(1, 8, L, E), torch.randn(1, 2, 50, E)
+        text = pyattn.explain(q, k, k, enable_gqa=True, backend="cpu")
+    else:
+        L = 40 if "L40" in call else 1
+        q, cache = torch.randn(2, L, 8, 128), torch.randn(2, 100, 2, 128)
+        text = pyattn.explain(q, cache, cache, cache_seqlens=torch.tensor([10, 50], dtype=torch.int32),
+                              backend="cpu")
+    line = next(x for x in text.splitlines() if x.strip().startswith("cpu "))
+    assert f"forward: {plan}" in line, text
+
+
 def test_forced_switches_and_restores():
     before = cpu_capability.current()
     q = torch.randn(1, 2, 17, 8)

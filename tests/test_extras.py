@@ -339,6 +339,36 @@ def test_combo_bigger(backend, device):
           causal_alignment="bottom_right")
 
 
+TILE_SETUPS = {
+    "causal-br-window-floatmask": dict(causal_alignment="bottom_right", window_size=(700, 0)),
+    "softcap-alibi-lse": dict(softcap=20.0, return_lse=True),
+}
+
+
+@pytest.mark.parametrize("backend,device", backend_params(["cpu"]))
+@pytest.mark.parametrize("tile", ["128x256", "256x512", "40x18"])
+@pytest.mark.parametrize("setup", TILE_SETUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cpu_prefill_tiles(backend, device, tile, setup, dtype, monkeypatch):
+    """Each tile shape the CPU forward's prefill may take (by default the core's L2 picks 128 x 256 or 256 x 512;
+    PYATTN_CPU_FWD_TILE sets it), and an odd one: several q and key blocks of each, partial last blocks, GQA."""
+    monkeypatch.setenv("PYATTN_CPU_FWD_TILE", tile)
+    t = qkv((1, 4, 300, 64), (1, 2, 1100, 64), (1, 2, 1100, 48))
+    if setup.endswith("floatmask"):
+        t["attn_mask"] = torch.randn(300, 1100)
+    else:
+        t["alibi_slopes"] = torch.rand(4) * 0.1
+    check(backend, t, dtype, enable_gqa=True, **TILE_SETUPS[setup])
+
+
+@pytest.mark.parametrize("value", ["0x256", "128x7", "128", "128x256x", "big"])
+def test_cpu_prefill_tile_setting_is_checked(value, monkeypatch):
+    monkeypatch.setenv("PYATTN_CPU_FWD_TILE", value)
+    q, k = torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16)
+    with pytest.raises(RuntimeError, match=f"PYATTN_CPU_FWD_TILE must be QxK .* got '{value}'"):
+        pyattn.scaled_dot_product_attention(q, k, k, backend="cpu")
+
+
 def test_explicit_oracle_agrees_with_torch():
     """explicit() itself against torch on what torch can do (mask + causal + gqa + scale)."""
     q, k, v = torch.randn(2, 4, 9, 16).double(), torch.randn(2, 2, 17, 16).double(), torch.randn(2, 2, 17, 8).double()

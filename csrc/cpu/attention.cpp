@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "cpu/dispatch.h"
@@ -144,6 +145,12 @@ at::Tensor cpu_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int6
 }
 
 }  // namespace
+
+std::string fwd_plan(at::ScalarType dtype, int64_t rows, int64_t E, int64_t Ev) {
+  char text[256];
+  kernels().fwd_plan[slot(dtype)](rows, E, Ev, text, sizeof(text));
+  return text;
+}
 
 TORCH_LIBRARY_IMPL(pyattn, CPU, m) {
   m.impl("fwd", &fwd);

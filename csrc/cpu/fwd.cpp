@@ -3,15 +3,21 @@
 //   prefill: one task per (sequence, q head, q block). K^T and V are packed once per (sequence, kv
 //            head) up front, in the layout the matmul wants (see operands.h), and shared by the q heads
 //            of a GQA group.
-//   decode (group * L <= kBlockQ): one task per (sequence, chunk of keys, kv heads: all of them when there
+//   decode (group * L <= 128): one task per (sequence, chunk of keys, kv heads: all of them when there
 //            are tasks enough), key block by key block in cache order; a tile stacks all rows of a GQA
 //            group's q heads, so each key is read once per group. K^T and V are packed
 //            per key block into scratch (no copy of the cache); the chunks' partial (o, m, l) are then
 //            merged in key order, which keeps the result independent of the thread count. Tiles of up to
 //            8 rows skip the packing and brgemm, on fp32 tiles: attend_block_rows (decode_rows.h).
 #include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <vector>
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size
+#endif
 
 #include "cpu/decode_rows.h"
 #include "cpu/kernel.h"
@@ -24,41 +30,80 @@
 namespace pyattn::cpu {
 namespace {
 
-// Tile sizes: rows of q per task, keys per step. Measured on the 2-core EPYC (AVX-512, no AMX), B=1 H=8
-// N=4096 D=64: 128 x 256 was best for causal and within 5% of the best (256 x 512) otherwise.
-constexpr int64_t kBlockQ = 128;
-constexpr int64_t kBlockK = 256;
+// A tile: rows of q per task, keys per step.
+struct Tile {
+  int64_t q, k;
+};
+// Decode (group * L <= 128 rows): 128 x 256.
+constexpr Tile kDecodeTile{128, 256};
+// Prefill's tile: 256 x 512 where its working set (the tile's scores, probabilities, o and q, and a key block of K
+// and V) fits in 7/8 of a core's L2, else 128 x 256. Measured in one process, interleaved (/tmp A/B; Sapphire
+// Rapids, 2 MiB L2, AMX): 256 x 512 ran bf16 1.06-1.24x faster (32:8 and 16:16 heads, D = 64, 128 and 256,
+// 2k-8k tokens; 512 new tokens over a 64k cache: 1.16-1.24x), fp32 and fp16 (fp32 tiles) within 5% either way,
+// and 0.98-1.10x with torch and pyattn held to AVX2. On the 2-core EPYC Zen 4 (1 MiB L2; B=1 H=8 N=4096 D=64),
+// 128 x 256 was best for causal and within 5% of 256 x 512 otherwise. PYATTN_CPU_FWD_TILE=QxK sets the tile (read
+// per call: tests and comparisons switch it).
+int64_t l2_cache_bytes() {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+  return bytes;
+#else
+  return 0;
+#endif
+}
+
+template <typename T, typename acc>
+Tile prefill_tile(int64_t E, int64_t Ev) {
+  if (const char* env = std::getenv("PYATTN_CPU_FWD_TILE"); env != nullptr && *env != '\0') {
+    Tile t{0, 0};
+    char end = 0;
+    const int n = std::sscanf(env, "%" SCNd64 "x%" SCNd64 "%c", &t.q, &t.k, &end);
+    TORCH_CHECK(n == 2 && t.q >= 1 && t.q <= 4096 && t.k >= 2 && t.k <= 4096 && t.k % 2 == 0,
+                "PYATTN_CPU_FWD_TILE must be QxK with 1 <= Q <= 4096 and K even in [2, 4096] (VNNI pairs keys), got '",
+                env, "'");
+    return t;
+  }
+  constexpr Tile big{256, 512};
+  constexpr int64_t kT = sizeof(T), kAcc = sizeof(acc);
+  const int64_t bytes = big.q * big.k * kAcc + (std::is_same_v<T, acc> ? 0 : big.q * kpad<T>(big.k) * kT) +
+                        big.q * (Ev * kAcc + kpad<T>(E) * kT) + big.k * (E + Ev) * kT;
+  return 8 * bytes <= 7 * l2_cache_bytes() ? big : Tile{128, 256};
+}
+
 // Decode: key blocks per task. Fixed (not derived from the thread count) so results are reproducible.
 constexpr int64_t kChunkBlocks = 4;
 
+// A task's scratch for tiles of up to tile.q rows and tile.k keys.
 template <typename T, typename acc>
 struct FwdScratch {
-  std::unique_ptr<T[]> q;  // (kBlockQ, kpad(E)) A operand
-  std::unique_ptr<acc[]> s;  // (kBlockQ, kBlockK) scores, then probabilities
-  std::unique_ptr<T[]> p;  // (kBlockQ, kpad(kBlockK)) probabilities as an A operand (bf16 only)
-  std::unique_ptr<acc[]> o;  // (kBlockQ, Ev) unnormalized output
-  std::unique_ptr<acc[]> m, l;  // (kBlockQ,) running max (log2 domain) and sum
-  std::unique_ptr<uint8_t[]> keep;  // (kBlockK,) dropout
-  std::unique_ptr<T[]> kt, v;  // decode: one key block of K^T (kpad(E), kBlockK) and V (kpad(kBlockK), Ev)
-  std::unique_ptr<T[]> qt;  // decode: Q^T (kpad(E), kBlockQ) as a B operand
-  std::unique_ptr<acc[]> st;  // decode: S^T (kBlockK, kBlockQ)
+  const int64_t bq, bk;  // the tile
+  const int64_t ldp;  // ld of the probabilities as an A operand: w.s itself (fp32 tiles), or w.p
+  std::unique_ptr<T[]> q;  // (bq, kpad(E)) A operand
+  std::unique_ptr<acc[]> s;  // (bq, bk) scores, then probabilities
+  std::unique_ptr<T[]> p;  // (bq, kpad(bk)) probabilities as an A operand (bf16 only)
+  std::unique_ptr<acc[]> o;  // (bq, Ev) unnormalized output
+  std::unique_ptr<acc[]> m, l;  // (bq,) running max (log2 domain) and sum
+  std::unique_ptr<uint8_t[]> keep;  // (bk,) dropout
+  std::unique_ptr<T[]> kt, v;  // decode: one key block of K^T (kpad(E), bk) and V (kpad(bk), Ev)
+  std::unique_ptr<T[]> qt;  // decode: Q^T (kpad(E), bq) as a B operand
+  std::unique_ptr<acc[]> st;  // decode: S^T (bk, bq)
   std::unique_ptr<T[]> qt_all;  // paged decode: Q^T of every q head (kpad(E), cols)
-  std::unique_ptr<acc[]> st_all;  // paged decode: (kBlockK * Hkv, cols) scores of a key block, all heads
+  std::unique_ptr<acc[]> st_all;  // paged decode: (bk * Hkv, cols) scores of a key block, all heads
   // decode on rows (attend_block_rows): pointers to a key block's rows of kv head 0 in K and V, and to the next
-  // block's in K (3 kBlockK; the cache's element type, which fp32 tiles widen)
+  // block's in K (3 bk; the cache's element type, which fp32 tiles widen)
   std::unique_ptr<const void*[]> rows;
-  FwdScratch(int64_t E, int64_t Ev, bool decode)
-      : q(new T[kBlockQ * kpad<T>(E)]), s(new acc[kBlockQ * kBlockK]),
-        p(std::is_same_v<T, acc> ? nullptr : new T[kBlockQ * kpad<T>(kBlockK)]), o(new acc[kBlockQ * Ev]),
-        m(new acc[kBlockQ]), l(new acc[kBlockQ]), keep(new uint8_t[kBlockK]),
-        kt(decode ? new T[kpad<T>(E) * kBlockK] : nullptr), v(decode ? new T[kpad<T>(kBlockK) * Ev] : nullptr),
-        qt(decode ? new T[kpad<T>(E) * kBlockQ] : nullptr), st(decode ? new acc[kBlockK * kBlockQ] : nullptr),
-        rows(decode ? new const void*[3 * kBlockK] : nullptr) {}
+  FwdScratch(int64_t E, int64_t Ev, bool decode, Tile tile)
+      : bq(tile.q), bk(tile.k), ldp(std::is_same_v<T, acc> ? bk : kpad<T>(bk)), q(new T[bq * kpad<T>(E)]),
+        s(new acc[bq * bk]), p(std::is_same_v<T, acc> ? nullptr : new T[bq * ldp]), o(new acc[bq * Ev]),
+        m(new acc[bq]), l(new acc[bq]), keep(new uint8_t[bk]),
+        kt(decode ? new T[kpad<T>(E) * bk] : nullptr), v(decode ? new T[kpad<T>(bk) * Ev] : nullptr),
+        qt(decode ? new T[kpad<T>(E) * bq] : nullptr), st(decode ? new acc[bk * bq] : nullptr),
+        rows(decode ? new const void*[3 * bk] : nullptr) {}
   ~FwdScratch() { matmul_release<T>(); }
   void alloc_all_heads(int64_t E, int64_t Hkv, int64_t cols) {
     if (qt_all) return;
     qt_all.reset(new T[kpad<T>(E) * cols]);
-    st_all.reset(new acc[kBlockK * Hkv * cols]);
+    st_all.reset(new acc[bk * Hkv * cols]);
   }
 };
 
@@ -75,17 +120,13 @@ void init_rows(int64_t M, int64_t Ev, acc* o, acc* m, acc* l) {
   std::fill(l, l + M, acc(0));
 }
 
-// ld of the probabilities as an A operand (w.s itself, or w.p)
-template <typename T, typename acc>
-constexpr int64_t kLdP = std::is_same_v<T, acc> ? kBlockK : kpad<T>(kBlockK);
-
-// The raw scores of key block [j0, j0 + nj) in w.s (M, nj; ld kBlockK; from row r0) -> online softmax update of
-// o (M, Ev), m, l (M,); returns the probabilities as the A operand of P V (ld kLdP; from row r0 of w.s or w.p).
+// The raw scores of key block [j0, j0 + nj) in w.s (M, nj; ld w.bk; from row r0) -> online softmax update of
+// o (M, Ev), m, l (M,); returns the probabilities as the A operand of P V (ld w.ldp; from row r0 of w.s or w.p).
 template <typename scalar_t, typename T, typename acc>
 const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
                        FwdScratch<T, acc>& w, acc* o, acc* m, acc* l, int64_t r0 = 0) {
-  const int64_t Ev = p.head_dim_v, ldp = kLdP<T, acc>;
-  acc* s0 = w.s.get() + r0 * kBlockK;
+  const int64_t Ev = p.head_dim_v, ldp = w.ldp;
+  acc* s0 = w.s.get() + r0 * w.bk;
   T* p0 = std::is_same_v<T, acc> ? nullptr : w.p.get() + r0 * ldp;
   const acc inv_keep = p.dropout_p > 0 ? acc(1 / (1 - p.dropout_p)) : acc(1);
   // bf16/fp16 inputs: a cheaper exp2, and for their bf16 tiles the probabilities written as the A operand directly
@@ -94,10 +135,10 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
     // per-head score math: ALiBi slope and mask differ per head
     const int64_t h = rows.h0 + g;
     const Scores<scalar_t, acc> sc(p, seq, b, h);
-    acc* s = s0 + g * rows.n * kBlockK;
-    const acc cf = sc.template apply<false>(s, kBlockK, rows.i0, rows.n, j0, nj, nullptr);
+    acc* s = s0 + g * rows.n * w.bk;
+    const acc cf = sc.template apply<false>(s, w.bk, rows.i0, rows.n, j0, nj, nullptr);
     for (int64_t r = g * rows.n; r < (g + 1) * rows.n; ++r) {
-      acc* x = s0 + r * kBlockK;
+      acc* x = s0 + r * w.bk;
       bool in_tile = false;  // the probabilities already written to the A operand
       const acc m_new = nan_max(m[r], row_max(x, nj) * cf);
       if (m_new == neg_inf<acc>()) {
@@ -138,9 +179,9 @@ template <typename scalar_t, typename T, typename acc>
 void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
                   const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
   const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
-  matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), kBlockK, false);
+  matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), w.bk, false);
   const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l);
-  matmul(M, Ev, nj, pa, kLdP<T, acc>, vb, Ev, o, Ev, true);
+  matmul(M, Ev, nj, pa, w.ldp, vb, Ev, o, Ev, true);
 }
 
 // Rows [j, j + n) (cols elements each) into L1 ahead of their use. Always inlined: GCC takes a function of nothing
@@ -216,10 +257,10 @@ void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t
     ld = M;
   }
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t c = 0; c < nj; ++c) w.s[r * kBlockK + c] = scores[c * ld + r];
+    for (int64_t c = 0; c < nj; ++c) w.s[r * w.bk + c] = scores[c * ld + r];
   const T* pa = softmax_block<T>(p, seq, b, rows, j0, nj, w, o, m, l);
   pack_keys<T, T>(p, seq, b, hk, j0, nj, nullptr, 0, w.v.get());
-  matmul(M, Ev, nj, pa, kLdP<T, acc>, w.v.get(), Ev, o, Ev, true);
+  matmul(M, Ev, nj, pa, w.ldp, w.v.get(), Ev, o, Ev, true);
 }
 
 // Paged decode's scores of key block [j0, j0 + nj) for every kv head at once: a page holds each key's heads
@@ -292,8 +333,8 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
     const int64_t ks = p.k_strides.head, vs = p.v_strides.head, Ms = group * seq.L;
     const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, 0), vr(p, seq, b, p.v, p.v_strides, 0);
     const void** k0 = w.rows.get();
-    const void** v0 = k0 + kBlockK;
-    const void** k_next = v0 + kBlockK;
+    const void** v0 = k0 + w.bk;
+    const void** k_next = v0 + w.bk;
     row_pointers(kr, j0, nj, k0);
     row_pointers(vr, j0, nj, v0);
     if (next_nj > 0) row_pointers(kr, j0 + nj, next_nj, k_next);
@@ -308,8 +349,8 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
       }
       return RowsPrefetch{k_next, hk * ks * kElem, std::min(kRowsGroup, next_nj), E * kElem};
     };
-    // heads whose rows fit in the tile scratch (w.q, w.s, w.p: kBlockQ rows)
-    const int64_t fit = std::max<int64_t>(1, kBlockQ / Ms);
+    // heads whose rows fit in the tile scratch (w.q, w.s, w.p: w.bq rows)
+    const int64_t fit = std::max<int64_t>(1, w.bq / Ms);
     for (int64_t hg = h_lo; hg < h_hi; hg += fit) {
       const int64_t hn = std::min(fit, h_hi - hg);
       load_q<scalar_t>(p, seq, Rows{hg * group, hn * group, 0, seq.L}, w);
@@ -318,7 +359,7 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
         for (int64_t hk = hg; hk < hg + hn; ++hk) {
           const int64_t t = hk - hg;
           decode_rows_scores<scalar_t>(k0 + j, hk * ks, n, E, w.q.get() + t * Ms * E, E, Ms,
-                                       w.s.get() + t * Ms * kBlockK + j, kBlockK, prefetch(g + 1, hk));
+                                       w.s.get() + t * Ms * w.bk + j, w.bk, prefetch(g + 1, hk));
         }
       }
       // fp32 tiles: the probabilities replace the scores in w.s
@@ -331,7 +372,7 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
         const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
         for (int64_t hk = hg; hk < hg + hn; ++hk) {
           const int64_t t = hk - hg;
-          decode_rows_pv<scalar_t>(v0 + j, hk * vs, n, Ev, w.s.get() + t * Ms * kBlockK + j, kBlockK, Ms,
+          decode_rows_pv<scalar_t>(v0 + j, hk * vs, n, Ev, w.s.get() + t * Ms * w.bk + j, w.bk, Ms,
                                    partial(hk), prefetch(G + g + 1, hk));
         }
       }
@@ -378,10 +419,11 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   using acc = acc_t<scalar_t>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, group = Hq / Hkv;
   const int64_t E = p.head_dim, Ev = p.head_dim_v, Ep = kpad<T>(E);
+  const Tile tile = prefill_tile<T, acc>(E, Ev);
   std::vector<int64_t> kv_off(B * Hkv + 1, 0);
   int64_t max_blocks = 0;
   for (int64_t b = 0; b < B; ++b) {
-    max_blocks = std::max(max_blocks, (seqs[b].L + kBlockQ - 1) / kBlockQ);
+    max_blocks = std::max(max_blocks, (seqs[b].L + tile.q - 1) / tile.q);
     for (int64_t hk = 0; hk < Hkv; ++hk)
       kv_off[b * Hkv + hk + 1] = kv_off[b * Hkv + hk] + Ep * seqs[b].S + kpad<T>(seqs[b].S) * Ev;
   }
@@ -399,22 +441,22 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs) {
   std::vector<int64_t> tasks;  // (qb * B + b) * Hq + h
   for (int64_t qb = max_blocks - 1; qb >= 0; --qb)
     for (int64_t b = 0; b < B; ++b)
-      if (qb * kBlockQ < seqs[b].L)
+      if (qb * tile.q < seqs[b].L)
         for (int64_t h = 0; h < Hq; ++h) tasks.push_back((qb * B + b) * Hq + h);
 
-  parallel_tasks(int64_t(tasks.size()), [&] { return FwdScratch<T, acc>(E, Ev, false); },
+  parallel_tasks(int64_t(tasks.size()), [&] { return FwdScratch<T, acc>(E, Ev, false, tile); },
                  [&](int64_t t, FwdScratch<T, acc>& w) {
     const int64_t h = tasks[t] % Hq, b = tasks[t] / Hq % B, qb = tasks[t] / Hq / B;
     const Seq& seq = seqs[b];
-    const Rows rows{h, 1, qb * kBlockQ, std::min(kBlockQ, seq.L - qb * kBlockQ)};
+    const Rows rows{h, 1, qb * tile.q, std::min(tile.q, seq.L - qb * tile.q)};
     load_q<scalar_t>(p, seq, rows, w);
     const T* kt = kv + kv_off[b * Hkv + h / group];
     const T* vp = kt + Ep * seq.S;
     init_rows(rows.n, Ev, w.o.get(), w.m.get(), w.l.get());
     const auto [klo, khi] = make_band(p, seq).keys(rows.i0, rows.i0 + rows.n);
     // Even block starts: V's VNNI pairs keys.
-    for (int64_t j0 = klo & ~int64_t(1); j0 < khi; j0 += kBlockK) {
-      const int64_t nj = std::min(kBlockK, khi - j0);
+    for (int64_t j0 = klo & ~int64_t(1); j0 < khi; j0 += tile.k) {
+      const int64_t nj = std::min(tile.k, khi - j0);
       attend_block<scalar_t>(p, seq, b, rows, j0, nj, kt + b_col<T>(j0), seq.S, vp + j0 * Ev, w, w.o.get(),
                              w.m.get(), w.l.get());
     }
@@ -437,7 +479,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   for (int64_t b = 0; b < B; ++b) {
     const auto [klo, khi] = make_band(p, seqs[b]).keys(0, seqs[b].L);
     keys[b] = {klo & ~int64_t(1), khi};
-    const int64_t blocks = seqs[b].L > 0 && khi > klo ? (khi - keys[b].first + kBlockK - 1) / kBlockK : 0;
+    const int64_t blocks = seqs[b].L > 0 && khi > klo ? (khi - keys[b].first + kDecodeTile.k - 1) / kDecodeTile.k : 0;
     chunks[b] = std::max<int64_t>(1, (blocks + kChunkBlocks - 1) / kChunkBlocks);
     for (int64_t hk = 0; hk < Hkv; ++hk) first[b * Hkv + hk + 1] = first[b * Hkv + hk] + chunks[b];
   }
@@ -463,14 +505,14 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   std::vector<int64_t> first_chunk(B + 1, 0);  // tasks (sequence, chunk, head group) of b from first_chunk[b]
   for (int64_t b = 0; b < B; ++b) first_chunk[b + 1] = first_chunk[b] + chunks[b] * head_tasks;
 
-  parallel_tasks(first_chunk.back(), [&] { return FwdScratch<T, acc>(E, Ev, true); },
+  parallel_tasks(first_chunk.back(), [&] { return FwdScratch<T, acc>(E, Ev, true, kDecodeTile); },
                  [&](int64_t t, FwdScratch<T, acc>& w) {
     const int64_t b = std::upper_bound(first_chunk.begin(), first_chunk.end(), t) - first_chunk.begin() - 1;
     const int64_t c = (t - first_chunk[b]) / head_tasks, h_lo = (t - first_chunk[b]) % head_tasks * heads_per_task;
     const int64_t h_hi = std::min(Hkv, h_lo + heads_per_task);
     const Seq& seq = seqs[b];
-    const int64_t j_begin = keys[b].first + c * kChunkBlocks * kBlockK;
-    const int64_t j_end = std::min(keys[b].second, j_begin + kChunkBlocks * kBlockK);
+    const int64_t j_begin = keys[b].first + c * kChunkBlocks * kDecodeTile.k;
+    const int64_t j_end = std::min(keys[b].second, j_begin + kChunkBlocks * kDecodeTile.k);
     auto partial = [&](int64_t hk) { return parts.data() + (first[b * Hkv + hk] + c) * part; };  // o, then m, l
     for (int64_t hk = h_lo; hk < h_hi; ++hk) {
       acc* o = partial(hk);
@@ -484,10 +526,10 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
         w.alloc_all_heads(E, Hkv, Hkv * M);
         load_qt<scalar_t>(p, seq, Rows{0, p.heads_q, 0, seq.L}, w.qt_all.get());
       }
-    for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
-      const int64_t nj = std::min(kBlockK, j_end - j0);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeTile.k) {
+      const int64_t nj = std::min(kDecodeTile.k, j_end - j0);
       if (on_rows) {
-        const int64_t next_nj = std::clamp<int64_t>(j_end - j0 - kBlockK, 0, kBlockK);
+        const int64_t next_nj = std::clamp<int64_t>(j_end - j0 - kDecodeTile.k, 0, kDecodeTile.k);
         attend_block_rows<scalar_t>(p, seq, b, h_lo, h_hi, j0, nj, next_nj, M, w, partial);
         continue;
       }
@@ -522,7 +564,8 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   if (single_chunks) return;
 
   // Merge the chunks of each (sequence, kv head) in key order: o, l rescaled to the common max.
-  parallel_tasks(B * Hkv, [&] { return FwdScratch<T, acc>(E, Ev, false); }, [&](int64_t bh, FwdScratch<T, acc>& w) {
+  parallel_tasks(B * Hkv, [&] { return FwdScratch<T, acc>(E, Ev, false, kDecodeTile); },
+                 [&](int64_t bh, FwdScratch<T, acc>& w) {
     const Seq& seq = seqs[bh / Hkv];
     const Rows rows{bh % Hkv * group, group, 0, seq.L};
     acc* o = w.o.get();
@@ -553,7 +596,7 @@ void run_fwd(const AttnParams& p) {
   std::vector<Seq> seqs(p.batch);
   for (int64_t b = 0; b < p.batch; ++b) seqs[b] = get_seq(p, b);
   // Short queries: a tile holds every row of a GQA group, so each key block is read once per group.
-  const bool decode = p.heads_q / p.heads_kv * p.seqlen_q <= kBlockQ;
+  const bool decode = p.heads_q / p.heads_kv * p.seqlen_q <= kDecodeTile.q;
   if constexpr (!std::is_same_v<scalar_t, double>)
     if (decode && decode_on_rows(p)) return fwd_decode<scalar_t, float>(p, seqs);
   with_tile_type<scalar_t>([&](auto tile) {
@@ -563,9 +606,37 @@ void run_fwd(const AttnParams& p) {
   });
 }
 
+template <typename scalar_t>
+int64_t fwd_plan(int64_t rows, int64_t E, int64_t Ev, char* out, int64_t size) {
+  const bool decode = rows <= kDecodeTile.q;
+  if (!std::is_same_v<scalar_t, double> && decode && decode_rows_fit(rows, E, Ev))
+    return std::snprintf(out, size, "decode: fp32 FMA on the cache's rows where they lie (unit column strides), "
+                         "split-KV chunks of %" PRId64 " keys", kChunkBlocks * kDecodeTile.k);
+  int64_t n = 0;
+  with_tile_type<scalar_t>([&](auto tile) {
+    using T = decltype(tile);
+    const char* type = std::is_same_v<T, double> ? "fp64" : std::is_same_v<T, float> ? "fp32" : "bf16 VNNI";
+    const char* why = std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>
+                          ? " (bf16 widened: no bf16 VNNI brgemm here)" : "";
+    if (decode) {
+      n = std::snprintf(out, size, "decode: %s tiles of %" PRId64 " x %" PRId64 "%s, split-KV chunks of %" PRId64
+                        " keys", type, kDecodeTile.q, kDecodeTile.k, why, kChunkBlocks * kDecodeTile.k);
+    } else {
+      const Tile t = prefill_tile<T, acc_t<scalar_t>>(E, Ev);
+      n = std::snprintf(out, size, "prefill: %s tiles of %" PRId64 " x %" PRId64 "%s (L2 %" PRId64 " KiB)", type, t.q,
+                        t.k, why, l2_cache_bytes() / 1024);
+    }
+  });
+  return n;
+}
+
 template void run_fwd<float>(const AttnParams&);
 template void run_fwd<double>(const AttnParams&);
 template void run_fwd<c10::BFloat16>(const AttnParams&);
 template void run_fwd<c10::Half>(const AttnParams&);
+template int64_t fwd_plan<float>(int64_t, int64_t, int64_t, char*, int64_t);
+template int64_t fwd_plan<double>(int64_t, int64_t, int64_t, char*, int64_t);
+template int64_t fwd_plan<c10::BFloat16>(int64_t, int64_t, int64_t, char*, int64_t);
+template int64_t fwd_plan<c10::Half>(int64_t, int64_t, int64_t, char*, int64_t);
 
 }  // namespace pyattn::cpu

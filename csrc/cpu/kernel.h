@@ -13,6 +13,11 @@ namespace pyattn::cpu {
 template <typename scalar_t>
 void run_fwd(const AttnParams& p);
 
+// explain(): how run_fwd runs tiles of `rows` q rows (a GQA group's heads x L) with head dims E, Ev; written to out
+// as snprintf does (at most size bytes with the NUL), returning the full length.
+template <typename scalar_t>
+int64_t fwd_plan(int64_t rows, int64_t E, int64_t Ev, char* out, int64_t size);
+
 // dq, dk, dv (+ dmask) from dout, out, lse. Deterministic for any thread count.
 template <typename scalar_t>
 void run_bwd(const AttnBwdParams& p);
@@ -26,12 +31,13 @@ enum DtypeSlot { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kNumSl
 
 // What one capability module provides. abi guards against a module built from other sources than _C.
 struct KernelTable {
-  static constexpr int64_t kAbi = 1000 * int64_t(sizeof(AttnBwdParams)) + kNumSlots;
+  static constexpr int64_t kVersion = 2;  // of this struct's fields: bump when they change
+  static constexpr int64_t kAbi = 1000 * int64_t(sizeof(AttnBwdParams)) + 10 * kVersion + kNumSlots;
   int64_t abi;
   const char* capability;  // "avx2", ...
   void (*fwd[kNumSlots])(const AttnParams&);
   void (*bwd[kNumSlots])(const AttnBwdParams&);
-  bool (*bf16_vnni)();  // whether bf16 matmuls run on bf16 VNNI tiles now (else widened to fp32)
+  int64_t (*fwd_plan[kNumSlots])(int64_t rows, int64_t E, int64_t Ev, char* out, int64_t size);
 };
 
 }  // namespace pyattn::cpu

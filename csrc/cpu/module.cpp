@@ -4,26 +4,21 @@
 // inline functions compiled for this ISA never stand in for another module's.
 #include <Python.h>
 
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "cpu/kernel.h"
-#include "cpu/operands.h"
 
 namespace pyattn::cpu {
 namespace {
-
-bool bf16_vnni() {
-#if defined(PYATTN_VNNI_TILES)
-  return bf16_vnni_brgemm();
-#else
-  return false;
-#endif
-}
 
 const KernelTable kTable = {
     KernelTable::kAbi,
     PYATTN_CPU_CAPABILITY_NAME,
     {&run_fwd<float>, &run_fwd<double>, &run_fwd<c10::BFloat16>, &run_fwd<c10::Half>},
     {&run_bwd<float>, &run_bwd<double>, &run_bwd<c10::BFloat16>, &run_bwd<c10::Half>},
-    &bf16_vnni,
+    {&fwd_plan<float>, &fwd_plan<double>, &fwd_plan<c10::BFloat16>, &fwd_plan<c10::Half>},
 };
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),
