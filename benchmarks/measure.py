@@ -119,15 +119,18 @@ def time_ms(step, device, min_time=0.25, max_reps=20, max_seconds=2.0, warm=Fals
 def time_interleaved(steps, min_time=0.25, max_rounds=20, max_seconds=2.0):
     """{name: median milliseconds} of warm CPU steps ({name: callable}) timed in turn, one call of each per round:
     on a shared host whose speed drifts over seconds (other tenants' memory traffic), separate runs of two
-    impls can differ by 30% while their ratio within interleaved rounds holds. 3+ rounds over min_time per
-    step; rounds of seconds each stop after 2 once they pass max_seconds per step."""
+    impls can differ by 30% while their ratio within interleaved rounds holds. Every other round runs in reverse
+    order, so that no step always follows the same one (a step right after a 1 GiB copy starts with the caches
+    full of its dirty lines). 3+ rounds over min_time per step; rounds of seconds each stop after 2 once they pass
+    max_seconds per step."""
     times = {name: [] for name in steps}
+    order = list(steps.items())
     start = time.perf_counter()
     for rounds in range(max_rounds):
         elapsed = (time.perf_counter() - start) / len(steps)
         if (rounds >= 3 and elapsed >= min_time) or (rounds >= 2 and elapsed >= max_seconds):
             break
-        for name, step in steps.items():
+        for name, step in order if rounds % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
