@@ -37,9 +37,9 @@ struct Tile {
 // Decode (group * L <= 128 rows): 128 x 256.
 constexpr Tile kDecodeTile{128, 256};
 // Prefill's tile: 256 x 512 where its working set (the tile's scores, probabilities, o and q, and a key block of K
-// and V) fits in 7/8 of a core's L2, else 128 x 256. Measured in one process, interleaved (/tmp A/B; Sapphire
-// Rapids, 2 MiB L2, AMX): 256 x 512 ran bf16 1.06-1.24x faster (32:8 and 16:16 heads, D = 64, 128 and 256,
-// 2k-8k tokens; 512 new tokens over a 64k cache: 1.16-1.24x), fp32 and fp16 (fp32 tiles) within 5% either way,
+// and V) fits in 7/8 of a core's L2, else 128 x 256. Measured in one process, interleaved (Sapphire Rapids, 2 MiB
+// L2, AMX): 256 x 512 ran bf16 1.02-1.26x faster (32:8 and 16:16 heads, D = 64, 128 and 256, 2k-8k tokens;
+// 512 new tokens over a 64k cache: 1.24-1.36x contiguous, 1.09-1.16x paged), fp32 and fp16 (fp32 tiles) within 5%,
 // and 0.98-1.10x with torch and pyattn held to AVX2. On the 2-core EPYC Zen 4 (1 MiB L2; B=1 H=8 N=4096 D=64),
 // 128 x 256 was best for causal and within 5% of 256 x 512 otherwise. PYATTN_CPU_FWD_TILE=QxK sets the tile (read
 // per call: tests and comparisons switch it).
