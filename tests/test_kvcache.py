@@ -164,6 +164,31 @@ def test_paged_decode_of_all_heads(case, page_size, dtype, backend, device):
     assert_close_to_oracle("out", b[0], base, o_out, dtype)
 
 @pytest.mark.parametrize("backend,device", KV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("page_size", [None, 5], ids=lambda p: "contiguous" if p is None else f"page{p}")
+def test_prefill_over_long_caches_in_waves(page_size, dtype, backend, device):
+    """Chunked prefill (group * L past a decode tile) over caches longer than a packing task's 4096 keys, odd
+    lengths: the CPU kernel packs the keys a wave of (sequence, kv head) pairs at a time, as many pairs as give each
+    thread 4 tasks (1, 2 or all 6 of them here, by the thread count), split by keys. The same results whatever the
+    waves, and close to the float64 oracle."""
+    case = KVCase("prefill-waves", (4500, 4101, 0), L=40, L_new=40, Hq=8, Hkv=2, D=32, S_max=4608)
+    q, kc, vc, kw = make(case, dtype, page_size)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 8):
+            torch.set_num_threads(n)
+            outs.append(run(q, kc, vc, kw, backend)[:2])
+    finally:
+        torch.set_num_threads(threads)
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    f64 = {n: t.double() if torch.is_tensor(t) and t.is_floating_point() else t for n, t in kw.items()}
+    o_out = run(q.double(), kc.double(), vc.double(), f64, "reference")[0]
+    assert_close_to_oracle("out", outs[0][0], run(q, kc, vc, kw, "reference")[0], o_out, dtype)
+
+
+@pytest.mark.parametrize("backend,device", KV_BACKENDS)
 def test_append_then_attend_equals_dense(backend, device):
     """Appending L_new tokens then attending equals bottom-right causal attention on the whole sequences."""
     case = CASES[3]
