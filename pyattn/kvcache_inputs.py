@@ -139,43 +139,45 @@ def _capturing(device):
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _bad_pages(inp: KVCacheInputs):
+    """(B, max_pages) bool: block_table entries that a sequence reads and that are not pages of the cache. Column c
+    holds positions [c * page_size, (c + 1) * page_size); sequence b reads [cache_leftpad[b], seqlens_k[b])."""
+    page_size, pages = inp.k_cache.shape[1], inp.k_cache.shape[0]
+    starts = torch.arange(0, inp.block_table.shape[1] * page_size, page_size, device=inp.device)
+    in_use = starts < inp.seqlens_k[:, None]
+    if inp.cache_leftpad is not None:
+        in_use &= starts + page_size > inp.cache_leftpad[:, None]
+    return in_use & ((inp.block_table < 0) | (inp.block_table >= pages))
+
+
 def _check_values(inp: KVCacheInputs, L_new):
     """Every index against the cache, so that a bad call writes nothing. The indices cross to the host in one
-    transfer: one sync on a GPU per call, not one per check (a serving loop calls this in every layer). While a
-    CUDA graph is being captured nothing can be read back: the caller vouches for the indices then."""
+    transfer: one sync on a GPU per call, not one per check (a serving loop calls this in every layer); of the block
+    table, only whether some page a sequence reads is out of range (where, only when one is). While a CUDA graph is
+    being captured nothing can be read back: the caller vouches for the indices then."""
     if _capturing(inp.device):
         return
     B = inp.q.shape[0]
-    zeros = torch.zeros(B, dtype=torch.int64, device=inp.device)
-    leftpad = inp.cache_leftpad.to(torch.int64) if inp.cache_leftpad is not None else zeros
-    flags = torch.full((3,), -1, dtype=torch.int64, device=inp.device)  # bad cache row, bad page (b * cols + p), its value
-    if inp.cache_batch_idx is not None:
-        rows = inp.cache_batch_idx.to(torch.int64)
-        flags[0] = ((rows < 0) | (rows >= inp.k_cache.shape[0])).sum()
-    if inp.paged:
-        page_size, pages = inp.k_cache.shape[1], inp.k_cache.shape[0]
-        used = (inp.seqlens_k.to(torch.int64) + page_size - 1) // page_size  # pages each sequence touches
-        first = leftpad // page_size
-        cols = torch.arange(inp.block_table.shape[1], device=inp.device)
-        in_use = (cols[None, :] < used[:, None]) & (cols[None, :] >= first[:, None])
-        bad = (in_use & ((inp.block_table < 0) | (inp.block_table >= pages))).flatten()
-        if bad.numel():  # a table of no pages (capacity 0) has nothing to check, and argmax no element to pick
-            at = torch.where(bad.any(), bad.to(torch.int64).argmax(), -1)
-            flags[1], flags[2] = at, inp.block_table.flatten()[at.clamp(min=0)]
-    host = torch.cat([inp.cache_seqlens.to(torch.int64), leftpad, flags]).tolist()  # the one transfer
-    seqlens, starts, (bad_rows, bad_page, page_value) = host[:B], host[B:2 * B], host[2 * B:]
+    vectors = [t for t in (inp.cache_seqlens, inp.cache_leftpad, inp.cache_batch_idx) if t is not None]
+    bad_pages = _bad_pages(inp) if inp.paged else None
+    flags = [bad_pages.any().view(1)] if bad_pages is not None else []
+    host = torch.cat(vectors + flags).tolist()  # the one transfer (int32; the flag promoted)
+    seqlens = host[:B]
+    starts = host[B:2 * B] if inp.cache_leftpad is not None else [0] * B
     for b, (n, start) in enumerate(zip(seqlens, starts)):
         if n < 0 or n + L_new > inp.capacity:
             raise AttentionInputError(f"cache_seqlens[{b}] = {n} plus L_new = {L_new} new tokens does not fit the "
                                       f"cache capacity {inp.capacity} (k_cache {_shape(inp.k_cache)})")
         if not 0 <= start <= n:
             raise AttentionInputError(f"cache_leftpad[{b}] = {start} must lie in [0, cache_seqlens[{b}] = {n}]")
-    if bad_rows > 0:
-        raise AttentionInputError(f"cache_batch_idx {inp.cache_batch_idx.tolist()} indexes outside the cache's "
-                                  f"{inp.k_cache.shape[0]} rows (k_cache {_shape(inp.k_cache)})")
-    if bad_page >= 0:
-        b, p = divmod(bad_page, inp.block_table.shape[1])
-        raise AttentionInputError(f"block_table[{b}, {p}] = {page_value} is not a page of the cache "
+    if inp.cache_batch_idx is not None:
+        rows = host[len(host) - B:]
+        if any(not 0 <= r < inp.k_cache.shape[0] for r in rows):
+            raise AttentionInputError(f"cache_batch_idx {rows} indexes outside the cache's {inp.k_cache.shape[0]} "
+                                      f"rows (k_cache {_shape(inp.k_cache)})")
+    if bad_pages is not None and host[-1]:
+        b, p = (int(i) for i in bad_pages.nonzero()[0])
+        raise AttentionInputError(f"block_table[{b}, {p}] = {int(inp.block_table[b, p])} is not a page of the cache "
                                   f"({inp.k_cache.shape[0]} pages of {inp.k_cache.shape[1]}, k_cache "
                                   f"{_shape(inp.k_cache)})")
 

@@ -343,6 +343,33 @@ def test_bad_calls_leave_the_cache_untouched(bad):
     assert torch.equal(kc, k_before) and torch.equal(vc, v_before)
 
 
+@pytest.mark.parametrize("column,fails", [(0, False), (1, True), (4, True), (5, False), (7, False)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("value", [-1, 40])
+def test_only_the_pages_a_sequence_reads_are_checked(column, fails, value):
+    """Sequence 0 reads positions [6, 17) (cache_leftpad 6, 15 cached and 2 appended) of pages of 4: block table
+    columns 1 to 4, the last one only for the appended keys. An entry outside the cache anywhere else (-1 for a free
+    slot, as serving engines leave them) is never read and must not fail the call."""
+    g = torch.Generator().manual_seed(0)
+    kp, vp = torch.randn(40, 4, 2, 16, generator=g), torch.randn(40, 4, 2, 16, generator=g)
+    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    table[0, column] = value
+    kw = dict(cache_seqlens=torch.tensor([15, 3], dtype=torch.int32), block_table=table,
+              cache_leftpad=torch.tensor([6, 0], dtype=torch.int32), k_new=torch.randn(2, 2, 2, 16, generator=g),
+              v_new=torch.randn(2, 2, 2, 16, generator=g))
+    q = torch.randn(2, 2, 4, 16, generator=g)
+    k_before = kp.clone()
+    if fails:
+        with pytest.raises(ValueError, match=rf"block_table\[0, {column}\] = {value} is not a page"):
+            pyattn.kvcache_attention(q, kp, vp, **kw)
+        assert torch.equal(kp, k_before)
+    else:
+        out = pyattn.kvcache_attention(q, kp, vp, **kw)
+        want = pyattn.kvcache_attention(q, kp.clone(), vp.clone(), **{**kw, "block_table": torch.where(
+            table < 0, 39, table.clamp(max=39))}, backend="reference")
+        torch.testing.assert_close(out, want)
+
+
 @pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "paged"])
 def test_indices_cross_to_the_host_once(page_size, monkeypatch):
     """A valid call reads its indices back in one transfer: on a GPU each read is a sync, and a serving loop calls
