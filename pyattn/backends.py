@@ -25,12 +25,30 @@ def functorch_active():
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def forward_ad_active(inp):
+    """Whether forward-mode AD must follow this call: torch.func.jvp, jacfwd or hessian around it, or dual tensors of
+    torch.autograd.forward_ad among its inputs. Neither torch.library ops nor torch's SDPA kernels have forward
+    derivatives (torch's own scaled_dot_product_attention raises there on CPU); the reference math has them."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            return True
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return False
+    tensors = (inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.sinks)
+    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 class Backend:
     name = ""
     devices = ()
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     features = frozenset()  # features (pyattn.features; AttnInputs.uses()) it computes natively
     max_head_dim = None
+    forward_ad = False  # computes forward-mode derivatives (forward_ad_active)
 
     def unavailable_reason(self):
         """Why this backend cannot run at all in this installation, or None."""
@@ -51,6 +69,9 @@ class Backend:
         E, Ev = inp.head_dims
         if self.max_head_dim is not None and max(E, Ev) > self.max_head_dim:
             reasons.append(f"head dims up to {self.max_head_dim}, got E={E}, Ev={Ev}")
+        if not self.forward_ad and forward_ad_active(inp):
+            reasons.append("forward-mode AD (torch.func.jvp, jacfwd, hessian or dual tensors) needs forward "
+                           "derivatives, which only the reference math has")
         return reasons + self.extra_reasons(inp)
 
     def extra_reasons(self, inp: AttnInputs):
@@ -195,6 +216,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "meta", "mps", "xpu")
     features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT}
+    forward_ad = True
 
     def forward(self, inp):
         out, lse = reference.attention(inp)

@@ -151,7 +151,32 @@ TRANSFORMS = {
     "jacrev": lambda fn, q, k, v: torch.func.jacrev(lambda q: fn(q, k, v))(q),
     "vmap-grad": lambda fn, q, k, v: torch.func.vmap(torch.func.grad(lambda q: fn(q[None], k, v).sum()))(q),
     "vmap": lambda fn, q, k, v: torch.func.vmap(lambda q: fn(q, k, v))(q),
+    # forward mode: torch's SDPA kernels have no forward derivatives either, so auto takes the reference math
+    "jvp": lambda fn, q, k, v: torch.func.jvp(lambda q, k: fn(q, k, v), (q, k), (q.cos(), k.sin()))[1],
+    "jacfwd": lambda fn, q, k, v: torch.func.jacfwd(lambda q: fn(q, k, v))(q),
+    "hessian": lambda fn, q, k, v: torch.func.hessian(lambda q: fn(q, k, v).sin().sum())(q),
+    "dual": lambda fn, q, k, v: _dual_tangent(fn, q, k, v),
 }
+
+
+def _dual_tangent(fn, q, k, v):
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(v, v.cos())
+        return torch.autograd.forward_ad.unpack_dual(fn(q, k, dual)).tangent
+
+
+def test_forward_mode_ad_matches_finite_differences():
+    """jvp through auto's choice (the reference math) against central differences, GQA, causal, sinks."""
+    q, k, v = torch.randn(1, 4, 6, 8, dtype=torch.float64), *torch.randn(2, 1, 2, 9, 8, dtype=torch.float64)
+    sinks = torch.randn(4, dtype=torch.float64)
+    dq, dk, dv, ds = q.cos(), k.sin(), v.tanh(), sinks.cos()
+    fn = lambda q, k, v, s: pyattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,  # noqa: E731
+                                                                 sinks=s)
+    _, tangent = torch.func.jvp(fn, (q, k, v, sinks), (dq, dk, dv, ds))
+    eps = 1e-6
+    diff = (fn(q + eps * dq, k + eps * dk, v + eps * dv, sinks + eps * ds) -
+            fn(q - eps * dq, k - eps * dk, v - eps * dv, sinks - eps * ds)) / (2 * eps)
+    torch.testing.assert_close(tangent, diff, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -165,7 +190,7 @@ def test_torch_func_transforms(transform, kw):
     got = run(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, **kw), q, k, v)
     want = run(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, **kw, backend="reference"), q, k, v)
     torch.testing.assert_close(got, want)
-    with pytest.raises(pyattn.AttentionInputError, match="torch.func transforms"):
+    with pytest.raises(pyattn.AttentionInputError, match="torch.func transforms|forward-mode AD"):
         run(lambda q, k, v: pyattn.scaled_dot_product_attention(q, k, v, **kw, backend="cpu"), q, k, v)
 
 # ----------------------------------------------------------------------------------------------------------
