@@ -42,6 +42,9 @@ CASES = [
     KVCase("decode-rows-mha-d128", (290, 1), Hq=2, Hkv=2, D=128, S_max=320),
     KVCase("decode-rows-g8-d96", (700, 257), Hq=16, Hkv=2, D=96, S_max=768, kw=dict(Dv=32)),
     KVCase("chunk-rows-g3", (300, 41), L=2, L_new=2, Hq=6, Hkv=2, D=32, S_max=320, kw=dict(sinks=True, softcap=20.0)),
+    # 9 to 128 rows: bf16 and fp32 decode tiles score K as it lies and transpose the scores in blocks of 16 (36 rows:
+    # two whole blocks and a partial one; partial key blocks)
+    KVCase("chunk-tiles-g4", (700, 0, 301), L=9, L_new=9, Hq=8, Hkv=2, D=64, S_max=768),
 ]
 
 

@@ -256,8 +256,13 @@ void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t
     scores = w.st.get();
     ld = M;
   }
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t c = 0; c < nj; ++c) w.s[r * w.bk + c] = scores[c * ld + r];
+  // S^T -> S in blocks of 16 x 16: AVX-512 transposes a block in registers (torch's transpose_mxn), where the
+  // element-wise copy took ~30% of a 32-token step over a 64k cache (bf16, 32:8 heads: 1.27-1.35x for 16 and 32
+  // tokens, Sapphire Rapids; other ISAs copy the blocks element-wise, as fast as before)
+  for (int64_t c0 = 0; c0 < nj; c0 += 16)
+    for (int64_t r0 = 0; r0 < M; r0 += 16)
+      at::vec::transpose_mxn<acc>(scores + c0 * ld + r0, ld, w.s.get() + r0 * w.bk + c0, w.bk,
+                                  int(std::min<int64_t>(16, nj - c0)), int(std::min<int64_t>(16, M - r0)));
   const T* pa = softmax_block<T>(p, seq, b, rows, j0, nj, w, o, m, l);
   pack_keys<T, T>(p, seq, b, hk, j0, nj, nullptr, 0, w.v.get());
   matmul(M, Ev, nj, pa, w.ldp, w.v.get(), Ev, o, Ev, true);
