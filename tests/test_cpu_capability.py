@@ -110,6 +110,26 @@ def test_explain_names_the_forward_plan(call, plan, monkeypatch):
     assert f"forward: {plan}" in line, text
 
 
+def _amx():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_tile" in f.read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("group", [6, 8])
+def test_bf16_decode_rows_give_way_to_amx_tiles(group):
+    """bf16 decode tiles of 7 or 8 rows run as bf16 VNNI tiles where those run on AMX (faster there), on the cache's
+    rows elsewhere; 6 rows or fewer always on the rows."""
+    q, cache = torch.randn(1, 1, 2 * group, 128, dtype=torch.bfloat16), torch.randn(1, 64, 2, 128, dtype=torch.bfloat16)
+    text = pyattn.explain(q, cache, cache, cache_seqlens=32, backend="cpu")
+    line = next(x for x in text.splitlines() if x.strip().startswith("cpu "))
+    tiles = group > 6 and _amx() and cpu_capability.current() == "avx512_bf16" and torch.backends.mkldnn.enabled
+    want = "decode: bf16 VNNI tiles of 128 x 256" if tiles else "decode: fp32 FMA on the cache's rows"
+    assert want in line, text
+
+
 def test_forced_switches_and_restores():
     before = cpu_capability.current()
     q = torch.randn(1, 2, 17, 8)

@@ -8,7 +8,8 @@
 //            group's q heads, so each key is read once per group. K^T and V are packed
 //            per key block into scratch (no copy of the cache); the chunks' partial (o, m, l) are then
 //            merged in key order, which keeps the result independent of the thread count. Tiles of up to
-//            8 rows skip the packing and brgemm, on fp32 tiles: attend_block_rows (decode_rows.h).
+//            8 rows (6 for bf16 on AMX) skip the packing and brgemm, on fp32 tiles: attend_block_rows
+//            (decode_rows.h; decode_rows_take).
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
@@ -18,6 +19,8 @@
 #if __has_include(<unistd.h>)
 #include <unistd.h>  // sysconf: the L2 size
 #endif
+
+#include <ATen/cpu/Utils.h>
 
 #include "cpu/decode_rows.h"
 #include "cpu/kernel.h"
@@ -316,11 +319,29 @@ void row_pointers(const KeyRows<S>& kr, int64_t j, int64_t n, const void** out) 
   }
 }
 
-// Whether decode reads the cache's rows where they lie (attend_block_rows; fp32 tiles, whatever the input type):
-// tiles of up to 8 rows (group * L), head dims of whole vectors, rows with unit column stride.
-inline bool decode_on_rows(const AttnParams& p) {
-  return decode_rows_fit(p.heads_q / p.heads_kv * p.seqlen_q, p.head_dim, p.head_dim_v) && p.k_strides.col == 1 &&
-         p.v_strides.col == 1;
+// Whether decode runs tiles of `rows` q rows (group * L) on the cache's rows where they lie (attend_block_rows: fp32
+// FMA, whatever the input type): up to 8 rows of whole vectors, but only up to 6 where bf16 tiles run on AMX. There,
+// as bf16 tiles, 8 rows ran 1.10-1.20x faster (7: 1.03x; 5 and 6 rows 0.82x and 0.94x; Sapphire Rapids, 2 threads,
+// 64k keys, 8 kv heads of 128); fp32 tiles were slower up to 8 rows.
+template <typename scalar_t>
+bool decode_rows_take(int64_t rows, int64_t E, int64_t Ev) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return false;
+  } else {
+    bool amx_tiles = false;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      static const bool amx = at::cpu::init_amx();
+      with_tile_type<scalar_t>([&](auto tile) { amx_tiles = amx && std::is_same_v<decltype(tile), scalar_t>; });
+    }
+    return rows <= (amx_tiles ? 6 : kDecodeTile.q) && decode_rows_fit(rows, E, Ev);
+  }
+}
+
+// ... for this call: the rows also need unit column strides.
+template <typename scalar_t>
+bool decode_on_rows(const AttnParams& p) {
+  return decode_rows_take<scalar_t>(p.heads_q / p.heads_kv * p.seqlen_q, p.head_dim, p.head_dim_v) &&
+         p.k_strides.col == 1 && p.v_strides.col == 1;
 }
 
 // Decode's key block [j0, j0 + nj) for kv heads [h_lo, h_hi) without packing or brgemm (decode_rows.h). The cache
@@ -523,7 +544,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs) {
   const bool single_chunks = first.back() == B * Hkv;
   constexpr bool kSameType = std::is_same_v<scalar_t, T>;
   const bool direct = kSameType && direct_keys<T>(p);
-  const bool on_rows = std::is_same_v<T, float> && decode_on_rows(p);
+  const bool on_rows = std::is_same_v<T, float> && decode_on_rows<scalar_t>(p);
   // pages with a key's heads together, and scores of all heads small enough for L2 (all_heads_scores)
   const bool pages_whole = direct && !on_rows && p.block_table != nullptr && p.k_strides.head == E &&
                            p.k_strides.row == Hkv * E && Hkv * Hkv * M <= 256;
@@ -632,7 +653,7 @@ void run_fwd(const AttnParams& p) {
   // Short queries: a tile holds every row of a GQA group, so each key block is read once per group.
   const bool decode = p.heads_q / p.heads_kv * p.seqlen_q <= kDecodeTile.q;
   if constexpr (!std::is_same_v<scalar_t, double>)
-    if (decode && decode_on_rows(p)) return fwd_decode<scalar_t, float>(p, seqs);
+    if (decode_on_rows<scalar_t>(p)) return fwd_decode<scalar_t, float>(p, seqs);
   with_tile_type<scalar_t>([&](auto tile) {
     using T = decltype(tile);
     if (decode) fwd_decode<scalar_t, T>(p, seqs);
@@ -643,7 +664,7 @@ void run_fwd(const AttnParams& p) {
 template <typename scalar_t>
 int64_t fwd_plan(int64_t rows, int64_t E, int64_t Ev, char* out, int64_t size) {
   const bool decode = rows <= kDecodeTile.q;
-  if (!std::is_same_v<scalar_t, double> && decode && decode_rows_fit(rows, E, Ev))
+  if (decode_rows_take<scalar_t>(rows, E, Ev))
     return std::snprintf(out, size, "decode: fp32 FMA on the cache's rows where they lie (unit column strides), "
                          "split-KV chunks of %" PRId64 " keys", kChunkBlocks * kDecodeTile.k);
   int64_t n = 0;
