@@ -46,4 +46,4 @@ test-aarch64:
 	tools/aarch64.sh setup build test
 
 clean:
-	rm -rf build pyattn/_C*.so *.egg-info
+	rm -rf build pyattn/_C*.so pyattn/_cpu_*.so *.egg-info
