@@ -189,10 +189,10 @@ def stage_tests(check, backend=None):
     runs = {}
     if backend in (None, "triton"):
         runs["tests-triton"] = [*pytest, *(["-n", str(workers)] if xdist else []), "-k", "triton",
-                                "--ignore=tests/test_triton_compile.py", "tests"]
+                                "--ignore=tests/backends/test_triton_compile.py", "tests"]
     if backend in (None, "cuda") and _has_cuda_build():
         runs["tests-cuda"] = [*pytest, *(["-n", "4"] if xdist else []), "-k", "cuda",
-                              "--ignore=tests/test_cuda_compile.py", "tests"]
+                              "--ignore=tests/backends/test_cuda_compile.py", "tests"]
     failures = os.path.join(check.out_dir, "test-failures.txt")  # written as they happen: survives a timeout
     check.steps("tests", runs, check.deadline(STAGE_CAP_S["tests"]), env={"PYATTN_FAILURE_LOG": failures})
 

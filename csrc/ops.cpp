@@ -78,7 +78,7 @@ void set_cpu_kernels(pybind11::object capsule) {
   pyattn::cpu::set_kernels(table);
 }
 
-// params.h's MaskKind values by the names pyattn/features.py gives them, for tests/test_mask_kinds.py.
+// params.h's MaskKind values by the names pyattn/features.py gives them, for tests/contract/test_mask_kinds.py.
 pybind11::dict mask_kinds() {
   pybind11::dict kinds;
   kinds["MASK_NONE"] = int(pyattn::kMaskNone);

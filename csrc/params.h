@@ -11,7 +11,7 @@ struct Strides4 {
 };
 
 // What AttnParams::mask points at. pyattn/features.py names the same values for Python (MASK_*), and
-// pyattn._C.mask_kinds() exports these for tests/test_mask_kinds.py to compare.
+// pyattn._C.mask_kinds() exports these for tests/contract/test_mask_kinds.py to compare.
 enum MaskKind : int {
   kMaskNone = 0,
   kMaskBool = 1,     // true = may attend

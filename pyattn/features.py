@@ -35,7 +35,7 @@ KVCACHE_FEATURES = frozenset({KVCACHE, PAGED_KV_CACHE, CACHE_BATCH_IDX, CACHE_LE
 TORCH_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, CAUSAL, DROPOUT, GQA})
 
 # What an attention op's mask argument holds, numbered as the kernels take it: csrc/params.h's MaskKind (the same
-# values under the same names; tests/test_mask_kinds.py compares them with pyattn._C.mask_kinds()).
+# values under the same names; tests/contract/test_mask_kinds.py compares them with pyattn._C.mask_kinds()).
 MASK_NONE = 0
 MASK_BOOL = 1  # True = may attend
 MASK_LIKE_Q = 2  # added to the scores, in q's dtype

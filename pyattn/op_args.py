@@ -1,7 +1,7 @@
 """The attention ops' arguments, defined once for Python: csrc/ops.cpp's schemas as named tuples.
 
 Every Python caller builds and reads op calls through these (by name, never by position), and the Triton ops
-(pyattn/triton_ops.py) take their schemas from here; tests/test_op_args.py checks them against the C++ schemas.
+(pyattn/triton_ops.py) take their schemas from here; tests/contract/test_op_args.py checks them against the C++ schemas.
 """
 from collections import namedtuple
 

@@ -1,6 +1,6 @@
 """The C++ host's checks (csrc/host_params.cpp; dtypes and rng_state: csrc/cpu/attention.cpp) in Python, for ops whose
 kernels are launched from Python (pyattn/triton_ops.py): the same conditions and messages, so a direct caller of any
-backend's op gets the same refusal (tests/test_host_checks.py makes the same bad calls on both).
+backend's op gets the same refusal (tests/contract/test_host_checks.py makes the same bad calls on both).
 
 As on the C++ host, values inside tensors (cu_seqlens, seqlens_k, block_table, ...) are read only on the CPU: on a GPU
 that would synchronize, and pyattn's input records (pyattn/inputs.py, pyattn/kvcache_inputs.py) have checked them.

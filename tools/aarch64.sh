@@ -28,8 +28,8 @@ CPUS=${AARCH64_CPUS:-neon sve256}
 # the CPU backend's cases of the kernel, dropout, module, error and op-registration tests; not gradcheck (float64
 # finite differences: long under emulation, and test_dropin checks the gradients) nor inductor (the root has no
 # native compiler, and the cross compiler takes no -march=native)
-DEFAULT_TESTS="tests/test_dropin.py tests/test_extras.py tests/test_dropout.py tests/test_nn.py tests/test_errors.py \
-  tests/test_ops.py -k 'cpu and not gradcheck and not inductor' --tb=short"
+DEFAULT_TESTS="tests/api/test_dropin.py tests/api/test_extras.py tests/backends/test_dropout.py tests/api/test_nn.py \
+  tests/api/test_errors.py tests/backends/test_ops.py -k 'cpu and not gradcheck and not inductor' --tb=short"
 PYTEST_ARGS=${PYTEST_ARGS:-$DEFAULT_TESTS}
 HOST_PACKAGES=(qemu-user-static binfmt-support debootstrap g++-aarch64-linux-gnu rsync)
 ROOT_PACKAGES=(python3 python3-venv python3-dev libgomp1)

@@ -4,7 +4,7 @@
 // Every warp owns 16 rows of its tile (one m16n8k16 row block), so rows per block = 16 x warps.
 // Register budget per thread: the fp32 accumulators are D/2 floats per 16-row operand (O, dQ, dK, dV) and
 // N/2 floats per 16 x N score tile. The shapes below are the largest that ptxas fits in 255 registers
-// without spilling (checked with -Xptxas -v for sm_80 and sm_90a: tests/test_cuda_compile.py). Shared
+// without spilling (checked with -Xptxas -v for sm_80 and sm_90a: tests/backends/test_cuda_compile.py). Shared
 // memory stays under 99 KiB so sm_86/sm_89 (101376 bytes per block) take every kernel.
 #pragma once
 

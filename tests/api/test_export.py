@@ -1,5 +1,5 @@
 """torch.export of the public functions and of MultiheadAttention (static and dynamic lengths), and
-torch.compile(fullgraph=True) of MultiheadAttention. torch.compile of the functions is in test_ops.py.
+torch.compile(fullgraph=True) of MultiheadAttention. torch.compile of the functions is in tests/backends/test_ops.py.
 
 The exported graphs must call pyattn's op (not a decomposition) wherever a fused backend runs on the device,
 and agree with eager calls.

@@ -172,7 +172,7 @@ SHAPES = [pytest.param((2, 9, 13, 5, 5, 16), id="Sq<Sk"), pytest.param((1, 13, 6
 def test_flash_attn_func(forced, backend, device, opts, shape, dtype):
     skip_dtype(backend, dtype)
     if backend == "triton" and (shape != SHAPES[0].values[0] or "alibi" in opts):
-        pytest.skip("the Triton interpreter is slow: one shape, no ALiBi here (tests/test_triton.py has them)")
+        pytest.skip("the Triton interpreter is slow: one shape, no ALiBi here (tests/backends/test_triton.py has them)")
     opts = dict(opts)
     B, Sq, Sk, H, Hk, D = shape
     alibi = {None: None, "H": (H,), "BH": (B, H)}[opts.pop("alibi", None)]
