@@ -49,6 +49,7 @@ class Backend:
     features = frozenset()  # features (pyattn.features; AttnInputs.uses()) it computes natively
     max_head_dim = None
     forward_ad = False  # computes forward-mode derivatives (forward_ad_active)
+    block_backward = False  # has backward(): what ring_attention's blocks need
 
     def unavailable_reason(self):
         """Why this backend cannot run at all in this installation, or None."""
@@ -85,6 +86,13 @@ class Backend:
         """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
         raise NotImplementedError
 
+    def backward(self, inp: AttnInputs, dout, out, lse, dlse, rng_state):
+        """The gradients of a block, given the out (B, Hq, L, Ev) and lse (B, Hq, L) float32 of all the keys its rows
+        attend to (inp's and other blocks'), so that its softmax is the final one: -> dq, dk, dv like inp.q, inp.k,
+        inp.v (no mask gradient). dout (B, Hq, L, Ev); dlse (B, Hq, L) float32 or None; rng_state: the dropout
+        (seed, offset) its forward used. Only where block_backward."""
+        raise NotImplementedError
+
     def kvcache_forward(self, inp: KVCacheInputs):
         """-> out (B, L, Hq, Ev), lse (B, Hq, L) float32 (the cache already holds the appended keys)."""
         raise NotImplementedError
@@ -95,6 +103,7 @@ class FusedBackend(Backend):
     op_name = "fwd"
     bwd_op_name = "bwd"
     kvcache_op_name = "kvcache_fwd"
+    block_backward = True
 
     def extra_reasons(self, inp):
         reasons = []
@@ -105,8 +114,12 @@ class FusedBackend(Backend):
                            "no rules for them")
         return reasons
 
-    def forward(self, inp):
-        return ops.fused_forward(inp, self.op_name)
+    def forward(self, inp, rng_state=None):
+        """rng_state: the dropout (seed, offset) to use (ops.draw_rng_state); None draws one."""
+        return ops.fused_forward(inp, self.op_name, rng_state)
+
+    def backward(self, inp, dout, out, lse, dlse, rng_state):
+        return ops.fused_backward(inp, dout, out, lse, dlse, rng_state, self.bwd_op_name)
 
     def kvcache_forward(self, inp):
         return ops.kvcache_forward(inp, self.kvcache_op_name)

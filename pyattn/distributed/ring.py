@@ -1,19 +1,21 @@
 """Ring attention: each rank keeps its query shard while the key/value shards travel around the ring of ranks;
-every rank computes its blocks against the shard in hand with pyattn's fused forward (which returns the
-block's LSE) while the next shard is already on its way, and merges the partial results by LSE in float32.
+every rank computes its blocks against the shard in hand while the next shard is already on its way, and merges
+the partial results by LSE in float32. Each block is an attention call of its own: its input record (dense_inputs
+on its rows, with its own band and ALiBi) chooses its backend (backends.choose), which runs its forward and
+backward (a backend with a block backward: the fused ones).
 Long shards travel in pieces (blocks.key_pieces), one ring pass per piece, so that a rank holds two pieces
 rather than two shards: per-rank memory then falls as 1/P at a fixed sequence length.
-The backward makes its own ring passes: K/V travel again, each block's gradients come from pyattn's fused
+The backward makes its own ring passes: K/V travel again, each block's gradients come from its backend's
 backward given the *global* out and LSE (so its softmax is already the final one), and the dK/dV
 accumulators travel with their piece until they reach its owner.
 """
-from dataclasses import replace
-
 import torch
 
 from .. import backends, ops
+from ..errors import AttentionInputError
+from ..inputs import dense_inputs
 from .blocks import Block, key_pieces, plan
-from .call import sharded_call
+from .call import named_errors, sharded_call
 from .comm import Ring, timed
 from .dtensor import accepts_dtensors
 from .layout import rank_chunks
@@ -78,48 +80,60 @@ class _LseMerge:
         lse.copy_(new)
 
 
-class _RingPass:
-    """One ring_attention call: the blocks each ring step computes, the fused ops that compute them and the
-    dropout streams (one draw per call, one stream per (query chunk, key chunk, piece) block)."""
+def _block_backend(block, requested):
+    """The backend that runs a block's record: choose()'s, which must also have a block backward (the ring's
+    backward takes each block's gradients given the merged out and LSE)."""
+    with named_errors("ring_attention"):
+        chosen = backends.choose(block, requested)
+    if not chosen.block_backward:
+        with_one = ", ".join(name for name, b in backends.BACKENDS.items() if b.block_backward)
+        raise AttentionInputError(f"ring_attention: backend {chosen.name!r} has no block backward (a block's gradients "
+                                  f"given the merged out and LSE of its rows), which the ring's backward needs; "
+                                  f"backends with one: {with_one}")
+    return chosen
 
-    def __init__(self, call, backend):
+
+class _RingPass:
+    """One ring_attention call: the blocks each ring step computes, the backend of each and the dropout streams
+    (one draw per call, one stream per (query chunk, key chunk, piece) block)."""
+
+    def __init__(self, call, q, k, v, requested):
+        """q, k, v: this rank's shards; requested: ring_attention's backend argument."""
         inp = self.inp = call.inp
         self.ring = Ring(call.group, call.rank, call.world)
         if call.world == 1:  # the whole sequence, in order: one call, as single-process pyattn makes it
-            L = inp.q.shape[2]
+            L = q.shape[2]
             self.pieces = [((0, L),)]
             self.steps = [[[Block(0, L, 0, L, inp.window_left, inp.window_right, 0, 0, 0)]]]
         else:
             self.pieces, self.steps = rank_plan(call.rank, call.world, call.layout, call.chunk, inp.window_left,
                                                 inp.window_right, alibi=inp.alibi_slopes is not None)
-        chosen = backends.choose(self._probe(call), backend)
-        if not isinstance(chosen, backends.FusedBackend):
-            raise RuntimeError(f"ring_attention runs its blocks on pyattn's fused forward/backward ops; backend "
-                               f"{chosen.name!r} has none. Fused backends: cpu, triton, cuda")
-        self.fwd_op, self.bwd_op = chosen.op_name, chosen.bwd_op_name
+        # Chosen before any shard travels, so that a refusal leaves no rank waiting for this one. Every piece in
+        # hand has the shape, dtype and device of this rank's own rows, so those stand in for it here.
+        self.backends = {blk: _block_backend(self._block_inputs(blk, q, k, v)[0], requested)
+                         for steps in self.steps for blocks in steps for blk in blocks}
         self.rng = ops.draw_rng_state(inp)
 
-    def _probe(self, call):
-        """The local inputs with every feature some block will use: the backend must take them all."""
-        inp = self.inp
-        banded = any(not b.unbanded for steps in self.steps for blocks in steps for b in blocks)
-        mask = None
-        if inp.alibi_slopes is not None and call.world > 1:
-            mask = inp.q.new_zeros((), dtype=torch.float32).expand(*inp.q.shape[:3], inp.k.shape[2])
-        return replace(inp, mask=mask, window_left=1 if banded else -1, window_right=0 if banded else -1)
-
-    def _block(self, blk, q, k, v):
-        """q: this rank's shard, k, v: the piece in hand -> the block's input record, its LSE shift (B, Hq, rows) or
-        None, and its dropout (seed, offset)."""
+    def _block_inputs(self, blk, q, k, v):
+        """q: this rank's shard, k, v: the piece in hand -> the record of what blk computes (its band in its own
+        coordinates; off the diagonal, ALiBi as a column mask) and its LSE shift (B, Hq, rows) or None."""
         inp, mask, slopes, shift = self.inp, None, self.inp.alibi_slopes, None
         if slopes is not None and not blk.diagonal:
-            mask, shift = _alibi_one_side(slopes, blk, _accumulator_dtype(inp.dtype))
+            mask, shift = _alibi_one_side(slopes, blk, _accumulator_dtype(q.dtype))
             slopes = None
-        rng = None if self.rng is None else self.rng + torch.tensor([0, blk.stream], device=self.rng.device)
-        block = replace(inp, q=q[:, :, blk.q0:blk.q1], k=k[:, :, blk.k0:blk.k1], v=v[:, :, blk.k0:blk.k1],
-                        mask=mask, alibi_slopes=slopes, max_seqlen_q=blk.q1 - blk.q0, max_seqlen_k=blk.k1 - blk.k0,
-                        window_left=blk.window_left, window_right=blk.window_right)
-        return block, shift, rng
+        # blocks run in the shards' dtype (the autograd Function's forward sees the caller's autocast, its backward
+        # may not), and the ALiBi mask stays in float32
+        with torch.autocast(q.device.type, enabled=False):
+            block = dense_inputs(q[:, :, blk.q0:blk.q1], k[:, :, blk.k0:blk.k1], v[:, :, blk.k0:blk.k1],
+                                 attn_mask=mask, dropout_p=inp.dropout_p, scale=inp.scale,
+                                 enable_gqa=q.shape[1] != k.shape[1], window_size=(blk.window_left, blk.window_right),
+                                 softcap=inp.softcap or None, alibi_slopes=slopes,
+                                 return_lse=True)  # the merge and the backward need each block's LSE
+        return block, shift
+
+    def _block_rng(self, blk):
+        """The block's dropout (seed, offset), or None."""
+        return None if self.rng is None else self.rng + torch.tensor([0, blk.stream], device=self.rng.device)
 
     def _pass_on(self, step, kv):
         """Start passing the piece in hand on (unless this is the last step) -> InFlight or None."""
@@ -129,8 +143,8 @@ class _RingPass:
         """This rank's shards q (B, Hq, N/P, E), k, v (B, Hkv, N/P, E|Ev) -> out (B, Hq, N/P, Ev) in their dtype,
         lse (B, Hq, N/P) float32."""
         if self.ring.world == 1:
-            block, _, rng = self._block(self.steps[0][0][0], q, k, v)
-            return ops.fused_forward(block, self.fwd_op, rng)
+            blk = self.steps[0][0][0]
+            return self.backends[blk].forward(self._block_inputs(blk, q, k, v)[0], self._block_rng(blk))
         merge = _LseMerge(q, v.shape[-1])
         for piece, steps in zip(self.pieces, self.steps):
             self._forward_piece(piece, steps, q, k, v, merge)
@@ -150,8 +164,8 @@ class _RingPass:
 
     def _forward_block(self, blk, q, kv, merge):
         """(A function of its own so that the block's output is freed before the next one is computed.)"""
-        block, shift, rng = self._block(blk, q, *kv)
-        out_b, lse_b = ops.fused_forward(block, self.fwd_op, rng)
+        block, shift = self._block_inputs(blk, q, *kv)
+        out_b, lse_b = self.backends[blk].forward(block, self._block_rng(blk))
         merge.add(blk.q0, blk.q1, out_b, lse_b if shift is None else lse_b + shift)
 
     def _backward_block(self, blk, q, kv, out, lse, dout, dlse, grads):
@@ -159,22 +173,23 @@ class _RingPass:
         out (B, Hq, N/P, Ev), lse (B, Hq, N/P), dout (B, Hq, N/P, Ev) and dlse (B, Hq, N/P) or None; kv: the
         piece in hand (k, v).
 
-        The fused backward takes the global LSE, so the block's softmax is the final one. In float64 the CPU
+        The block backward takes the global LSE, so the block's softmax is the final one. In float64 the CPU
         kernel re-derives each row's LSE from the keys it is given (to undo the float32 rounding of lse),
         which would renormalize over this block alone: there, it gets the block's own LSE and dout, dlse
         scaled by the block's share exp(lse_block - lse), which gives the same gradients."""
         rows = slice(blk.q0, blk.q1)
         out, lse, dout, dlse = (None if t is None else t[:, :, rows] for t in (out, lse, dout, dlse))
-        block, shift, rng = self._block(blk, q, *kv)
+        block, shift = self._block_inputs(blk, q, *kv)
+        backend, rng = self.backends[blk], self._block_rng(blk)
         if q.dtype == torch.float64:
-            _, lse_block = ops.fused_forward(block, self.fwd_op, rng)
+            _, lse_block = backend.forward(block, rng)
             share = torch.exp((lse_block if shift is None else lse_block + shift) - lse).nan_to_num_(0.0)
             dout, lse = dout * share.unsqueeze(-1).to(dout.dtype), lse_block
             dlse = None if dlse is None else dlse * share
         elif shift is not None:
             lse = lse - shift
         dq, dk, dv = grads
-        dq_b, dk_b, dv_b = ops.fused_backward(block, dout, out, lse, dlse, rng, self.bwd_op)
+        dq_b, dk_b, dv_b = backend.backward(block, dout, out, lse, dlse, rng)
         dq[:, :, rows] += dq_b
         dk[:, :, blk.k0:blk.k1] += dk_b
         dv[:, :, blk.k0:blk.k1] += dv_b
@@ -184,8 +199,9 @@ class _RingPass:
         dlse (B, Hq, N/P) (either may be None: its output was not used)."""
         dout = torch.zeros_like(out) if dout is None else dout
         if self.ring.world == 1:
-            block, _, rng = self._block(self.steps[0][0][0], q, k, v)
-            return ops.fused_backward(block, dout, out, lse, dlse, rng, self.bwd_op)
+            blk = self.steps[0][0][0]
+            return self.backends[blk].backward(self._block_inputs(blk, q, k, v)[0], dout, out, lse, dlse,
+                                               self._block_rng(blk))
         dq = torch.zeros(q.shape, dtype=_accumulator_dtype(q.dtype), device=q.device)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         for piece, steps in zip(self.pieces, self.steps):
@@ -247,5 +263,5 @@ def ring_attention(q, k, v, *, group=None, is_causal=False, layout="zigzag", win
     """
     call = sharded_call("ring_attention", q, k, v, group, layout, is_causal, window_size, softcap, alibi_slopes,
                         scale, enable_gqa, dropout_p, return_lse)
-    out, lse = _RingAttention.apply(q, k, v, _RingPass(call, backend))
+    out, lse = _RingAttention.apply(q, k, v, _RingPass(call, q, k, v, backend))
     return (out, lse) if return_lse else out

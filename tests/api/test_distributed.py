@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 import pyattn
 from helpers import ATOL, assert_close_to_oracle
+from pyattn import AttentionInputError
+from pyattn import features as F
 from pyattn.distributed import positions, ring, ring_attention, shard, ulysses_attention, unshard
 from pyattn.distributed.comm import recording
 from pyattn.distributed.layout import rank_chunks
@@ -205,12 +207,13 @@ def check_dropout(fn_name, world, p=0.3):
 
 
 def _raises(fn, exc, *words):
+    """fn() raises exc with every one of words in its message -> the message."""
     try:
         fn()
     except exc as e:
         missing = [w for w in words if w not in str(e)]
         assert not missing, f"message lacks {missing}: {e}"
-        return
+        return str(e)
     raise AssertionError(f"no {exc.__name__} raised")
 
 
@@ -224,10 +227,33 @@ def check_bad_input(world):
     _raises(lambda: ring_attention(q, q[:, :, :4], q), ValueError, "(1, 2, 8, 8)", "(1, 2, 4, 8)")
     _raises(lambda: ring_attention(q, q[:, :1], q[:, :1]), ValueError, "enable_gqa")
     _raises(lambda: ring_attention(q[0], q[0], q[0]), ValueError, "4-D", "(2, 8, 8)")
-    _raises(lambda: ring_attention(q, q, q, backend="reference"), RuntimeError, "fused")
+    # what any attention call must satisfy is dense_inputs' to check; its messages name the caller here too
+    _raises(lambda: ring_attention(q.tolist(), q, q), TypeError, "ring_attention:", "query must be a torch.Tensor")
+    _raises(lambda: ring_attention(q, q[..., :4], q), ValueError, "ring_attention:", "head dim", "(1, 2, 8, 4)")
     heads = 2 * world + 1  # not a multiple of the world size
     qh = torch.randn(1, heads, 8, 8)
     _raises(lambda: ulysses_attention(qh, qh, qh), ValueError, f"({heads})", f"multiples of {world}")
+
+
+def check_forced_backend_refusals(world):
+    """A forced backend that cannot run a block raises AttentionInputError with the reasons choose() gives for the
+    block's own record: a causal ring's blocks are causal or unbanded, never windowed; those of a window shorter
+    than their rows are windowed."""
+    q = torch.randn(1, 2, 8, 8)
+    message = _raises(lambda: ring_attention(q, q, q, is_causal=True, backend="torch"), AttentionInputError,
+                      "ring_attention:", "'torch' cannot run", F.RETURN_LSE)
+    assert F.SLIDING_WINDOW not in message, message
+    _raises(lambda: ring_attention(q, q, q, window_size=(1, 0), backend="torch"), AttentionInputError,
+            "'torch' cannot run", F.SLIDING_WINDOW, F.RETURN_LSE)
+    _raises(lambda: ring_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), backend="triton"), AttentionInputError,
+            "'triton' cannot run", "bfloat16")
+    _raises(lambda: ring_attention(q, q, q, dropout_p=1.0, backend="cpu"), AttentionInputError,
+            "'cpu' cannot run", "dropout_p == 1")
+    _raises(lambda: ring_attention(q, q, q, backend="reference"), AttentionInputError,
+            "'reference' has no block backward", "cpu")
+    qh = torch.randn(1, 2 * world, 8, 8)
+    _raises(lambda: ulysses_attention(qh, qh, qh, return_lse=True, backend="torch"), AttentionInputError,
+            "'torch' cannot run", F.RETURN_LSE)
 
 
 def check_positions(world):
@@ -315,6 +341,7 @@ def _all_checks(world):
     checks = {f"match-{cid}": functools.partial(check_matches_single_process, case) for cid, case in CASES.items()}
     checks.update({"deterministic": check_deterministic, "dropout-ring": functools.partial(check_dropout, "ring"),
                    "dropout-ulysses": functools.partial(check_dropout, "ulysses"), "bad-input": check_bad_input,
+                   "forced-backend": check_forced_backend_refusals,
                    "positions": check_positions, "dtensor": check_dtensor_inputs,
                    "torch-context-parallel": check_inside_torch_context_parallel, "memory": measure_memory})
     results = {}
@@ -364,6 +391,10 @@ def test_dropout_reproducible_and_backward_uses_the_forward_mask(world, fn):
 
 def test_bad_input_raises_clearly(world):
     _result(world, "bad-input")
+
+
+def test_forced_backend_that_cannot_run_a_block_names_its_reasons(world):
+    _result(world, "forced-backend")
 
 
 def test_positions_shard_unshard(world):
