@@ -12,6 +12,7 @@ Hermetic: no downloads, no git. Environment switches:
 import glob
 import os
 import platform
+import re
 import shutil
 
 import torch
@@ -19,7 +20,16 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+
+
+def read_version():
+    """pyattn/__init__.py's __version__, the one place the version is written (pyproject.toml declares it dynamic):
+    read as text, since importing pyattn needs the extension this script builds."""
+    with open(os.path.join(ROOT, "pyattn", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE).group(1)
+
+
+VERSION = read_version()  # the package metadata and build_info()["version"] (PYATTN_VERSION)
 
 
 def want_cuda():

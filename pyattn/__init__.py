@@ -8,7 +8,7 @@ from .nn import MultiheadAttention, replace_attention
 from .ops import build_info
 from .routing import disable, enable, enabled
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # written here alone: setup.py reads it into the package metadata and the C++ build
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "kvcache_attention", "MultiheadAttention", "replace_attention", "explain",
            "available_backends", "build_info", "enable", "disable", "enabled", "AttentionInputError",
            "AttentionTypeError", "distributed", "flash_attn"]

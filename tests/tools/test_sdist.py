@@ -3,6 +3,7 @@
 test_sdist_installs_and_runs is slow (minutes: it compiles every CPU module) and runs only with PYATTN_SLOW_TESTS=1;
 `make sdist-check` runs the same script. The package list check is fast and always runs."""
 import ast
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -29,6 +30,19 @@ def test_setup_lists_every_subpackage():
         if "__init__.py" in filenames:
             found.add(os.path.relpath(dirpath, ROOT).replace(os.sep, "."))
     assert setup_packages() == found
+
+
+def test_the_version_is_written_once():
+    """pyattn/__init__.py's __version__ is the one source: setup.py gives it to the package metadata and to the C++
+    build (build_info()["version"]); pyproject.toml leaves it dynamic."""
+    import pyattn
+
+    try:
+        installed = importlib.metadata.version("pyattn")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("pyattn is not installed here (build_ext --inplace): no metadata to compare")
+    assert installed == pyattn.__version__ == pyattn.build_info()["version"]
+    assert 'dynamic = ["version"]' in open(os.path.join(ROOT, "pyproject.toml")).read()
 
 
 @pytest.mark.slow
