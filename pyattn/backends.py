@@ -12,7 +12,6 @@ from . import op_args, ops, reference
 from .errors import AttentionInputError
 from .features import ALL_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
 from .inputs import AttnInputs
-from .kvcache_inputs import KVCacheInputs
 
 # torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
 TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -93,7 +92,7 @@ class Backend:
         (seed, offset) its forward used. Only where block_backward."""
         raise NotImplementedError
 
-    def kvcache_forward(self, inp: KVCacheInputs):
+    def kvcache_forward(self, inp: AttnInputs):
         """-> out (B, L, Hq, Ev), lse (B, Hq, L) float32 (the cache already holds the appended keys)."""
         raise NotImplementedError
 
@@ -168,10 +167,8 @@ class CPUBackend(FusedBackend):
     def notes(self, inp):
         from . import _C, cpu_capability
         E, Ev = inp.head_dims
-        if isinstance(inp, KVCacheInputs):  # q (B, L, Hq, E), k_cache (..., Hkv, E)
-            Hq, Hkv, L = inp.q.shape[2], inp.k_cache.shape[-2], inp.q.shape[1]
-        else:  # q (B, Hq, L, E), k (B, Hkv, S, E); varlen: L is the longest sequence's
-            Hq, Hkv, L = inp.q.shape[1], inp.k.shape[1], inp.max_seqlen_q
+        # q (B, Hq, L, E), k (B, Hkv, S, E); varlen: L is the longest sequence's
+        Hq, Hkv, L = inp.q.shape[1], inp.k.shape[1], inp.max_seqlen_q
         plan = _C._cpu_fwd_plan(inp.q, Hq // Hkv * L, E, Ev)  # the kernel's tiles stack a GQA group's rows
         return f" [{cpu_capability.describe()}; forward: {plan}]"
 
@@ -279,8 +276,7 @@ def choose(inp: AttnInputs, requested=None):
 
 
 def explain_inputs(inp: AttnInputs, requested=None):
-    lines = [f"inputs: q {tuple(inp.q.shape)} k {tuple(inp.k.shape)} v {tuple(inp.v.shape)} {inp.dtype} "
-             f"on {inp.device}; features: {', '.join(inp.uses()) or 'none'}"]
+    lines = [f"inputs: {inp.describe()} {inp.dtype} on {inp.device}; features: {', '.join(inp.uses()) or 'none'}"]
     try:
         chosen = choose(inp, requested).name
     except AttentionInputError:

@@ -1,4 +1,4 @@
-"""Feature names, defined once: what AttnInputs.uses() / KVCacheInputs.uses() report and backends declare.
+"""Feature names, defined once: what AttnInputs.uses() reports and backends declare.
 
 They are plain strings (explain() prints them), but code names them only through these constants, so a typo
 is a NameError at import or first call instead of a silent change in what a backend supports. The mask kinds at the
@@ -19,7 +19,7 @@ RETURN_LSE = "return_lse"
 GQA = "gqa"
 SINKS = "sinks"
 
-# kvcache_attention only (KVCacheInputs.uses())
+# kvcache_attention only (a record with a cache part)
 KVCACHE = "kvcache"
 PAGED_KV_CACHE = "paged kv cache"
 CACHE_BATCH_IDX = "cache_batch_idx"

@@ -3,8 +3,9 @@ import torch
 
 from . import backends, routing
 from .errors import AttentionInputError
-from .inputs import autocast, dense_inputs, dense_outputs, varlen_inputs
+from .inputs import dense_inputs, dense_outputs, varlen_inputs
 from .kvcache import explain_kvcache
+from .normalize import autocast
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -2,23 +2,24 @@
 import torch
 
 from . import backends
-from .inputs import autocast
-from .kvcache_inputs import KVCacheInputs, kvcache_inputs
+from .inputs import KVCache, kvcache_inputs
+from .normalize import autocast
 
 
-def append(inp: KVCacheInputs):
+def append(cache: KVCache):
     """Writes k_new/v_new (B, L_new, Hkv, D) into the caches in place at positions cache_seqlens[b] + i."""
-    B, L_new = inp.k_new.shape[:2]
-    pos = inp.cache_seqlens.to(torch.int64)[:, None] + torch.arange(L_new, device=inp.device)  # (B, L_new)
-    if inp.paged:
-        page_size = inp.k_cache.shape[1]
-        index = (inp.block_table.gather(1, pos // page_size).to(torch.int64), pos % page_size)
+    B, L_new = cache.k_new.shape[:2]
+    device = cache.k_cache.device
+    pos = cache.cache_seqlens.to(torch.int64)[:, None] + torch.arange(L_new, device=device)  # (B, L_new)
+    if cache.paged:
+        page_size = cache.k_cache.shape[1]
+        index = (cache.block_table.gather(1, pos // page_size).to(torch.int64), pos % page_size)
     else:
-        rows = inp.cache_batch_idx if inp.cache_batch_idx is not None else torch.arange(B, device=inp.device)
+        rows = cache.cache_batch_idx if cache.cache_batch_idx is not None else torch.arange(B, device=device)
         index = (rows.to(torch.int64)[:, None].expand(B, L_new), pos)
     with torch.no_grad():
-        inp.k_cache.index_put_(index, inp.k_new)
-        inp.v_cache.index_put_(index, inp.v_new)
+        cache.k_cache.index_put_(index, cache.k_new)
+        cache.v_cache.index_put_(index, cache.v_new)
 
 
 def kvcache_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqlens, block_table=None,
@@ -48,8 +49,8 @@ def kvcache_attention(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seql
                          is_causal=is_causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                          sinks=sinks, scale=scale, return_lse=return_lse)
     chosen = backends.choose(inp, backend)  # a refusal raises before the cache is touched
-    if inp.k_new is not None:
-        append(inp)
+    if inp.cache.k_new is not None:
+        append(inp.cache)
     out, lse = chosen.kvcache_forward(inp)
     return (out, lse) if return_lse else out
 

@@ -68,10 +68,12 @@ BwdArgs = _tuple("BwdArgs", BWD)
 KVCacheArgs = _tuple("KVCacheArgs", KVCACHE_FWD)
 
 
-def pick(cls, record, **given):
-    """cls's fields from given, else from record's attributes of the same names (AttnInputs, KVCacheInputs, another
-    args tuple)."""
-    return cls(**{name: given[name] if name in given else getattr(record, name) for name in cls._fields})
+def pick(cls, *records, **given):
+    """cls's fields from given, else from the first of records (AttnInputs, its KVCache part, another args tuple)
+    with an attribute of that name."""
+    def field(name):
+        return given[name] if name in given else getattr(next(r for r in records if hasattr(r, name)), name)
+    return cls(**{name: field(name) for name in cls._fields})
 
 
 def new_out(q, Ev, zeros=False):

@@ -64,8 +64,8 @@ def fused_backward(inp: AttnInputs, dout, out, lse, dlse, rng_state, op_name="bw
 
 
 def kvcache_forward(inp, op_name="kvcache_fwd"):
-    """kvcache_fwd (csrc/ops.cpp) for a KVCacheInputs: -> out (B, L, Hq, Ev), lse (B, Hq, L) float32."""
-    return getattr(torch.ops.pyattn, op_name)(*pick(KVCacheArgs, inp))
+    """kvcache_fwd (csrc/ops.cpp) for a record with a cache part: -> out (B, L, Hq, Ev), lse (B, Hq, L) float32."""
+    return getattr(torch.ops.pyattn, op_name)(*pick(KVCacheArgs, inp.cache, inp, q=inp.q.transpose(1, 2)))
 
 
 def kvcache_fake(*args):

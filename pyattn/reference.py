@@ -83,24 +83,24 @@ def attention(inp: AttnInputs, keep=None):
     return out, lse
 
 
-def kvcache_attention(inp):
-    """A KVCacheInputs (pyattn.kvcache_inputs) -> out (B, L, Hq, Ev), lse (B, Hq, L): each sequence's keys gathered
-    from its cache row or pages (differentiably), then naive attention."""
+def kvcache_attention(inp: AttnInputs):
+    """A record with a cache part (pyattn.inputs.KVCache) -> out (B, L, Hq, Ev), lse (B, Hq, L): each sequence's keys
+    gathered from its cache row or pages (differentiably), then naive attention."""
     outs, lses = [], []
-    page_size = inp.k_cache.shape[1]
-    for b, end in enumerate(inp.seqlens_k.tolist()):
-        start = int(inp.cache_leftpad[b]) if inp.cache_leftpad is not None else 0
+    cache = inp.cache
+    page_size = cache.k_cache.shape[1]
+    for b, end in enumerate(cache.seqlens_k.tolist()):
+        start = int(cache.cache_leftpad[b]) if cache.cache_leftpad is not None else 0
         pos = torch.arange(start, end, device=inp.device)
-        if inp.paged:
-            pages, rows = inp.block_table[b].to(torch.int64)[pos // page_size], pos % page_size
-            k, v = inp.k_cache[pages, rows], inp.v_cache[pages, rows]
+        if cache.paged:
+            pages, rows = cache.block_table[b].to(torch.int64)[pos // page_size], pos % page_size
+            k, v = cache.k_cache[pages, rows], cache.v_cache[pages, rows]
         else:
-            row = int(inp.cache_batch_idx[b]) if inp.cache_batch_idx is not None else b
-            k, v = inp.k_cache[row, pos], inp.v_cache[row, pos]
+            row = int(cache.cache_batch_idx[b]) if cache.cache_batch_idx is not None else b
+            k, v = cache.k_cache[row, pos], cache.v_cache[row, pos]
         alibi = None if inp.alibi_slopes is None else inp.alibi_slopes[b:b + 1]
-        # (S_b, Hkv, D) -> (1, Hkv, S_b, D); q (L, Hq, D) -> (1, Hq, L, D)
-        out, lse = _dense(inp.q[b:b + 1].transpose(1, 2), k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
-                          alibi, inp)
+        # (S_b, Hkv, D) -> (1, Hkv, S_b, D); q (1, Hq, L, D)
+        out, lse = _dense(inp.q[b:b + 1], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, alibi, inp)
         outs.append(out.transpose(1, 2))
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)

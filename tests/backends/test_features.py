@@ -4,8 +4,7 @@ import torch
 
 import pyattn
 from pyattn import backends, features
-from pyattn.inputs import dense_inputs, varlen_inputs
-from pyattn.kvcache_inputs import kvcache_inputs
+from pyattn.inputs import dense_inputs, kvcache_inputs, varlen_inputs
 
 KNOWN = features.ALL_FEATURES | features.KVCACHE_FEATURES | {features.KVCACHE_GRADIENT}
 
@@ -36,5 +35,5 @@ def test_inputs_report_known_features():
     inp = kvcache_inputs(q.transpose(1, 2), cache, cache.clone(), k_new=None, v_new=None, cache_seqlens=3,
                          block_table=None, cache_batch_idx=None, cache_leftpad=None, is_causal=True, window_size=None,
                          softcap=None, alibi_slopes=None, sinks=None, scale=None, return_lse=False)
-    assert set(inp.uses()) == {features.KVCACHE, features.CAUSAL, features.GQA}
+    assert set(inp.uses()) == {features.KVCACHE, features.CAUSAL, features.BOTTOM_RIGHT, features.GQA}
     assert pyattn.explain(q, k, v, enable_gqa=True).count(features.GQA) >= 1
