@@ -10,7 +10,8 @@ records in benchmarks/results/<gpu>/ (or --out DIR); gpu-check.log holds every s
   bench      the benchmark points the README's GPU targets name (bf16, 4k and 16k): Triton, CUDA C++, torch's
              flash and cuDNN SDPA
   tests      the Triton backend's tests and the CUDA C++ backend's tests, both at once (pytest-xdist where it
-             is installed: Triton's JIT compiles are CPU-bound)
+             is installed: Triton's JIT compiles are CPU-bound); a run cut off at the deadline is counted from
+             the progress marks of the tests that ended
   serving    kvcache_attention decode and chunked prefill at 32k and 128k (the serving target: decode at >= 85%
              of the copy bandwidth), Triton and CUDA C++ against torch's SDPA on gathered pages
   sanitizer  compute-sanitizer memcheck and racecheck over benchmarks.sanitize (the CUDA C++ backend)
@@ -83,12 +84,30 @@ def _commit():
         return "unknown"
 
 
+# pytest's closing line ("3 failed, 40 passed, 2 skipped in 61.02s"), and pytest -q's progress lines: one mark a
+# test as its result arrives, so they are what a run killed at the deadline leaves behind
+SUMMARY_LINE = re.compile(r"(?:\d+ \w+|no tests ran)(?:, \d+ \w+)* in \d+(?:\.\d+)?s")
+PROGRESS_LINE = re.compile(r"^[.FEsxX]+ *(?:\[ *\d+%\])?$")
+OUTCOMES = {"passed": "passed", "failed": "failed", "error": "failed", "errors": "failed", "skipped": "skipped"}
+MARK_OUTCOMES = {".": "passed", "F": "failed", "E": "failed", "s": "skipped"}  # x, X (xfail, xpass): neither
+
+
 def _counts(pytest_output):
+    """{passed, failed, skipped (errors count as failed), counted_from}: from pytest's summary where the run
+    finished, else from its progress marks, so that a run cut off at the deadline records the tests that ran."""
     counts = {"passed": 0, "failed": 0, "skipped": 0}
-    lines = [ln for ln in pytest_output.strip().splitlines() if re.search(r"\d+ (passed|failed|skipped)", ln)]
-    for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", lines[-1] if lines else ""):
-        counts["failed" if word.startswith("error") else word] += int(n)
-    return counts
+    lines = pytest_output.splitlines()
+    summary = [ln for ln in lines if SUMMARY_LINE.search(ln)]
+    if summary:
+        for n, word in re.findall(r"(\d+) (\w+)", summary[-1]):
+            if word in OUTCOMES:
+                counts[OUTCOMES[word]] += int(n)
+        return {**counts, "counted_from": "summary line"}
+    for line in filter(PROGRESS_LINE.match, lines):
+        for mark in line.split(" ")[0]:
+            if mark in MARK_OUTCOMES:
+                counts[MARK_OUTCOMES[mark]] += 1
+    return {**counts, "counted_from": "progress marks: the run ended before its summary"}
 
 
 def best_cpu_capability():

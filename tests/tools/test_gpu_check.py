@@ -51,18 +51,55 @@ def test_unknown_stage_is_refused(fake_gpu, stage):
     assert calls == []
 
 
+CUT_OFF_TESTS = """
+import time
+import pytest
+
+@pytest.mark.parametrize("i", range(5))
+def test_passes(i):
+    pass
+
+def test_fails():
+    assert False
+
+def test_skips():
+    pytest.skip("skipped")
+
+def test_hangs_past_the_deadline():
+    time.sleep(120)
+"""
+
+
 def test_steps_record_counts_and_kill_at_the_deadline(tmp_path):
-    """Steps run at once; pytest's counts land in the record; a step past the deadline is killed (124) with the
-    output it had, and the others keep their own results."""
+    """Steps run at once; a finished run's counts come from pytest's summary line; a pytest run past the deadline
+    is killed (124) with the output it had, and its counts come from the progress marks of the tests that ended."""
     check = gpu_check.Check(str(tmp_path), "Fake GPU", budget_s=60)
-    slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
-    counted = [sys.executable, "-c", "print('3 failed, 40 passed, 2 skipped in 1.0s')"]
-    results = check.steps("tests", {"tests-slow": slow, "tests-counted": counted}, deadline=time.time() + 8)
-    assert results["tests-slow"][0] == 124 and "started" in results["tests-slow"][1]
-    assert results["tests-counted"][0] == 0
+    (tmp_path / "test_cut_off.py").write_text(CUT_OFF_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the repository's options and conftest
+    cut_off = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tmp_path / "pytest.ini"),
+               str(tmp_path / "test_cut_off.py")]
+    finished = [sys.executable, "-c", "print('3 failed, 40 passed, 2 skipped in 1.0s')"]
+    results = check.steps("tests", {"tests-cut-off": cut_off, "tests-finished": finished},
+                          deadline=time.time() + 10)
+    assert results["tests-cut-off"][0] == 124 and ".....Fs" in results["tests-cut-off"][1]
+    assert results["tests-finished"][0] == 0
     record = json.loads((tmp_path / "gpu-check.json").read_text())
-    counted_step = record["stages"]["tests"]["tests-counted"]
-    assert {k: counted_step[k] for k in ("returncode", "passed", "failed", "skipped")} == \
-        {"returncode": 0, "passed": 40, "failed": 3, "skipped": 2}
-    assert record["tests"] == {"passed": 40, "failed": 3, "skipped": 2}
-    assert "== tests/tests-slow rc=124" in (tmp_path / "gpu-check.log").read_text()
+    steps = record["stages"]["tests"]
+    counted = {name: {k: step[k] for k in ("returncode", "passed", "failed", "skipped")} for name, step in steps.items()}
+    assert counted == {"tests-finished": {"returncode": 0, "passed": 40, "failed": 3, "skipped": 2},
+                       "tests-cut-off": {"returncode": 124, "passed": 5, "failed": 1, "skipped": 1}}
+    assert steps["tests-finished"]["counted_from"] == "summary line"
+    assert steps["tests-cut-off"]["counted_from"].startswith("progress marks")
+    assert record["tests"] == {"passed": 45, "failed": 4, "skipped": 3}
+    assert "== tests/tests-cut-off rc=124" in (tmp_path / "gpu-check.log").read_text()
+
+
+@pytest.mark.parametrize("output,counts", [
+    ("..F [100%]\nFAILED t.py::f\n1 failed, 2 passed, 1 error, 1 xfailed in 3.10s\n", (2, 2, 0)),
+    ("==== 2 errors in 1.2s ====", (0, 2, 0)),
+    ("bringing up nodes...\n\nFF..sx [ 10%]\n.E.\n", (4, 3, 1)),
+    ("running build_ext\n[3/41] g++ ... -O3 ...\n", (0, 0, 0)),
+], ids=["summary", "collection-errors", "xdist-progress-cut-off", "no-pytest-output"])
+def test_counts(output, counts):
+    got = gpu_check._counts(output)
+    assert (got["passed"], got["failed"], got["skipped"]) == counts
