@@ -5,7 +5,6 @@ backend; writes JSON records and a markdown table under benchmarks/results/<devi
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
@@ -18,9 +17,10 @@ from . import context_parallel, measure, serving
 from .impls import implementations
 from .memory import measure_in_child
 from .plots import plot_memory, plot_speed
-from .report import markdown_table, summary
+from .report import records_table, summary
 from .sweep import (DTYPES, decode_points, default_points, memory_wall, order_interleaved, run_point,
                     skipped_record, target_points)
+from .table import write_records
 
 
 def parse_args():
@@ -85,14 +85,21 @@ def _memory_point(p, points):
     return (p.pass_ == "fwd" and not p.causal and p.dtype == first and not p.decode) or p.L >= 65536
 
 
+def results_dir(args, device, cpu_capability):
+    """--out, else benchmarks/results/<device>, per capability on the CPU: the same code runs at very different
+    speeds on each."""
+    where = f"cpu-{cpu_capability}" if device == "cpu" else device
+    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", where)
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir
+
+
 def main():
     args = parse_args()
     if args.preset in ("context-parallel", "serving"):  # presets with their own records and tables
         device = args.device if args.preset == "serving" else "cpu"
         meta = metadata(device)
-        where = f"cpu-{meta['cpu_capability']}" if device == "cpu" else device
-        out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", where)
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = results_dir(args, device, meta.get("cpu_capability"))
         return (context_parallel if args.preset == "context-parallel" else serving).run(args, out_dir, meta)
     if args.max_call_seconds is None:
         args.max_call_seconds = 4.0 if args.preset == "default" else float("inf")
@@ -136,22 +143,15 @@ def main():
         if args.device == "cpu" and rec["status"] == "ok" and (args.memory or _memory_point(p, points)):
             rec["peak_mem_bytes"] = measure_in_child(p)
         records.append(rec)
-    # CPU results per capability: the same code runs at very different speeds on each
-    where = f"cpu-{cpu['cpu_capability']}" if args.device == "cpu" else args.device
-    out_dir = args.out or os.path.join(os.path.dirname(__file__), "results", where)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = results_dir(args, args.device, cpu.get("cpu_capability"))
     stem = args.preset if args.preset != "default" else ("quick" if args.quick else "sweep")
     meta = metadata(args.device)
     meta["peaks"] = peak
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = markdown_table(records)
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        on = (f"{meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, torch {meta['torch_cpu_capability']}"
-              f"{''.join(f', {k}={v}' for k, v in meta['isa_switches'].items())}" if args.device == "cpu"
-              else meta["machine"])
-        f.write(f"# {stem} on {args.device} ({on}, {meta['threads']} threads, torch {meta['torch']})\n\n")
-        f.write(table + "\n")
+    on = (f"{meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, torch {meta['torch_cpu_capability']}"
+          f"{''.join(f', {k}={v}' for k, v in meta['isa_switches'].items())}" if args.device == "cpu"
+          else meta["machine"])
+    write_records(out_dir, stem, meta, records, f"# {stem} on {args.device} ({on}, {meta['threads']} threads, torch "
+                  f"{meta['torch']})\n\n{records_table(records)}\n")
     title = f"{stem} on {args.device} ({meta.get('gpu', meta['machine'])}, torch {meta['torch']})"
     plot_speed(records, os.path.join(out_dir, f"{stem}.png"), title)
     plot_memory(records, os.path.join(out_dir, f"{stem}-memory.png"), title)

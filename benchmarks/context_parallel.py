@@ -8,7 +8,6 @@ plan: the work balance, free of the host's noise), time computing and time block
 ring traffic without compute, timed alone, says how much of the communication ran behind compute. Every
 output is checked against float64 math on sampled rows (of the unsharded result) after it is measured.
 """
-import json
 import os
 import statistics
 import time
@@ -23,7 +22,8 @@ from pyattn.distributed.ring import rank_plan
 
 from . import measure
 from .plots import _log_axes, _pyplot, _save
-from .sweep import DTYPES, TOLERANCE, _check_rows, fmt_bytes
+from .sweep import DTYPES, TOLERANCE, _check_rows
+from .table import fmt_bytes, markdown_table, status_cell, write_records
 
 WORLDS = (1, 2, 4)
 B, H, D = 1, 1, 64
@@ -131,24 +131,25 @@ def _record(N, world, ranks, pass_, dtype, causal):
             "compute_overlapped": min(1.0, max(0.0, comm - wait) / max(compute)) if comm > 0 else None}
 
 
-def markdown_table(records):
-    rows = ["| N | P | N/P | ms per rank | x of P=1 | CPU ms per rank | x of P=1 | work balance (max/min) | "
-            "compute time balance (max/min) | peak extra mem per rank | x of P=1 | sent per rank | comm hidden | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+COLUMNS = ["N", "P", "N/P", "ms per rank", "x of P=1", "CPU ms per rank", "x of P=1", "work balance (max/min)",
+           "compute time balance (max/min)", "peak extra mem per rank", "x of P=1", "sent per rank", "comm hidden",
+           "status"]
+
+
+def context_parallel_table(records):
+    """A row per (N, P); the "x of P=1" columns against the single-process record of the same N."""
     single = {r["L"]: r for r in records if r["P"] == 1 and r["status"] == "ok"}
+    rows = []
     for r in sorted(records, key=lambda r: (r["L"], r["P"])):
         base = single.get(r["L"])
         rel = lambda key: f"{r[key] / base[key]:.2f}" if base and r.get(key) and base.get(key) else ""  # noqa: E731
-        ms = f"{r['ms']:.0f}" if r["ms"] is not None else ""
-        balance = f"{r['compute_balance']:.2f}" if r.get("compute_balance") else ""
-        work = f"{r['work_balance']:.3f}" if r.get("work_balance") and r["P"] > 1 else ""
-        hidden = f"{r['comm_hidden']:.0%}" if r.get("comm_hidden") is not None else ""
-        cpu = f"{r['cpu_ms']:.0f}" if r.get("cpu_ms") is not None else ""
-        rows.append(f"| {r['L']} | {r['P']} | {r['N_per_rank']} | {ms} | {rel('ms')} | {cpu} | {rel('cpu_ms')} | "
-                    f"{work} | {balance} | "
-                    f"{fmt_bytes(r['peak_mem_bytes'])} | {rel('peak_mem_bytes')} | {fmt_bytes(r.get('bytes_sent'))} | "
-                    f"{hidden} | {r['status']}{': ' + r['note'] if r['status'] != 'ok' else ''} |")
-    return "\n".join(rows)
+        rows.append([str(r["L"]), str(r["P"]), str(r["N_per_rank"]), f"{r['ms']:.0f}" if r["ms"] is not None else "",
+                     rel("ms"), f"{r['cpu_ms']:.0f}" if r.get("cpu_ms") is not None else "", rel("cpu_ms"),
+                     f"{r['work_balance']:.3f}" if r.get("work_balance") and r["P"] > 1 else "",
+                     f"{r['compute_balance']:.2f}" if r.get("compute_balance") else "",
+                     fmt_bytes(r["peak_mem_bytes"]), rel("peak_mem_bytes"), fmt_bytes(r.get("bytes_sent")),
+                     f"{r['comm_hidden']:.0%}" if r.get("comm_hidden") is not None else "", status_cell(r)])
+    return markdown_table(COLUMNS, rows)
 
 
 def plot(records, path, title):
@@ -178,13 +179,10 @@ def run(args, out_dir, meta):
     records = [_record(N, world, [r[world] for r in ranks[:world]], pass_, dtype, causal)
                for world in WORLDS for N in sorted(ranks[0][world])]
     meta = {**meta, "threads_per_process": 1, "cores": os.cpu_count()}
-    with open(os.path.join(out_dir, "context-parallel.json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = markdown_table(records)
+    table = context_parallel_table(records)
     head = (f"# context-parallel on cpu ({meta['machine']}, {os.cpu_count()} cores, one thread per process, "
             f"torch {meta['torch']}): ring attention, causal, {dtype}, {pass_}, B={B} H={H} D={D}\n\n")
-    with open(os.path.join(out_dir, "context-parallel.md"), "w") as f:
-        f.write(head + table + "\n")
+    write_records(out_dir, "context-parallel", meta, records, head + table + "\n")
     plot(records, os.path.join(out_dir, "context-parallel.png"),
          f"ring attention on {os.cpu_count()} CPU cores (gloo), causal {dtype} {pass_}")
     print(table)

@@ -55,12 +55,30 @@ def gpu_matmul_gflops(dtype, n=8192):
     return 2 * n**3 / ms / 1e6
 
 
-def copy_gbps(device, nbytes=1 << 30):
-    """Measured device copy bandwidth (read + write), the roofline for decode points."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / ms / 1e6
+def copy_tensors(device, nbytes):
+    """(src, dst) of nbytes each: dst.copy_(src), whose bandwidth is the roofline of decode points."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return src, torch.empty_like(src)
+
+
+def copy_rate_gbps(src, ms):
+    """GB/s of a copy of src that took ms: bytes read + bytes written."""
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def copy_gbps(device, nbytes=1 << 30, tensors=None, best_of=None):
+    """Measured device copy bandwidth (read + write) of tensors (copy_tensors()'s, else new ones of nbytes):
+    time_ms's median, or on the CPU the best of best_of copies after a warm-up one."""
+    src, dst = tensors or copy_tensors(device, nbytes)
+    if best_of is None:
+        return copy_rate_gbps(src, time_ms(lambda: dst.copy_(src), device))
+    dst.copy_(src)
+    seconds = []
+    for _ in range(best_of):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - t0)
+    return copy_rate_gbps(src, min(seconds) * 1e3)
 
 
 def peaks(device, dtypes):

@@ -1,7 +1,9 @@
 """Records -> markdown table and a short speedup summary."""
 from collections import defaultdict
 
-from .sweep import fmt_bytes
+from .table import fmt_bytes, markdown_table, status_cell
+
+COLUMNS = ["impl", "dtype", "B×H (kv)", "L", "S", "D", "causal", "pass", "ms", "GFLOP/s", "GB/s", "peak mem", "status"]
 
 
 def _key(r):
@@ -13,18 +15,14 @@ def _metric(r):
     return r["gbps"] if r["L"] == 1 else r["tflops"] * 1e3
 
 
-def markdown_table(records):
-    rows = ["| impl | dtype | B×H (kv) | L | S | D | causal | pass | ms | GFLOP/s | GB/s | peak mem | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (_key(r), r["impl"])):
-        ms = f"{r['ms']:.2f}" if r["ms"] is not None else ""
-        gf = f"{r['tflops'] * 1e3:.0f}" if r["tflops"] is not None else ""
-        bw = f"{r['gbps']:.1f}" if r.get("gbps") else ""
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
-        rows.append(f"| {r['impl']} | {r['dtype']} | {r['B']}×{r['H']} ({r.get('Hkv', r['H'])}) | {r['L']} | "
-                    f"{r['S']} | {r['D']} | {'yes' if r['causal'] else 'no'} | {r['pass']} | {ms} | {gf} | {bw} | "
-                    f"{fmt_bytes(r['peak_mem_bytes'])} | {status} |")
-    return "\n".join(rows)
+def records_table(records):
+    """The sweep's and the decode preset's table: a row a record, grouped by shape."""
+    return markdown_table(COLUMNS, [
+        [r["impl"], r["dtype"], f"{r['B']}×{r['H']} ({r.get('Hkv', r['H'])})", str(r["L"]), str(r["S"]), str(r["D"]),
+         "yes" if r["causal"] else "no", r["pass"], f"{r['ms']:.2f}" if r["ms"] is not None else "",
+         f"{r['tflops'] * 1e3:.0f}" if r["tflops"] is not None else "", f"{r['gbps']:.1f}" if r.get("gbps") else "",
+         fmt_bytes(r["peak_mem_bytes"]), status_cell(r)]
+        for r in sorted(records, key=lambda r: (_key(r), r["impl"]))])
 
 
 def summary(records):

@@ -12,9 +12,7 @@ timed in interleaved rounds, so ratios and fractions hold on a shared host.
 Outputs are checked against float32 math on sampled rows of the first and last sequence before timing.
 On a GPU the peers are the same and pyattn runs its Triton and CUDA C++ backends.
 """
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +22,8 @@ import torch.nn.functional as F
 import pyattn
 
 from . import measure
-from .sweep import TOLERANCE, fmt_bytes
+from .sweep import TOLERANCE
+from .table import fmt_bytes, markdown_table, status_cell, write_records
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -209,7 +208,7 @@ def time_points(checked, copy):
             ms = {n: measure.time_ms(step, device, warm=True) for n, step in steps.items()}
         else:
             ms = measure.time_interleaved({**steps, "copy": lambda: copy[1].copy_(copy[0])})
-    copy_gbps = 2 * copy[0].numel() * copy[0].element_size() / ms["copy"] / 1e6 if "copy" in ms else copy[2]
+    copy_gbps = measure.copy_rate_gbps(copy[0], ms["copy"]) if "copy" in ms else copy[2]
     out = []
     for rec, _, err, args in checked:
         t = ms[name(rec)]
@@ -307,13 +306,17 @@ def measure_points(seqlens, impls, max_call_s, time_limit, copy, device="cpu", l
 
 def _line(r):
     got = (f"{r['ms']:9.2f} ms {r['gbps']:7.1f} GB/s ({r['bandwidth_fraction']:.0%} of copy)" if r["ms"] is not None
-           else f"{r['status']}: {r['note']}")
+           else status_cell(r))
     return f"{r['workload']:<8} B={r['B']:<2} S={r['S']:<8} {r['layout']:<10} {r['impl']:<11} {got}"
 
 
-def markdown_table(records):
-    rows = [("| workload | B | S (lengths) | layout | impl | ms | GB/s of cache | of copy bandwidth | GFLOP/s | "
-             "x torch-sdpa | x contiguous | status |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+COLUMNS = ["workload", "B", "S (lengths)", "layout", "impl", "ms", "GB/s of cache", "of copy bandwidth", "GFLOP/s",
+           "x torch-sdpa", "x contiguous", "status"]
+
+
+def serving_table(records):
+    """A row a point; "x torch-sdpa" against torch's time at the same (workload, B, S, layout)."""
+    rows = []
     torch_ms = {(r["workload"], r["B"], r["S"], r["layout"]): r["ms"] for r in records
                 if r["impl"] == "torch-sdpa" and r["ms"] is not None}
     order = {w: i for i, w in enumerate(WORKLOADS)}
@@ -325,10 +328,8 @@ def markdown_table(records):
             cells = [f"{r['ms']:.2f}", f"{r['gbps']:.1f}", f"{r['bandwidth_fraction']:.0%}", f"{r['tflops'] * 1e3:.0f}",
                      f"{base / r['ms']:.2f}" if base else "",
                      f"{r['x_contiguous']:.2f}" if "x_contiguous" in r else ""]
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
-        rows.append(f"| {r['workload']} | {r['B']} | {lengths} | {r['layout']} | {r['impl']} | {' | '.join(cells)} | "
-                    f"{status} |")
-    return "\n".join(rows)
+        rows.append([r["workload"], str(r["B"]), lengths, r["layout"], r["impl"], *cells, status_cell(r)])
+    return markdown_table(COLUMNS, rows)
 
 
 def copy_buffers(device, nbytes=1 << 30, reps=5):
@@ -337,15 +338,8 @@ def copy_buffers(device, nbytes=1 << 30, reps=5):
     bandwidth is kept (several times the L2, median of CUDA-event timings)."""
     if device == "cuda":
         return None, None, measure.copy_gbps(device, 4 * nbytes)
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return src, dst, 2 * nbytes / best / 1e9
+    src, dst = measure.copy_tensors(device, nbytes)
+    return src, dst, measure.copy_gbps(device, tensors=(src, dst), best_of=reps)
 
 
 def run(args, out_dir, meta):
@@ -367,21 +361,18 @@ def run(args, out_dir, meta):
             "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "page_size": PAGE, "dtype": "bf16"}}
     meta["quick"] = bool(args.quick)
     stem = "serving"
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    table = markdown_table(records)
+    table = serving_table(records)
     quick = " (--quick)" if args.quick else ""
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        on = (f"{meta['gpu']}, CUDA {meta['cuda']}" if device == "cuda" else
-              f"{meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, {meta['threads']} threads")
-        f.write(f"# serving{quick} on {device} ({on}, torch {meta['torch']}): kvcache_attention, bf16, {HQ}:{HKV} heads, "
-                f"D={D}, pages of {PAGE} (shuffled); copy bandwidth {copy_gbps:.1f} GB/s\n\n")
-        f.write("GB/s: bytes of K and V attended (sum of lengths x Hkv x D x 2 bytes x 2) per second. "
+    on = (f"{meta['gpu']}, CUDA {meta['cuda']}" if device == "cuda" else
+          f"{meta['cpu_model']}, pyattn CPU capability {meta['cpu_capability']}, {meta['threads']} threads")
+    markdown = (f"# serving{quick} on {device} ({on}, torch {meta['torch']}): kvcache_attention, bf16, {HQ}:{HKV} "
+                f"heads, D={D}, pages of {PAGE} (shuffled); copy bandwidth {copy_gbps:.1f} GB/s\n\n"
+                "GB/s: bytes of K and V attended (sum of lengths x Hkv x D x 2 bytes x 2) per second. "
                 "torch-sdpa's time includes the append, the page gather into dense padded K/V and the mask.\n\n")
-        if device == "cpu":
-            f.write("The impls and both layouts of a (B, S, workload) and a 1 GiB copy are timed in interleaved rounds "
-                    "(median of each; the layouts one after the other where their caches do not fit together); \"of "
-                    "copy bandwidth\" is against that copy, and \"x contiguous\" (paged speed over contiguous, same "
-                    "impl) against the contiguous point, measured in the same rounds.\n\n")
-        f.write(table + "\n")
+    if device == "cpu":
+        markdown += ("The impls and both layouts of a (B, S, workload) and a 1 GiB copy are timed in interleaved "
+                     "rounds (median of each; the layouts one after the other where their caches do not fit together); "
+                     "\"of copy bandwidth\" is against that copy, and \"x contiguous\" (paged speed over contiguous, "
+                     "same impl) against the contiguous point, measured in the same rounds.\n\n")
+    write_records(out_dir, stem, meta, records, markdown + table + "\n")
     print(f"\nwrote {out_dir}/{stem}.json and {stem}.md")

@@ -168,9 +168,3 @@ def order_interleaved(points):
     return sorted(points, key=lambda p: (p.decode, p.D, p.dtype, p.causal, p.pass_, p.L, p.S, p.impl))
 
 
-def fmt_bytes(n):
-    if n is None:
-        return ""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-

@@ -85,7 +85,8 @@ def test_steps_record_counts_and_kill_at_the_deadline(tmp_path):
     assert results["tests-finished"][0] == 0
     record = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = record["stages"]["tests"]
-    counted = {name: {k: step[k] for k in ("returncode", "passed", "failed", "skipped")} for name, step in steps.items()}
+    fields = ("returncode", "passed", "failed", "skipped")
+    counted = {name: {k: step[k] for k in fields} for name, step in steps.items()}
     assert counted == {"tests-finished": {"returncode": 0, "passed": 40, "failed": 3, "skipped": 2},
                        "tests-cut-off": {"returncode": 124, "passed": 5, "failed": 1, "skipped": 1}}
     assert steps["tests-finished"]["counted_from"] == "summary line"
