@@ -7,7 +7,7 @@ records in benchmarks/results/<gpu>/ (or --out DIR); gpu-check.log holds every s
   build      one build_ext --inplace: the CUDA C++ kernels for this GPU's arch alone (nvcc takes 2-3 s a kernel
              file, so a separate CPU-only build first would cost more than it saves) and the CPU kernel for this
              host's best capability alone; if the CUDA build fails, a CPU-only build, so the Triton checks still run
-  bench      the benchmark points the README's GPU targets name (bf16, 4k and 16k): Triton, CUDA C++, torch's
+  bench      the benchmark points docs/gpu-check.md's GPU targets name (bf16, 4k and 16k): Triton, CUDA C++, torch's
              flash and cuDNN SDPA
   tests      the Triton backend's tests and the CUDA C++ backend's tests, both at once (pytest-xdist where it
              is installed: Triton's JIT compiles are CPU-bound); a run cut off at the deadline is counted from
