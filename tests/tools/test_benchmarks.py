@@ -7,14 +7,19 @@ import pytest
 import torch
 
 
+def run_benchmarks(*args):
+    """python -m benchmarks with args, in a child process as a user runs it; fails the test on its failure."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("preset", ["default", "decode"])
 def test_benchmark_cli_writes_records(tmp_path, preset):
     args = ["--device", "cpu", "--preset", preset, "--impl", "naive", "torch-sdpa", "pyattn-cpu", "--dtype", "fp32",
             "--out", str(tmp_path)]
     args += ["--seqlens", "64", "128", "--pass", "fwd", "fwd+bwd"] if preset == "default" else \
         ["--decode-seqlens", "256"]
-    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_benchmarks(*args)
     stem = "sweep" if preset == "default" else "decode"
     records = json.loads((tmp_path / f"{stem}.json").read_text())["records"]
     assert {r["impl"] for r in records} == {"naive", "torch-sdpa", "pyattn-cpu"}
@@ -36,8 +41,7 @@ def test_context_parallel_preset_writes_records(tmp_path):
     """--preset context-parallel: ring attention over 1, 2 and 4 gloo processes, one record per (N, P), each
     checked against float64 math, with per-rank time, memory and traffic, a table and a plot."""
     args = ["--preset", "context-parallel", "--seqlens", "256", "512", "--out", str(tmp_path)]
-    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_benchmarks(*args)
     records = json.loads((tmp_path / "context-parallel.json").read_text())["records"]
     assert sorted((r["L"], r["P"]) for r in records) == [(n, p) for n in (256, 512) for p in (1, 2, 4)]
     for r in records:
@@ -56,8 +60,7 @@ def test_serving_preset_writes_records(tmp_path):
     """--preset serving at tiny sizes: decode over contiguous and paged caches, batch 1 and 16, every impl
     checked and timed; prefill chunks (512) longer than the caches are recorded as skipped with the reason."""
     args = ["--preset", "serving", "--seqlens", "64", "128", "--out", str(tmp_path)]
-    res = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_benchmarks(*args)
     data = json.loads((tmp_path / "serving.json").read_text())
     assert data["meta"]["copy_gbps"] > 0
     records = data["records"]
