@@ -216,20 +216,25 @@ def stage_tests(check, backend=None):
     check.steps("tests", runs, check.deadline(STAGE_CAP_S["tests"]), env={"PYATTN_FAILURE_LOG": failures})
 
 
+def _benchmarks_cmd(check, args, deadline, margin_s):
+    """python -m benchmarks on the GPU, its records in check's folder, told to stop margin_s before deadline: the
+    time it needs to write them."""
+    return [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir, *args,
+            "--time-limit", str(int(deadline - time.time() - margin_s))]
+
+
 def stage_bench(check, _=None):
     deadline = check.deadline(STAGE_CAP_S["bench"])
     impls = TARGET_IMPLS if _has_cuda_build() else [i for i in TARGET_IMPLS if i != "pyattn-cuda"]
-    check.steps("bench", {"targets": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir,
-                                      *TARGET_BENCH, "--impl", *impls,
-                                      "--time-limit", str(int(deadline - time.time() - 25))]}, deadline)
+    check.steps("bench", {"targets": _benchmarks_cmd(check, [*TARGET_BENCH, "--impl", *impls], deadline, 25)},
+                deadline)
 
 
 def stage_serving(check, _=None):
     deadline = check.deadline(STAGE_CAP_S["serving"])
     impls = ["pyattn-triton", "torch-sdpa"] + (["pyattn-cuda"] if _has_cuda_build() else [])
-    check.steps("serving", {"serving": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--out", check.out_dir,
-                                        *SERVING_BENCH, "--impl", *impls,
-                                        "--time-limit", str(int(deadline - time.time() - 15))]}, deadline)
+    check.steps("serving", {"serving": _benchmarks_cmd(check, [*SERVING_BENCH, "--impl", *impls], deadline, 15)},
+                deadline)
 
 
 def stage_sanitizer(check, _=None):
@@ -252,8 +257,7 @@ def stage_sweep(check, _=None):
     left = check.end - time.time()
     if left < 45:
         return
-    check.steps("sweep", {"quick": [sys.executable, "-m", "benchmarks", "--device", "cuda", "--quick", "--out",
-                                    check.out_dir, "--time-limit", str(int(left - 30))]}, check.end)
+    check.steps("sweep", {"quick": _benchmarks_cmd(check, ["--quick"], check.end, 30)}, check.end)
 
 
 def main():
