@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import features as F
-from . import normalize, validate
+from . import normalize, torch_words, validate
 from .errors import AttentionInputError, AttentionTypeError
 from .validate import Shapes
 
@@ -118,10 +118,19 @@ class AttnInputs:
 
 
 def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                 window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", return_lse=False,
-                 sinks=None):
-    """scaled_dot_product_attention's arguments -> AttnInputs (dense_outputs maps the results back)."""
+                 **extras):
+    """scaled_dot_product_attention's arguments -> AttnInputs (dense_outputs maps the results back). Where torch's
+    function refuses the same arguments, the error starts with torch's words (pyattn/torch_words.py)."""
     query, key, value, attn_mask = normalize.autocast(query, key, value, attn_mask)
+    try:
+        return _dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, **extras)
+    except AttentionInputError as e:
+        words = torch_words.sdpa_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        raise torch_words.with_torch_words(e, words) from None
+
+
+def _dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=None, softcap=None,
+           alibi_slopes=None, causal_alignment="top_left", return_lse=False, sinks=None):
     for name, t in (("query", query), ("key", key), ("value", value)):
         validate.tensor(name, t, ndim_min=2)
     validate.qkv_types(query=query, key=key, value=value)

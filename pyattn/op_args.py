@@ -5,6 +5,8 @@ Every Python caller builds and reads op calls through these (by name, never by p
 """
 from collections import namedtuple
 
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+
 # the scalars of fwd and bwd between cu_seqlens_k and rng_state (semantics: csrc/params.h)
 OPTIONS = ("SymInt max_seqlen_q", "SymInt max_seqlen_k", "float scale", "int window_left", "int window_right",
            "bool bottom_right", "float softcap", "float dropout_p")
@@ -86,5 +88,7 @@ def new_out(q, Ev, zeros=False):
 
 
 def heads_inner(q):
-    """Whether q (B, Hq, L, E)'s heads are inner to its rows in memory (new_out's layout choice)."""
-    return q.stride(1) < q.stride(2)
+    """Whether q (B, Hq, L, E)'s heads are inner to its rows in memory (new_out's layout choice). Under torch.compile
+    with an unbacked L, a contiguous q's strides compare as L * E < E, unknown while tracing: False, as the kernel finds
+    at run time for every L (an empty dim's stride counts it as 1)."""
+    return guard_or_false(q.stride(1) < q.stride(2))

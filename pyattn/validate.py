@@ -294,6 +294,15 @@ def _bad_pages(cache):
     return in_use & ((cache.block_table < 0) | (cache.block_table >= pages))
 
 
+def _capacity_source(cache):
+    """What limits a sequence's cache positions, for messages."""
+    if cache.paged:
+        pages, page_size = cache.block_table.shape[1], cache.k_cache.shape[1]
+        return (f"block_table {shape(cache.block_table)}: {pages} pages of page_size {page_size} from k_cache "
+                f"{shape(cache.k_cache)}")
+    return f"the sequence dim of k_cache {shape(cache.k_cache)}"
+
+
 def cache_indices(cache, L_new):
     """Every index of a KVCache (pyattn/inputs.py) against the cache, so that a bad call writes nothing. The indices
     cross to the host in one transfer: one sync on a GPU per call, not one per check (a serving loop calls this in
@@ -312,7 +321,7 @@ def cache_indices(cache, L_new):
     for b, (n, start) in enumerate(zip(seqlens, starts)):
         if n < 0 or n + L_new > cache.capacity:
             raise AttentionInputError(f"cache_seqlens[{b}] = {n} plus L_new = {L_new} new tokens does not fit the "
-                                      f"cache capacity {cache.capacity} (k_cache {shape(cache.k_cache)})")
+                                      f"cache capacity {cache.capacity} ({_capacity_source(cache)})")
         if not 0 <= start <= n:
             raise AttentionInputError(f"cache_leftpad[{b}] = {start} must lie in [0, cache_seqlens[{b}] = {n}]")
     if cache.cache_batch_idx is not None:
