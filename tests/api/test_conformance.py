@@ -2,11 +2,12 @@
 
 - a CausalBias (causal_upper_left / causal_lower_right) as attn_mask is the causal band in its alignment: forward,
   backward and compiled, never materialised; with is_causal=True it raises, as torch's does;
-- invalid inputs raise a RuntimeError, as torch's do (pyattn's is also a ValueError or TypeError) naming the
-  argument and the shapes;
+- invalid inputs (attn_mask with is_causal=True among them) raise a RuntimeError, as torch's do (pyattn's is also a
+  ValueError or TypeError) naming the argument and the shapes;
 - NaN and inf in q, k, v or a float mask reach the output rows and gradients they touch, as in torch;
-- dropout does not replay torch's random stream (no fused kernel does) but has its statistics;
-- a grid of dtypes, shapes, masks, GQA and scale through torch's own function routed by pyattn.enabled().
+- dropout does not replay torch's random stream (no fused kernel does) but has its statistics.
+The values over a grid of shapes, masks, GQA, dtypes and layouts are test_dropin.py's; the same grid through torch's
+own function routed by pyattn.enabled() is test_routing.py's.
 
 Oracle: torch in float64; baseline: torch in the tested dtype; rule: helpers.assert_close_to_oracle.
 """
@@ -15,24 +16,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
 import pyattn
-from helpers import (TORCH_SDPA, PyattnOps, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id,
-                      on_device)
+from helpers import TORCH_SDPA, backend_params, check_fwd_bwd, default_dtype, qkv, sdpa_on
 
 NAN = float("nan")
 BIASES = {"upper_left": causal_upper_left, "lower_right": causal_lower_right}
 backends = pytest.mark.parametrize("backend,device", backend_params())
-
-
-def qkv(*shapes):
-    return dict(zip(("q", "k", "v"), (torch.randn(s) for s in shapes)))
-
-
-def ours(backend):
-    return on_device(functools.partial(pyattn.scaled_dot_product_attention, backend=backend), backend_device(backend))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,7 +40,7 @@ def test_causal_bias(backend, device, variant, L, S, Hkv):
         return sdpa(q, k, v, attn_mask=BIASES[variant](L, S), enable_gqa=Hkv == 1)
 
     t = qkv((2, 2, L, 16), (2, Hkv, S, 16), (2, Hkv, S, 16))
-    check_fwd_bwd(functools.partial(attend, ours(backend)), functools.partial(attend, TORCH_SDPA),
+    check_fwd_bwd(functools.partial(attend, sdpa_on(backend)), functools.partial(attend, TORCH_SDPA),
                   functools.partial(attend, TORCH_SDPA), t, default_dtype(backend))
 
 
@@ -126,6 +117,11 @@ INVALID = [  # (id, arguments, what pyattn's message must name)
     ("mask-int", lambda: _args(attn_mask=torch.ones(5, 7, dtype=I64)), ["attn_mask", "int64", "(5, 7)"]),
     ("mask-float64-on-fp32", lambda: _args(attn_mask=torch.zeros(5, 7, dtype=torch.float64)),
      ["attn_mask", "float64", "(5, 7)"]),
+    # torch documents that attn_mask with is_causal=True raises; pyattn names the spelling it takes for both
+    ("bool-mask-with-causal", lambda: _args(attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True),
+     ["attn_mask", "(5, 7)", "is_causal=True", "window_size=(-1, 0)"]),
+    ("float-mask-with-causal", lambda: _args(attn_mask=torch.zeros(5, 7), is_causal=True),
+     ["attn_mask", "(5, 7)", "is_causal=True", "window_size=(-1, 0)"]),
     ("float-mask-grad-with-causal", lambda: _args(attn_mask=torch.zeros(5, 7, requires_grad=True), is_causal=True),
      ["attn_mask", "(5, 7)", "is_causal=True"]),
     ("dropout-above-1", lambda: _args(dropout_p=1.5), ["dropout_p", "1.5"]),
@@ -207,7 +203,7 @@ def test_nan_and_inf_reach_what_they_touch(backend, device, setups, is_causal, n
     for setup in setups:
         setup(t)
     dtype = default_dtype(backend)
-    got = _nan_run(ours(backend), t, is_causal, dtype)
+    got = _nan_run(sdpa_on(backend), t, is_causal, dtype)
     want = _nan_run(TORCH_SDPA, t, is_causal, dtype)
     names = ["out", "grad of q", "grad of k", "grad of v", "grad of attn_mask"]
     for name, g, w in zip(names[:2], got[:2], want[:2]):  # out and dq: row by row
@@ -239,7 +235,7 @@ def test_dropout_statistics_match_torch(backend, device, p):
     q, k = torch.randn(B, H, Lq, 16), torch.randn(B, H, Sk, 16)
     v = torch.eye(Sk).expand(B, H, Sk, Sk)
     weights = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4.0, -1)
-    sdpa = ours(backend)
+    sdpa = sdpa_on(backend)
     for fn in (sdpa, TORCH_SDPA):
         torch.manual_seed(7)
         out = fn(q, k, v, dropout_p=p).double()
@@ -251,52 +247,3 @@ def test_dropout_statistics_match_torch(backend, device, p):
     again = sdpa(q, k, v, dropout_p=p).double()
     torch.manual_seed(7)
     assert torch.equal(sdpa(q, k, v, dropout_p=p).double(), again)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# torch's function, routed by pyattn.enabled(), over a grid
-
-def _bool_mask(*shape):
-    return lambda: torch.rand(shape) > 0.3
-
-
-GRID = [  # (id, q, k, v shapes, extra tensors, keyword arguments)
-    ("4d-L<S", ((2, 3, 17, 16), (2, 3, 33, 16), (2, 3, 33, 24)), {}, {}),
-    ("3d-L>S", ((3, 33, 16), (3, 17, 16), (3, 17, 16)), {}, {}),
-    ("5d-batch-broadcast", ((2, 2, 3, 9, 16), (1, 2, 1, 17, 16), (2, 1, 3, 17, 16)), {}, {}),
-    ("causal", ((2, 2, 17, 32), (2, 2, 33, 32), (2, 2, 33, 32)), {}, {"is_causal": True}),
-    ("bool-mask-broadcast", ((2, 3, 17, 16), (2, 3, 33, 16), (2, 3, 33, 16)), {"attn_mask": _bool_mask(17, 33)}, {}),
-    ("float-mask-grad", ((2, 3, 17, 16), (2, 3, 33, 16), (2, 3, 33, 16)),
-     {"attn_mask": lambda: torch.randn(2, 1, 17, 33)}, {}),
-    ("gqa", ((2, 6, 17, 16), (2, 2, 33, 16), (2, 2, 33, 16)), {}, {"enable_gqa": True}),
-    ("scale", ((1, 2, 33, 16), (1, 2, 17, 16), (1, 2, 17, 16)), {}, {"scale": 0.3}),
-    ("causal-upper-left", ((1, 2, 17, 16), (1, 2, 33, 16), (1, 2, 33, 16)), {}, {"bias": "upper_left"}),
-    ("causal-lower-right", ((1, 2, 17, 16), (1, 2, 33, 16), (1, 2, 33, 16)), {}, {"bias": "lower_right"}),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("shapes,extra,kwargs", [pytest.param(*c[1:], id=c[0]) for c in GRID])
-def test_routed_torch_function(shapes, extra, kwargs, dtype):
-    """F.scaled_dot_product_attention under pyattn.enabled() runs pyattn's kernel and matches torch's own, forward
-    and backward (grads of q, k, v and a float mask)."""
-    kwargs = dict(kwargs)
-    bias = kwargs.pop("bias", None)
-    L_, S_ = shapes[0][-2], shapes[1][-2]
-    t = dict(qkv(*shapes), **{name: make() for name, make in extra.items()})
-
-    def call(sdpa, q, k, v, attn_mask=None):
-        return sdpa(q, k, v, attn_mask=BIASES[bias](L_, S_) if bias else attn_mask, **kwargs)
-
-    ops = PyattnOps()
-
-    def routed(q, k, v, attn_mask=None):
-        mask = BIASES[bias](L_, S_) if bias else attn_mask  # a CausalBias cannot be made inside a dispatch mode
-        with pyattn.enabled(), ops:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
-
-    grads = ("q", "k", "v", "attn_mask") if "attn_mask" in t and t["attn_mask"].is_floating_point() else ("q", "k", "v")
-    torch_fn = functools.partial(call, TORCH_SDPA)
-    check_fwd_bwd(routed, torch_fn, torch_fn, t, dtype, grads, out_names=("out",))
-    assert ops.calls >= 1, "pyattn's kernel did not run"
-    assert F.scaled_dot_product_attention is TORCH_SDPA

@@ -11,15 +11,14 @@ import torch.nn.functional as F
 
 import pyattn
 from helpers import (CASES, backend_device, backend_params, check_fwd_bwd, default_dtype, dtype_id, half_dtype,
-                      on_device, sample_inputs)
+                     on_device, qkv, sample_inputs, sdpa_on)
 
 fused = pytest.mark.parametrize("backend,device", backend_params(fused_only=True))
 
 
 def attn(backend, q, k, v, attn_mask=None, alibi_slopes=None, **kw):
     """pyattn with this backend, run on the backend's device; results come back to the inputs' device."""
-    return on_device(pyattn.scaled_dot_product_attention, backend_device(backend))(
-        q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, backend=backend, **kw)
+    return sdpa_on(backend)(q, k, v, attn_mask=attn_mask, alibi_slopes=alibi_slopes, **kw)
 
 
 def check(backend, tensors, dtype=None, grad_names=("q", "k", "v"), fn=attn, **kw):
@@ -29,10 +28,6 @@ def check(backend, tensors, dtype=None, grad_names=("q", "k", "v"), fn=attn, **k
     out_names = kw.pop("out_names", ("out", "lse"))
     return check_fwd_bwd(lambda **t: fn(backend, **t, **kw), lambda **t: fn("reference", **t, **kw),
                          lambda **t: fn("reference", **t, **kw), tensors, dtype, grad_names, out_names=out_names)
-
-
-def qkv(*shapes):
-    return dict(zip(("q", "k", "v"), (torch.randn(s) for s in shapes)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyattn
-from helpers import assert_close_to_oracle, backend_params, dtype_id, half_dtype
+from helpers import assert_close_to_oracle, backend_params, dtype_id, half_dtype, paged_caches
 from pyattn.op_args import KVCacheArgs
 
 KV_BACKENDS = backend_params(["cpu"])
@@ -66,23 +66,8 @@ def make(case: KVCase, dtype, page_size=None, generator_seed=0):
     if case.kw.get("sinks"):
         kw["sinks"] = torch.randn(case.Hq, generator=g)
     if page_size is not None:
-        kc, vc, kw["block_table"] = paged(kc, vc, page_size, g)
+        kc, vc, kw["block_table"] = paged_caches(kc, vc, page_size, g)
     return q, kc, vc, kw
-
-
-def paged(kc, vc, page_size, g):
-    """(B, S_max, H, D) caches -> (num_pages, page_size, H, D) with a random page order plus spare pages."""
-    B, S_max = kc.shape[:2]
-    per_seq = -(-S_max // page_size)
-    pad = per_seq * page_size - S_max
-    kc = torch.cat([kc, kc.new_zeros(B, pad, *kc.shape[2:])], 1).reshape(B * per_seq, page_size, *kc.shape[2:])
-    vc = torch.cat([vc, vc.new_zeros(B, pad, *vc.shape[2:])], 1).reshape(B * per_seq, page_size, *vc.shape[2:])
-    spare = 3
-    perm = torch.randperm(B * per_seq + spare, generator=g)
-    k_pages = torch.randn(B * per_seq + spare, *kc.shape[1:], dtype=torch.float64).to(kc.dtype)
-    v_pages = torch.randn(B * per_seq + spare, *vc.shape[1:], dtype=torch.float64).to(vc.dtype)
-    k_pages[perm[:B * per_seq]], v_pages[perm[:B * per_seq]] = kc, vc
-    return k_pages, v_pages, perm[:B * per_seq].view(B, per_seq).to(torch.int32)
 
 
 def run(q, kc, vc, kw, backend, dtype=None):
@@ -234,7 +219,7 @@ def test_cache_batch_idx_and_leftpad_in_bf16_decode(page_size):
     if page_size is None:
         kw["cache_batch_idx"] = torch.tensor([2, 0, 1], dtype=torch.int32)
     else:
-        kc, vc, kw["block_table"] = paged(kc, vc, page_size, torch.Generator().manual_seed(3))
+        kc, vc, kw["block_table"] = paged_caches(kc, vc, page_size, torch.Generator().manual_seed(3))
     o_out = run(q, kc, vc, kw, "reference")[0]
     base = run(q, kc, vc, kw, "reference", torch.bfloat16)[0]
     out = run(q, kc, vc, kw, "cpu", torch.bfloat16)[0]

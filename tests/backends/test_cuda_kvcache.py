@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyattn
-from helpers import assert_close_to_oracle
+from helpers import assert_close_to_oracle, paged_caches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -13,18 +13,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 def _cuda_build():
     if "cuda" not in pyattn.available_backends():
         pytest.fail("a CUDA machine must build the cuda backend (make gpu-check builds it)", pytrace=False)
-
-
-def paged(k_cache, v_cache, page_size, gen):
-    """(B, S_max, H, D) caches -> (pages, page_size, H, D) in shuffled pages, and block_table (B, S_max / page_size)."""
-    B, S = k_cache.shape[:2]
-    perm = torch.randperm(B * (S // page_size), generator=gen).to(k_cache.device)
-    out = []
-    for cache in (k_cache, v_cache):
-        pages = torch.empty(B * (S // page_size), page_size, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
-        pages[perm] = cache.reshape(-1, page_size, *cache.shape[2:])
-        out.append(pages)
-    return out[0], out[1], perm.reshape(B, -1).to(torch.int32)
 
 
 def check(q, k_cache, v_cache, dtype, **kw):
@@ -60,7 +48,7 @@ def test_kvcache_matches_reference(dtype, D, L, layout, kw):
     if layout != "batch_idx":
         k_cache, v_cache = k_cache[:B], v_cache[:B]
     if layout.startswith("page"):  # S = 384 is a multiple of every page size here
-        k_cache, v_cache, kw["block_table"] = paged(k_cache, v_cache, int(layout[4:]), gen)
+        k_cache, v_cache, kw["block_table"] = paged_caches(k_cache, v_cache, int(layout[4:]), gen)
     check(q, k_cache, v_cache, dtype, cache_seqlens=seqlens, **kw)
 
 

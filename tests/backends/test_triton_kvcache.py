@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyattn
-from helpers import assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id
+from helpers import assert_close_to_oracle, backend_params, check_fwd_bwd, dtype_id, paged_caches
 from pyattn.kvcache import explain_kvcache
 from pyattn.op_args import KVCacheArgs
 
@@ -83,31 +83,14 @@ def layout_id(page_size):
     return "contiguous" if page_size is None else ("page-whole" if page_size == CAPACITY else f"page{page_size}")
 
 
-def paged(t, page_size, seed=1):
-    """The same keys in pages of page_size, shuffled across a pool of num_pages (plus spare pages of noise):
-    -> (k_cache, v_cache (num_pages, page_size, Hkv, E), block_table (B, CAPACITY // page_size) int32)."""
-    B = t["k_cache"].shape[0]
-    per_seq = CAPACITY // page_size
-    g = torch.Generator().manual_seed(seed)
-    num_pages = B * per_seq + 3
-    order = torch.randperm(num_pages, generator=g)[:B * per_seq]
-    block_table = order.view(B, per_seq).to(torch.int32).to(t["k_cache"].device)
-    pools = []
-    for name in ("k_cache", "v_cache"):
-        src = t[name]
-        pool = torch.randn(num_pages, page_size, *src.shape[2:], generator=g).to(src)
-        pool[order] = src.reshape(B * per_seq, page_size, *src.shape[2:])
-        pools.append(pool)
-    return pools[0], pools[1], block_table
-
-
 def run(case, t, dtype, backend, page_size=None, batch_idx=False):
     """kvcache_attention on fresh copies of the caches (k_new writes into them) -> out, lse."""
     t = {n: (x.to(dtype) if x.is_floating_point() and n not in ("alibi_slopes", "sinks") else x).clone()
          for n, x in t.items()}
     extra = {}
     if page_size is not None:
-        t["k_cache"], t["v_cache"], extra["block_table"] = paged(t, page_size)
+        t["k_cache"], t["v_cache"], extra["block_table"] = paged_caches(t["k_cache"], t["v_cache"], page_size,
+                                                                        torch.Generator().manual_seed(1))
     elif batch_idx:  # sequence b lives in cache row rows[b] of a bigger cache
         B = t["k_cache"].shape[0]
         rows = torch.tensor([B + 1 - b for b in range(B)], dtype=torch.int32, device=t["q"].device)
@@ -184,7 +167,7 @@ def test_kvcache_sink_only_rows(backend, device):
 def test_kvcache_opcheck(backend, device):
     case = CASES[-1]
     t = case.make(device)
-    k, v, block_table = paged(t, 16)
+    k, v, block_table = paged_caches(t["k_cache"], t["v_cache"], 16, torch.Generator().manual_seed(1))
     args = KVCacheArgs(q=t["q"], k_cache=k, v_cache=v, seqlens_k=t["cache_seqlens"], block_table=block_table,
                        cache_batch_idx=None, cache_leftpad=t["cache_leftpad"], alibi_slopes=None, sinks=t["sinks"],
                        scale=0.25, window_left=-1, window_right=0, softcap=0.0)
@@ -195,7 +178,7 @@ def test_kvcache_explain(backend, device):
     """triton declares the KV-cache features (auto on CUDA picks it; the interpreter can run it)."""
     case = Cache("explain", (5, 9), sinks=True, leftpad=(1, 0))
     t = case.make(device)
-    k, v, block_table = paged(t, 16)
+    k, v, block_table = paged_caches(t["k_cache"], t["v_cache"], 16, torch.Generator().manual_seed(1))
     text = explain_kvcache(t["q"], k, v, cache_seqlens=t["cache_seqlens"], block_table=block_table,
                            cache_leftpad=t["cache_leftpad"], sinks=t["sinks"])
     line = next(x for x in text.splitlines() if x.strip().startswith("triton"))

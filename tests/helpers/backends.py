@@ -3,6 +3,7 @@
 Nothing here probes a device at import time except torch.cuda.is_available() (for skip marks, and to run
 the Triton kernels under the interpreter where no GPU exists: tests/helpers/__init__.py sets TRITON_INTERPRET).
 """
+import functools
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import pyattn
 from pyattn import cpu_capability
 
 TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, whatever pyattn.enable() does to the name later
@@ -53,6 +55,11 @@ def on_device(fn, device):
         back = lambda x: x.to(home) if home is not None else x  # noqa: E731
         return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
     return run
+
+
+def sdpa_on(backend):
+    """pyattn.scaled_dot_product_attention forced to backend, run on its device, taking and giving CPU tensors."""
+    return on_device(functools.partial(pyattn.scaled_dot_product_attention, backend=backend), backend_device(backend))
 
 
 def lower_cpu_capabilities():
