@@ -1,4 +1,4 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving] ...
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving|model]
 
 Sweeps sequence length for naive attention, torch SDPA (and FlexAttention on CUDA) and every pyattn
 backend; writes JSON records and a markdown table under benchmarks/results/<device>/ and prints a summary.
@@ -13,7 +13,7 @@ import torch
 
 import pyattn
 
-from . import context_parallel, measure, serving
+from . import context_parallel, measure, model, serving
 from .impls import implementations
 from .memory import measure_in_child
 from .plots import plot_memory, plot_speed
@@ -27,14 +27,16 @@ def parse_args():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer lengths and passes")
-    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel", "serving"],
+    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel", "serving", "model"],
                     default="default",
                     help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
                          "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo); "
-                         "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches")
+                         "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches; "
+                         "model: a Llama-shaped transformers model's prefill and decode step per attn_implementation")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>; CPU: cpu-<capability>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
+    ap.add_argument("--contexts", nargs="+", type=int, help="model preset: prompt lengths (default 512 4096 16384)")
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES))
     ap.add_argument("--pass", dest="passes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"])
     ap.add_argument("--decode", action="store_true", help="add decode points (L=1, long S, GQA)")
@@ -96,11 +98,12 @@ def results_dir(args, device, cpu_capability):
 
 def main():
     args = parse_args()
-    if args.preset in ("context-parallel", "serving"):  # presets with their own records and tables
-        device = args.device if args.preset == "serving" else "cpu"
+    own = {"context-parallel": context_parallel, "serving": serving, "model": model}
+    if args.preset in own:  # presets with their own records and tables
+        device = "cpu" if args.preset == "context-parallel" else args.device
         meta = metadata(device)
         out_dir = results_dir(args, device, meta.get("cpu_capability"))
-        return (context_parallel if args.preset == "context-parallel" else serving).run(args, out_dir, meta)
+        return own[args.preset].run(args, out_dir, meta)
     if args.max_call_seconds is None:
         args.max_call_seconds = 4.0 if args.preset == "default" else float("inf")
     impls = implementations(args.device)
