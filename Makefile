@@ -7,7 +7,7 @@ RESULTS ?=
 STAGE ?=
 PYTEST_ARGS ?=
 
-.PHONY: install build test bench gpu-check sdist-check test-aarch64 clean
+.PHONY: install build test test-quick bench gpu-check sdist-check test-aarch64 clean
 
 install: $(STAMP) build
 
@@ -23,6 +23,12 @@ build: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the inner loop: the CPU grid on the best capability only, without the Triton interpreter, subprocesses or kernel
+# compiles (markers in pyproject.toml); `make test` stays the full suite
+test-quick: install
+	PYATTN_TEST_ONE_CPU_CAPABILITY=1 $(PY) -m pytest -q -m "not subprocess and not triton_interpreter and not compiles" \
+		$(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m benchmarks $(if $(RESULTS),--out $(RESULTS),)

@@ -51,6 +51,15 @@ def _backend_must_exist(request):
         pytest.skip(f"backend {backend!r} does not take {dtype}{why}")
 
 
+def pytest_collection_modifyitems(items):
+    """Marks each test of the triton backend that runs under the Triton interpreter (no GPU) triton_interpreter:
+    minutes on a CPU, so make test-quick leaves them out (-m "not triton_interpreter")."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec and callspec.params.get("backend") == "triton" and backend_device("triton") == "cpu":
+            item.add_marker(pytest.mark.triton_interpreter)
+
+
 def pytest_runtest_logreport(report):
     """PYATTN_FAILURE_LOG=path: each failure's report is appended to path as it happens (make gpu-check sets it),
     so a run killed at its deadline still leaves the failures it met; pytest-xdist's controller writes them."""

@@ -370,7 +370,7 @@ def _result(world, name):
     return [res[name]["value"] for res in ranks]
 
 
-@pytest.fixture(params=WORLDS, ids=lambda w: f"P{w}")
+@pytest.fixture(params=[pytest.param(w, id=f"P{w}", marks=pytest.mark.subprocess) for w in WORLDS])
 def world(request):
     return request.param
 
@@ -409,6 +409,7 @@ def test_runs_inside_torch_context_parallel(world):
     _result(world, "torch-context-parallel")
 
 
+@pytest.mark.subprocess
 def test_memory_does_not_grow_with_world_size():
     """At fixed N/P a rank's peak extra memory stays the same from P = 2 to P = 4 (nothing of size N is
     gathered), and it sends each K/V shard on once per step forward and K/V + float32 dK/dV backward."""

@@ -83,7 +83,7 @@ def test_export_multihead_attention(device, dynamic):
 
 
 @devices
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.compiles)])
 def test_compile_multihead_attention(device, compiler):
     """fullgraph: no graph breaks; forward and parameter gradients match eager."""
     torch._dynamo.reset()

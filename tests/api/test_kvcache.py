@@ -441,6 +441,7 @@ def test_opcheck_kvcache_fwd():
         torch.library.opcheck(torch.ops.pyattn.kvcache_fwd.default, args)
 
 
+@pytest.mark.compiles  # torch.compile's default backend
 def test_compiled_decode_step_matches_eager():
     q, kc, vc, kw = make(CASES[0], torch.float32, page_size=16)
     step = torch.compile(pyattn.kvcache_attention, fullgraph=True)

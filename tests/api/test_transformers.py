@@ -248,6 +248,7 @@ def test_wrong_2d_mask_and_unsupported_arguments_raise():
         pyattn_hf.attention_forward(Module(), q, k, k, None, position_bias=torch.zeros(1, 4, 5, 5))
 
 
+@pytest.mark.subprocess
 def test_import_pyattn_does_not_import_transformers():
     code = "import sys, pyattn, pyattn.integrations.transformers; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

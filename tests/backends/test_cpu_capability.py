@@ -42,6 +42,7 @@ def test_build_info_lists_capabilities():
     assert cpu_capability.cpu_supports(info["cpu_capability"])
 
 
+@pytest.mark.subprocess
 def test_best_capability_is_chosen():
     """With no switch set, the highest compiled capability this CPU supports runs."""
     code = "import pyattn; print(pyattn.build_info()['cpu_capability'])"
@@ -50,6 +51,7 @@ def test_best_capability_is_chosen():
 
 
 @pytest.mark.parametrize("variable", ["PYATTN_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY"])
+@pytest.mark.subprocess
 def test_environment_holds_it_lower(variable):
     code = ("import torch, pyattn; q = torch.randn(1, 2, 9, 8); "
             "print(pyattn.build_info()['cpu_capability']); print(pyattn.explain(q, q, q))")
@@ -60,6 +62,7 @@ def test_environment_holds_it_lower(variable):
         assert f"held back by {variable}=default" in explain, explain
 
 
+@pytest.mark.subprocess
 def test_unknown_capability_name_warns_and_is_ignored():
     out, err = run_python("import pyattn; print(pyattn.build_info()['cpu_capability'])", PYATTN_CPU_CAPABILITY="avx9")
     assert "PYATTN_CPU_CAPABILITY='avx9'" in err
@@ -67,6 +70,7 @@ def test_unknown_capability_name_warns_and_is_ignored():
 
 
 @pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+@pytest.mark.subprocess
 def test_bf16_runs_where_onednn_has_no_bf16_vnni(isa):
     """Where oneDNN has no bf16 VNNI brgemm, bf16 runs on fp32 tiles and explain says so. ONEDNN_MAX_CPU_ISA=AVX2
     (an AVX2-only CPU) makes torch's brgemm raise; AVX512_CORE (Skylake, Cascade Lake: AVX-512 without BF16) passes
@@ -150,6 +154,7 @@ def test_use_refuses_what_cannot_run():
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
+@pytest.mark.subprocess
 def test_kernel_modules_export_only_their_init():
     """A capability module exports PyInit alone: no inline function compiled for its ISA (std:: templates included)
     can be bound by another module, so an AVX-512 copy never runs on an AVX2 CPU."""
@@ -163,6 +168,7 @@ def test_kernel_modules_export_only_their_init():
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="binutils' objdump is not installed")
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 prefetch instructions")
+@pytest.mark.subprocess
 def test_kernels_keep_their_prefetches():
     """The CPU kernel prefetches rows ahead of their use (paged V in pack_keys; decode's next rows in decode_rows.h).
     GCC 12 took helpers of nothing but prefetches for functions without effects and dropped their calls (decode

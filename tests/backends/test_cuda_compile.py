@@ -9,8 +9,9 @@ import pytest
 
 from pyattn import cuda_aot, inspect
 
-pytestmark = pytest.mark.skipif(cuda_aot.find_nvcc() is None,
-                                reason="nvcc is not installed: the CUDA C++ compile checks need the CUDA toolkit")
+pytestmark = [pytest.mark.compiles,
+              pytest.mark.skipif(cuda_aot.find_nvcc() is None,
+                                 reason="nvcc is not installed: the CUDA C++ compile checks need the CUDA toolkit")]
 
 SUBSET = ("fwd_bf16_d128", "fwd_bf16_d128_causal", "bwd_bf16_d128", "bwd_bf16_d128_causal")
 SM90 = ("fwd_sm90_bf16_d128", "fwd_sm90_bf16_d128_causal")

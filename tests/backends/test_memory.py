@@ -59,6 +59,7 @@ def measure(what):
 
 
 @pytest.mark.parametrize("backend,device", backend_params(["cpu"]))
+@pytest.mark.subprocess
 def test_forward_does_not_materialize_scores(backend, device):
     control = measure("control")
     assert control >= 0.9 * SCORES_BYTES, f"the measurement misses an L x S tensor (saw {control / 2**20:.0f} MiB)"

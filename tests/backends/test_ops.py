@@ -212,6 +212,7 @@ def compare_compiled(fn, inputs, compile_backend):
 
 
 @cpu_only
+@pytest.mark.compiles
 def test_compile_inductor_dense(backend, device):
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 4, 33, 16, requires_grad=True), torch.randn(2, 2, 40, 16, requires_grad=True),
@@ -251,7 +252,7 @@ def test_compile_varlen(backend, device):
 
 
 @cpu_only
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.compiles)])
 def test_compile_dropout(backend, device, compiler):
     """The dropout seed is drawn as a tensor, so fullgraph tracing works; same seed -> same result, and the
     backward regenerates the forward's mask (checked against eager with that mask: dropped grads are 0)."""

@@ -7,6 +7,8 @@ import pytest
 
 from pyattn import inspect
 
+pytestmark = pytest.mark.compiles
+
 ARCHS = ["sm_80", "sm_90"]
 
 

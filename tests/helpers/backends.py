@@ -64,9 +64,10 @@ def sdpa_on(backend):
 
 def lower_cpu_capabilities():
     """The compiled CPU capabilities this CPU runs below the one in use (the best, or the one PYATTN_CPU_CAPABILITY
-    asks for): the CPU grid runs on each of them too, so one machine checks every kernel build it can run."""
+    asks for): the CPU grid runs on each of them too, so one machine checks every kernel build it can run.
+    PYATTN_TEST_ONE_CPU_CAPABILITY=1 (make test-quick) runs it on the one in use only."""
     current = cpu_capability.current()
-    if current is None:
+    if current is None or os.environ.get("PYATTN_TEST_ONE_CPU_CAPABILITY") == "1":
         return []
     names = cpu_capability.order()
     return [n for n in names[:names.index(current)] if n in cpu_capability.compiled() and cpu_capability.cpu_supports(n)]

@@ -14,6 +14,7 @@ def run_benchmarks(*args):
 
 
 @pytest.mark.parametrize("preset", ["default", "decode"])
+@pytest.mark.subprocess
 def test_benchmark_cli_writes_records(tmp_path, preset):
     args = ["--device", "cpu", "--preset", preset, "--impl", "naive", "torch-sdpa", "pyattn-cpu", "--dtype", "fp32",
             "--out", str(tmp_path)]
@@ -37,6 +38,7 @@ def test_benchmark_cli_writes_records(tmp_path, preset):
         assert all(r["gbps"] > 0 for r in records)
 
 
+@pytest.mark.subprocess
 def test_context_parallel_preset_writes_records(tmp_path):
     """--preset context-parallel: ring attention over 1, 2 and 4 gloo processes, one record per (N, P), each
     checked against float64 math, with per-rank time, memory and traffic, a table and a plot."""
@@ -56,6 +58,7 @@ def test_context_parallel_preset_writes_records(tmp_path):
     assert (tmp_path / "context-parallel.png").stat().st_size > 0
 
 
+@pytest.mark.subprocess
 def test_serving_preset_writes_records(tmp_path):
     """--preset serving at tiny sizes: decode over contiguous and paged caches, batch 1 and 16, every impl
     checked and timed; prefill chunks (512) longer than the caches are recorded as skipped with the reason."""

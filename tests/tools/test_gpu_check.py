@@ -70,6 +70,7 @@ def test_hangs_past_the_deadline():
 """
 
 
+@pytest.mark.subprocess
 def test_steps_record_counts_and_kill_at_the_deadline(tmp_path):
     """Steps run at once; a finished run's counts come from pytest's summary line; a pytest run past the deadline
     is killed (124) with the output it had, and its counts come from the progress marks of the tests that ended."""

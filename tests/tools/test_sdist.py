@@ -48,6 +48,7 @@ def test_the_version_is_written_once():
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PYATTN_SLOW_TESTS") != "1", reason="minutes: set PYATTN_SLOW_TESTS=1 (or make "
                     "sdist-check)")
+@pytest.mark.subprocess
 def test_sdist_installs_and_runs(tmp_path):
     pytest.importorskip("build")
     done = subprocess.run(["bash", os.path.join(ROOT, "tools", "sdist_check.sh"), str(tmp_path)], capture_output=True,
