@@ -1,7 +1,9 @@
 // Host-side checks and params filling shared by the CPU and CUDA host APIs (see host_params.h).
 #include "host_params.h"
 
+#include <algorithm>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -14,6 +16,44 @@ Strides4 strides4(const at::Tensor& t) {
 
 void check_device(const Host& host, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == host.device, host.tag, ": ", name, " must be on ", host.device, ", got ", t.device());
+}
+
+namespace {
+
+const char* torch_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: return c10::toString(dtype);
+  }
+}
+
+}  // namespace
+
+void check_dtype(const Host& host, const at::Tensor& q, c10::ArrayRef<at::ScalarType> dtypes) {
+  if (std::find(dtypes.begin(), dtypes.end(), q.scalar_type()) != dtypes.end()) return;
+  std::string names;
+  for (size_t i = 0; i < dtypes.size(); ++i)
+    names += std::string(i == 0 ? "" : i + 1 == dtypes.size() ? " or " : ", ") + torch_name(dtypes[i]);
+  TORCH_CHECK(false, host.tag, ": q must be ", names, ", got ", q.scalar_type());
+}
+
+void check_rng_state(const Host& host, const std::optional<at::Tensor>& rng_state, double dropout_p) {
+  if (dropout_p == 0) return;
+  TORCH_CHECK(rng_state.has_value(), host.tag, ": dropout_p > 0 needs rng_state (seed, offset)");
+  const at::Tensor& rng = *rng_state;
+  check_device(host, rng, "rng_state");
+  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2, host.tag,
+              ": rng_state must be int64 (seed, offset) of 2 elements, got ", rng.scalar_type(), " of shape ",
+              rng.sizes());
+}
+
+void check_max_seqlens(const Host& host, int64_t L, int64_t S, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= L && max_seqlen_k >= 0 && max_seqlen_k <= S, host.tag,
+              ": max_seqlen_q ", max_seqlen_q, " and max_seqlen_k ", max_seqlen_k, " must lie in [0, ", L,
+              "] and [0, ", S, "] (the packed rows)");
 }
 
 namespace {
@@ -32,9 +72,7 @@ void fill_varlen(const Host& host, AttnParams& p, const at::Tensor& cq, const at
   p.cu_seqlens_k = ck.data_ptr<int32_t>();
   p.batch = cq.numel() - 1;
   if (!host.device.is_cpu()) {
-    TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_q <= L && max_seqlen_k >= 0 && max_seqlen_k <= S, host.tag,
-                ": max_seqlen_q ", max_seqlen_q, " and max_seqlen_k ", max_seqlen_k, " must lie in [0, ", L,
-                "] and [0, ", S, "] (the packed rows)");
+    check_max_seqlens(host, L, S, max_seqlen_q, max_seqlen_k);
     p.seqlen_q = max_seqlen_q;
     p.seqlen_k = max_seqlen_k;
     return;
@@ -141,12 +179,13 @@ void check_kvcache_values(const Host& host, const AttnParams& p, int64_t cache_r
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
-    const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
-    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_leftpad,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double scale,
-    int64_t window_left, int64_t window_right, double softcap) {
+void fill_kvcache_params(const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                         const std::optional<at::Tensor>& block_table,
+                         const std::optional<at::Tensor>& cache_batch_idx,
+                         const std::optional<at::Tensor>& cache_leftpad,
+                         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                         double scale, int64_t window_left, int64_t window_right, double softcap) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
     check_device(host, *t, name);
     TORCH_CHECK(t->dim() == 4, host.tag, ": ", name, " must be 4-D, got shape ", t->sizes());
@@ -156,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
               ": q, k_cache, v_cache must share a dtype, got ", dt, ", ", k_cache.scalar_type(), ", ",
               v_cache.scalar_type());
   const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), E = q.size(3);
-  const int64_t rows = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2), Ev = v_cache.size(3);
+  const int64_t rows = k_cache.size(0), S = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == E, host.tag, ": head dim of q ", q.sizes(), " and k_cache ", k_cache.sizes(),
               " differ");
   TORCH_CHECK(v_cache.size(0) == rows && v_cache.size(1) == S && v_cache.size(2) == Hkv, host.tag, ": k_cache ",
@@ -190,8 +229,12 @@ std::tuple<at::Tensor, at::Tensor> fill_kvcache_params(
   if (host.device.is_cpu()) check_kvcache_values(host, p, rows);
   fill_alibi(host, p, alibi_slopes);
   fill_sinks(host, p, sinks, dt);
+}
 
-  at::Tensor out = at::empty({B, L, Hq, Ev}, q.options());
+std::tuple<at::Tensor, at::Tensor> alloc_kvcache_out_lse(AttnParams& p, const at::Tensor& q,
+                                                         const at::Tensor& v_cache) {
+  const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2);
+  at::Tensor out = at::empty({B, L, Hq, v_cache.size(3)}, q.options());
   at::Tensor lse = at::empty({B, Hq, L}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.out_strides = strides4(out.transpose(1, 2));
@@ -257,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2);
   const auto lse_options = q.options().dtype(at::kFloat);
   // out laid out like q, as torch's SDPA returns it: (B, L, Hq, Ev) in memory when q's heads are inner to its rows
-  // (q = x.view(B, L, Hq, E).transpose(1, 2), as models project it), else contiguous (pyattn/op_args.py: new_out)
+  // (q = x.view(B, L, Hq, E).transpose(1, 2), as models project it), else contiguous. pyattn/op_args.py (new_out)
+  // says the same for the fake impls, which run on shapes alone, and for the Triton launcher.
   const bool heads_inner = q.stride(1) < q.stride(2);
   std::vector<int64_t> sizes{B, Hq, L, v.size(3)};
   if (heads_inner) std::swap(sizes[1], sizes[2]);
@@ -272,16 +316,23 @@ std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_bwd(
-    const Host& host, AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
-    bool varlen, bool mask_grad) {
-  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), S = k.size(2), Ev = v.size(3);
+void check_bwd_inputs(const Host& host, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& v,
+                      const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+                      bool varlen, bool mask_grad) {
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), Ev = v.size(3);
   check_like(host, dout, "dout", {B, Hq, L, Ev}, q.scalar_type());
   check_like(host, out, "out", {B, Hq, L, Ev}, q.scalar_type());
   check_like(host, lse, "lse", {B, Hq, L}, at::kFloat);
   if (dlse.has_value()) check_like(host, *dlse, "dlse", {B, Hq, L}, at::kFloat);
   TORCH_CHECK(!(mask_grad && varlen), host.tag, ": mask_grad is not supported with cu_seqlens (varlen)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_bwd(
+    const Host& host, AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    bool varlen, bool mask_grad) {
+  check_bwd_inputs(host, dout, q, v, out, lse, dlse, varlen, mask_grad);
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), S = k.size(2);
 
   auto alloc = [&](const at::Tensor& like) {
     return varlen ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());

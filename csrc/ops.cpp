@@ -7,38 +7,69 @@
 #include <string>
 
 #include "cpu/dispatch.h"
+#include "host_checks.h"
 #include "params.h"
 
+// The ops' contract, written once: Python reads these schemas (pyattn/op_args.py: argument names, order and defaults;
+// the Triton ops, pyattn/triton_ops.py, take them whole), so each argument's shape is commented here alone.
+// Semantics: csrc/params.h.
 TORCH_LIBRARY(pyattn, m) {
-  // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides -> out (B, Hq, L, Ev), lse (B, Hq, L)
-  // float32. mask: (B, Hq, L, S) view (stride 0 where broadcast), bool or float. Varlen: B == 1 holds
-  // packed rows split by cu_seqlens. window_right == 0 is causal. rng_state: int64 (seed, offset), needed
-  // when dropout_p > 0; a tensor, not ints, so that drawing it stays inside a traced graph (torch.compile).
-  // sinks: float32 (Hq,) sink logits, part of every row's softmax denominator (and of lse).
-  // Semantics: csrc/params.h.
-  m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, "
-      "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int window_left, "
-      "int window_right, bool bottom_right, float softcap, float dropout_p, Tensor? rng_state, Tensor? sinks=None) "
-      "-> (Tensor out, Tensor lse)");
-  // Gradients of fwd in q, k, v (and a float mask); out and lse are fwd's, sinks included (the sinks' own
-  // gradient is elementwise, pyattn/ops.py). dlse: optional gradient of lse. dmask (B, Hq, L, S) float32
-  // when mask_grad, else an empty tensor.
-  m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? mask, "
-      "Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
-      "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
-      "float dropout_p, Tensor? rng_state, bool mask_grad, Tensor? sinks=None) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
-  // Attention over a KV cache (serving; forward only). q (B, L, Hq, E); caches (B_cache, S_max, Hkv, E|Ev), or
-  // paged (num_pages, page_size, Hkv, E|Ev) with block_table (B, max_pages) int32. Sequence b attends to cache
-  // positions [cache_leftpad[b] (or 0), seqlens_k[b]) of cache row cache_batch_idx[b] (or b); its queries are
-  // bottom-right aligned. window_right == 0 is causal. Appending new keys is the caller's (an in-place write
-  // before this op). -> out (B, L, Hq, Ev) contiguous, lse (B, Hq, L) float32. Semantics: csrc/params.h.
-  m.def(
-      "kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
-      "Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? alibi_slopes, Tensor? sinks, float scale, "
-      "int window_left, int window_right, float softcap) -> (Tensor out, Tensor lse)");
+  // Attention, any strides. Varlen: B == 1 holds packed rows split by cu_seqlens. window_right == 0 is causal.
+  // rng_state is a tensor, not ints, so that drawing it stays inside a traced graph (torch.compile).
+  m.def("fwd("
+        "Tensor q, "                    // (B, Hq, L, E)
+        "Tensor k, "                    // (B, Hkv, S, E)
+        "Tensor v, "                    // (B, Hkv, S, Ev)
+        "Tensor? mask, "                // (B, Hq, L, S) view (stride 0 where broadcast), bool or float
+        "Tensor? alibi_slopes, "        // (B, Hq) float32
+        "Tensor? cu_seqlens_q, "        // (B + 1,) int32; varlen: q/k/v hold packed rows in batch 1
+        "Tensor? cu_seqlens_k, "        // (B + 1,) int32
+        "SymInt max_seqlen_q, "         // varlen: the longest sequence of q (else L)
+        "SymInt max_seqlen_k, "         // varlen: the longest sequence of k (else S)
+        "float scale, "                 // applied to q.k before softcap
+        "int window_left, "             // -1 = unbounded
+        "int window_right, "            // -1 = unbounded, 0 = causal
+        "bool bottom_right, "           // align the last query with the last key
+        "float softcap, "               // 0 = off
+        "float dropout_p, "             // in [0, 1)
+        "Tensor? rng_state, "           // (2,) int64 (seed, offset), needed when dropout_p > 0
+        "Tensor? sinks=None"            // (Hq,) float32 sink logits: in every row's softmax denominator (and lse)
+        ") -> ("
+        "Tensor out, "                  // (B, Hq, L, Ev), laid out like q
+        "Tensor lse)");                 // (B, Hq, L) float32
+  // Gradients of fwd in q, k, v (and a float mask); out and lse are fwd's, sinks included (the sinks' own gradient
+  // is elementwise, pyattn/ops.py). The arguments fwd shares keep its shapes.
+  m.def("bwd("
+        "Tensor dout, "                 // (B, Hq, L, Ev)
+        "Tensor q, Tensor k, Tensor v, "
+        "Tensor out, "                  // (B, Hq, L, Ev): fwd's
+        "Tensor lse, "                  // (B, Hq, L) float32: fwd's
+        "Tensor? dlse, "                // (B, Hq, L) float32: the gradient of lse
+        "Tensor? mask, Tensor? alibi_slopes, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+        "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
+        "float dropout_p, Tensor? rng_state, "
+        "bool mask_grad, "              // also return dmask
+        "Tensor? sinks=None"
+        ") -> ("
+        "Tensor dq, Tensor dk, Tensor dv, "  // like q, k, v
+        "Tensor dmask)");               // (B, Hq, L, S) float32 when mask_grad, else empty
+  // Attention over a KV cache (serving; forward only). Sequence b attends to cache positions
+  // [cache_leftpad[b] (or 0), seqlens_k[b]) of cache row cache_batch_idx[b] (or b); its queries are bottom-right
+  // aligned. window_right == 0 is causal. Appending new keys is the caller's (an in-place write before this op).
+  m.def("kvcache_fwd("
+        "Tensor q, "                    // (B, L, Hq, E)
+        "Tensor k_cache, "              // (B_cache, S_max, Hkv, E), or paged (num_pages, page_size, Hkv, E)
+        "Tensor v_cache, "              // like k_cache, last dim Ev
+        "Tensor seqlens_k, "            // (B,) int32
+        "Tensor? block_table, "         // (B, max_pages) int32: paged
+        "Tensor? cache_batch_idx, "     // (B,) int32
+        "Tensor? cache_leftpad, "       // (B,) int32
+        "Tensor? alibi_slopes, "        // (B, Hq) float32
+        "Tensor? sinks, "               // (Hq,) float32
+        "float scale, int window_left, int window_right, float softcap"
+        ") -> ("
+        "Tensor out, "                  // (B, L, Hq, Ev) contiguous
+        "Tensor lse)");                 // (B, Hq, L) float32
   // The keep-mask (B, H, L, S) bool that the CPU kernels draw for (seed, offset): for tests and debugging.
   m.def(
       "cpu_dropout_mask(int batch, int heads, int seqlen_q, int seqlen_k, float dropout_p, int seed, "
@@ -78,7 +109,7 @@ void set_cpu_kernels(pybind11::object capsule) {
   pyattn::cpu::set_kernels(table);
 }
 
-// params.h's MaskKind values by the names pyattn/features.py gives them, for tests/contract/test_mask_kinds.py.
+// params.h's MaskKind values by name: the numbering the Triton kernels take (pyattn/kernels/scores.py).
 pybind11::dict mask_kinds() {
   pybind11::dict kinds;
   kinds["MASK_NONE"] = int(pyattn::kMaskNone);
@@ -94,7 +125,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyattn compiled ops";
   m.def("build_info", &build_info,
         "version, compiled backends, CUDA architectures and CPU capabilities of this build, and the one in use");
-  m.def("mask_kinds", &mask_kinds, "csrc/params.h's mask kinds (AttnParams::mask_kind) by their Python names");
+  m.def("mask_kinds", &mask_kinds, "csrc/params.h's mask kinds (AttnParams::mask_kind) by name");
+  pyattn::def_host_checks(m);
   m.def("_set_cpu_kernels", &set_cpu_kernels, "use the kernels of a pyattn._cpu_<capability> module");
   m.def("_cpu_fwd_plan",
         [](const at::Tensor& like, int64_t rows, int64_t E, int64_t Ev) {

@@ -10,8 +10,8 @@ struct Strides4 {
   int64_t batch = 0, head = 0, row = 0, col = 0;
 };
 
-// What AttnParams::mask points at. pyattn/features.py names the same values for Python (MASK_*), and
-// pyattn._C.mask_kinds() exports these for tests/contract/test_mask_kinds.py to compare.
+// What AttnParams::mask points at (fill_params picks it from the mask's dtype). pyattn._C.mask_kinds() gives Python
+// these values by name, and the host checks of Python-launched kernels return the kind of their mask.
 enum MaskKind : int {
   kMaskNone = 0,
   kMaskBool = 1,     // true = may attend

@@ -9,10 +9,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ..features import MASK_NONE
 from . import configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
+from .scores import MASK_KINDS
 
 FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
 # as a launch with contiguous tensors specializes them: unit inner strides are constants, and pointers, head
@@ -46,8 +46,8 @@ def _source(fn, pointers, constexprs):
 
 
 def _flags(head_dim, causal, **overrides):
-    flags = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, MASK_KIND=MASK_NONE, HAS_ALIBI=False, HAS_SOFTCAP=False,
-                 HAS_LEFT=False, HAS_RIGHT=causal, VARLEN=False, DROPOUT=False, DOT_PRECISION="ieee")
+    flags = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, MASK_KIND=MASK_KINDS["MASK_NONE"], HAS_ALIBI=False,
+                 HAS_SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=causal, VARLEN=False, DROPOUT=False, DOT_PRECISION="ieee")
     flags.update(overrides)
     return flags
 

@@ -1,13 +1,12 @@
 """Launchers: allocate outputs, pick tiles and grids, and call the kernels with their arguments by name. Inputs arrive
-as the ops' argument tuples (pyattn/op_args.py), validated (pyattn/op_checks.py): q (B, Hq, L, E), k (B, Hkv, S, E),
-v (B, Hkv, S, Ev), any strides; KV-cache calls in the user's layouts, which the launcher views as these by strides (no
-copies)."""
+as the ops' argument tuples (pyattn/op_args.py), checked by the compiled ops' host checks (pyattn/triton_ops.py), with
+the kind of their mask those return: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), any strides; KV-cache calls
+in the user's layouts, which the launcher views as these by strides (no copies)."""
 import functools
 
 import torch
 import triton
 
-from ..features import mask_kind
 from ..op_args import FwdArgs, new_out
 from . import configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -83,11 +82,11 @@ def _set_tma_allocator(device):
 
 
 class _Problem:
-    """Sizes and flags shared by the forward and backward launches, from an op's arguments a (FwdArgs or BwdArgs).
-    A KV cache (q (B, Hq, L, E), caches viewed (rows or pages, Hkv, S_max or page_size, E)) sets max_seqlen_k to
-    the cache's capacity per sequence."""
+    """Sizes and flags shared by the forward and backward launches, from an op's arguments a (FwdArgs or BwdArgs) and
+    the kind of its mask (csrc/params.h MaskKind, as the host checks found it). A KV cache (q (B, Hq, L, E), caches
+    viewed (rows or pages, Hkv, S_max or page_size, E)) sets max_seqlen_k to the cache's capacity per sequence."""
 
-    def __init__(self, a, kvcache=False):
+    def __init__(self, a, mask_kind, kvcache=False):
         self.B, self.Hq, self.L, self.E = a.q.shape
         self.Hkv, self.S, self.Ev = a.k.shape[1], a.k.shape[2], a.v.shape[3]
         self.varlen = a.cu_seqlens_q is not None
@@ -95,7 +94,7 @@ class _Problem:
         self.max_q = a.max_seqlen_q if self.varlen else self.L
         self.max_k = a.max_seqlen_k if self.varlen or kvcache else self.S
         self.flags = dict(HEAD_DIM=configs.padded(self.E), HEAD_DIM_V=configs.padded(self.Ev),
-                          MASK_KIND=mask_kind(a.mask, a.q.dtype), HAS_ALIBI=a.alibi_slopes is not None,
+                          MASK_KIND=mask_kind, HAS_ALIBI=a.alibi_slopes is not None,
                           HAS_SOFTCAP=a.softcap > 0, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
                           VARLEN=self.varlen, DROPOUT=a.dropout_p > 0, DOT_PRECISION=_dot_precision(a.q.dtype))
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
@@ -122,9 +121,9 @@ class _Problem:
 _NO_CACHE = dict(KV_CACHE=False, PAGED=False, HAS_CACHE_IDX=False, HAS_LEFTPAD=False)
 
 
-def forward(a: FwdArgs):
+def forward(a: FwdArgs, mask_kind):
     """-> out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32."""
-    pb = _Problem(a)
+    pb = _Problem(a, mask_kind)
     out = new_out(a.q, pb.Ev, zeros=pb.varlen)
     lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=a.q.device)
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
@@ -137,7 +136,7 @@ def forward(a: FwdArgs):
     return out, lse
 
 
-def kvcache_forward(a):
+def kvcache_forward(a, mask_kind):
     """a: KVCacheArgs. q (B, L, Hq, E); caches (B_cache, S_max, Hkv, E) or paged (num_pages, page_size, Hkv, E) with
     block_table (B, max_pages) int32; seqlens_k, cache_batch_idx, cache_leftpad (B,) int32 -> out (B, L, Hq, Ev)
     contiguous, lse (B, Hq, L) float32. Keys are read in place (pages by block_table, in the kernel); queries
@@ -155,7 +154,7 @@ def kvcache_forward(a):
                    max_seqlen_q=L, max_seqlen_k=capacity, scale=a.scale, window_left=a.window_left,
                    window_right=a.window_right, bottom_right=True, softcap=a.softcap, dropout_p=0.0, rng_state=None,
                    sinks=a.sinks)
-    pb = _Problem(view, kvcache=True)
+    pb = _Problem(view, mask_kind, kvcache=True)
     pb.tuned = pb.tuned and not paged  # paged tiles are chosen apart (configs.FWD_PAGED_TILES), not autotuned
     # CuSeqK carries seqlens_k in KV-cache mode
     pointers = dict(**_optional(view, "Mask", "Alibi", "CuSeqQ", "Rng", "Sinks"),
@@ -208,9 +207,9 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags):
              HEAD_DIM_V=pb.flags["HEAD_DIM_V"], SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
 
 
-def backward(a):
+def backward(a, mask_kind):
     """a: BwdArgs -> dq, dk, dv (like q, k, v, contiguous), dmask (B, Hq, L, S) float32 if mask_grad else empty."""
-    pb = _Problem(a)
+    pb = _Problem(a, mask_kind)
     q, k, v = a.q, a.k, a.v
     dmask = torch.zeros((pb.B, pb.Hq, pb.L, pb.S) if a.mask_grad else (0,), dtype=torch.float32, device=q.device)
     if pb.batches == 0 or pb.max_q == 0 or pb.max_k == 0 or q.numel() == 0 or k.numel() == 0:

@@ -9,12 +9,14 @@ query index shifted for bottom-right alignment, the index the band rule and ALiB
 import triton
 import triton.language as tl
 
-from .. import features
+from .. import _C
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# MASK_KIND values (pyattn.features, as csrc/params.h numbers them). Both float kinds load the mask in its own dtype.
-MASK_NONE = tl.constexpr(features.MASK_NONE)
-MASK_BOOL = tl.constexpr(features.MASK_BOOL)
+# MASK_KIND values, numbered by csrc/params.h (MaskKind); the host checks return each call's. Both float kinds load the
+# mask in its own dtype.
+MASK_KINDS = _C.mask_kinds()
+MASK_NONE = tl.constexpr(MASK_KINDS["MASK_NONE"])
+MASK_BOOL = tl.constexpr(MASK_KINDS["MASK_BOOL"])
 
 
 @triton.jit

@@ -140,9 +140,9 @@ class TritonBackend(FusedBackend):
         self.dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def unavailable_reason(self):
-        why = ops.triton_import_error()
+        why = ops.triton_unavailable_reason()
         if why:
-            return f"triton is not importable ({why})"
+            return why
         if not self.interpreting and not torch.cuda.is_available():
             return "no CUDA GPU (TRITON_INTERPRET=1 runs it on CPU tensors, for tests)"
         return None

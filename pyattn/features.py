@@ -1,10 +1,8 @@
 """Feature names, defined once: what AttnInputs.uses() reports and backends declare.
 
 They are plain strings (explain() prints them), but code names them only through these constants, so a typo
-is a NameError at import or first call instead of a silent change in what a backend supports. The mask kinds at the
-end are the kernels' numbering of mask dtypes.
+is a NameError at import or first call instead of a silent change in what a backend supports.
 """
-import torch
 
 BOOL_MASK = "bool mask"
 FLOAT_MASK = "float mask"
@@ -33,19 +31,3 @@ ALL_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, SLIDING_WINDOW, CAUSAL, BOTTOM_
 KVCACHE_FEATURES = frozenset({KVCACHE, PAGED_KV_CACHE, CACHE_BATCH_IDX, CACHE_LEFTPAD})
 # what torch's own F.scaled_dot_product_attention computes
 TORCH_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, CAUSAL, DROPOUT, GQA})
-
-# What an attention op's mask argument holds, numbered as the kernels take it: csrc/params.h's MaskKind (the same
-# values under the same names; tests/contract/test_mask_kinds.py compares them with pyattn._C.mask_kinds()).
-MASK_NONE = 0
-MASK_BOOL = 1  # True = may attend
-MASK_LIKE_Q = 2  # added to the scores, in q's dtype
-MASK_FLOAT32 = 3  # added to the scores, float32 under a q of another dtype
-
-
-def mask_kind(mask, dtype):
-    """The MASK_* of an op's mask (None or a tensor) under a q of dtype (the ops accept bool, dtype or float32)."""
-    if mask is None:
-        return MASK_NONE
-    if mask.dtype == torch.bool:
-        return MASK_BOOL
-    return MASK_LIKE_Q if mask.dtype == dtype else MASK_FLOAT32

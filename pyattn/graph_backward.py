@@ -4,10 +4,9 @@ memory O(L * S) like torch's math backend) and differentiates that, keeping the 
 the fused forward drew."""
 import torch
 
-from . import reference
+from . import op_args, reference
 from .errors import AttentionInputError
 from .inputs import AttnInputs
-from .op_args import FwdArgs
 
 _TENSORS = ("q", "k", "v", "mask", "sinks")  # the arguments with a gradient
 _HALF = (torch.bfloat16, torch.float16)
@@ -20,7 +19,7 @@ def wanted(fwd, dout):
         fwd.get(name) is not None and fwd[name].requires_grad for name in _TENSORS))
 
 
-def _keep_mask(args: FwdArgs):
+def _keep_mask(args: "op_args.FwdArgs"):
     """(B, Hq, L, S) bool: the keep-mask the fused forward drew, where it can be drawn again."""
     if args.cu_seqlens_q is not None or args.q.device.type != "cpu":
         raise AttentionInputError(
@@ -32,7 +31,7 @@ def _keep_mask(args: FwdArgs):
     return torch.ops.pyattn.cpu_dropout_mask(B, H, L, args.k.shape[2], args.dropout_p, seed, offset)
 
 
-def backward(args: FwdArgs, dout, dlse, mask_grad, sinks_grad):
+def backward(args: "op_args.FwdArgs", dout, dlse, mask_grad, sinks_grad):
     """{name: gradient} for q, k, v (and the float mask, the sinks when asked) of the forward called with args, each
     differentiable."""
     keep = _keep_mask(args) if args.dropout_p > 0 else None
@@ -43,7 +42,7 @@ def backward(args: FwdArgs, dout, dlse, mask_grad, sinks_grad):
     with torch.enable_grad():
         # bf16/fp16 in float32, as torch's math backend computes them
         wide = {name: getattr(args, name).float() for name in ("q", "k", "v")} if args.q.dtype in _HALF else {}
-        fields = {name: getattr(args, name) for name in FwdArgs._fields if name != "rng_state"}
+        fields = {name: getattr(args, name) for name in op_args.FwdArgs._fields if name != "rng_state"}
         inp = AttnInputs(**{**fields, **wide, "return_lse": dlse is not None, "out_shape": None})
         out, lse = reference.attention(inp, keep)
         out = out.to(args.q.dtype)

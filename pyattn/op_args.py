@@ -1,73 +1,53 @@
-"""The attention ops' arguments, defined once for Python: csrc/ops.cpp's schemas as named tuples.
+"""The attention ops' arguments for Python, read from the schemas pyattn._C registers (csrc/ops.cpp, where each
+argument and its shape are written once): FwdArgs, BwdArgs and KVCacheArgs, named tuples of fwd's, bwd's and
+kvcache_fwd's arguments in their order with their defaults, and Options, the scalars between cu_seqlens_k and
+rng_state. Every Python caller builds and reads op calls through these (by name, never by position).
 
-Every Python caller builds and reads op calls through these (by name, never by position), and the Triton ops
-(pyattn/triton_ops.py) take their schemas from here; tests/contract/test_op_args.py checks them against the C++ schemas.
+The tuples are made on first use, once pyattn/ops.py has loaded pyattn._C; without it (a checkout never built) there
+are no ops to call, and naming one raises.
 """
 from collections import namedtuple
 
+import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-# the scalars of fwd and bwd between cu_seqlens_k and rng_state (semantics: csrc/params.h)
-OPTIONS = ("SymInt max_seqlen_q", "SymInt max_seqlen_k", "float scale", "int window_left", "int window_right",
-           "bool bottom_right", "float softcap", "float dropout_p")
-
-FWD = ("Tensor q",  # (B, Hq, L, E)
-       "Tensor k",  # (B, Hkv, S, E)
-       "Tensor v",  # (B, Hkv, S, Ev)
-       "Tensor? mask",  # (B, Hq, L, S) view, bool or float
-       "Tensor? alibi_slopes",  # (B, Hq) float32
-       "Tensor? cu_seqlens_q",  # (B + 1,) int32; varlen: q/k/v hold packed rows in batch 1
-       "Tensor? cu_seqlens_k",  # (B + 1,) int32
-       *OPTIONS,
-       "Tensor? rng_state",  # (2,) int64 (seed, offset), when dropout_p > 0
-       "Tensor? sinks=None")  # (Hq,) float32
-FWD_RETURNS = "(Tensor out, Tensor lse)"
-
-BWD = ("Tensor dout",  # (B, Hq, L, Ev)
-       *FWD[:3],
-       "Tensor out",  # (B, Hq, L, Ev): fwd's
-       "Tensor lse",  # (B, Hq, L) float32: fwd's
-       "Tensor? dlse",  # (B, Hq, L) float32
-       *FWD[3:-1],
-       "bool mask_grad",  # also return dmask (B, Hq, L, S) float32
-       FWD[-1])
-BWD_RETURNS = "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)"
-
-KVCACHE_FWD = ("Tensor q",  # (B, L, Hq, E)
-               "Tensor k_cache",  # (B_cache, S_max, Hkv, E), or paged (num_pages, page_size, Hkv, E)
-               "Tensor v_cache",  # like k_cache, last dim Ev
-               "Tensor seqlens_k",  # (B,) int32
-               "Tensor? block_table",  # (B, max_pages) int32
-               "Tensor? cache_batch_idx",  # (B,) int32
-               "Tensor? cache_leftpad",  # (B,) int32
-               "Tensor? alibi_slopes",  # (B, Hq) float32
-               "Tensor? sinks",  # (Hq,) float32
-               "float scale", "int window_left", "int window_right", "float softcap")
-KVCACHE_FWD_RETURNS = FWD_RETURNS
+_TUPLES = ("FwdArgs", "BwdArgs", "KVCacheArgs", "Options", "FWD_TENSORS")
 
 
-def _name(decl):
-    return decl.split()[1].split("=")[0]
+def schema(op):
+    """The registered schema of torch.ops.pyattn.<op>."""
+    return getattr(torch.ops.pyattn, op).default._schema
 
 
-def _tuple(typename, decls):
-    """A namedtuple of the schema's arguments; those with a default (always None here) default to None."""
-    return namedtuple(typename, [_name(d) for d in decls], defaults=(None,) * sum("=" in d for d in decls))
+def schema_text(op):
+    """op's schema without its name, '(Tensor q, ...) -> (Tensor out, Tensor lse)': what torch.library.custom_op
+    takes to define another op with the same arguments."""
+    return str(schema(op)).removeprefix(f"pyattn::{op}")
 
 
-def schema(decls, returns):
-    """torch.library schema text without the op name: '(Tensor q, ...) -> (Tensor out, Tensor lse)'."""
-    return f"({', '.join(decls)}) -> {returns}"
+def _arguments(typename, op):
+    arguments = schema(op).arguments
+    return namedtuple(typename, [a.name for a in arguments],
+                      defaults=[a.default_value for a in arguments if a.has_default_value()])
 
 
-def tensor_names(decls):
-    return tuple(_name(d) for d in decls if d.startswith("Tensor"))
+def _read_schemas():
+    fwd = schema("fwd").arguments
+    names = [a.name for a in fwd]
+    return dict(FwdArgs=_arguments("FwdArgs", "fwd"), BwdArgs=_arguments("BwdArgs", "bwd"),
+                KVCacheArgs=_arguments("KVCacheArgs", "kvcache_fwd"),
+                Options=namedtuple("Options", names[names.index("cu_seqlens_k") + 1:names.index("rng_state")]),
+                # what backward needs of fwd's inputs, besides the options
+                FWD_TENSORS=tuple(a.name for a in fwd if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())))
 
 
-Options = _tuple("Options", OPTIONS)
-FwdArgs = _tuple("FwdArgs", FWD)
-BwdArgs = _tuple("BwdArgs", BWD)
-KVCacheArgs = _tuple("KVCacheArgs", KVCACHE_FWD)
+def __getattr__(name):
+    if name not in _TUPLES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not hasattr(torch.ops.pyattn, "fwd"):
+        raise AttributeError(f"pyattn.op_args.{name} is read from pyattn._C's op schemas, and pyattn._C is not built")
+    globals().update(_read_schemas())
+    return globals()[name]
 
 
 def pick(cls, *records, **given):
@@ -81,7 +61,8 @@ def pick(cls, *records, **given):
 def new_out(q, Ev, zeros=False):
     """fwd's out (B, Hq, L, Ev) for q (B, Hq, L, E), laid out like q, as torch's SDPA returns it: (B, L, Hq, Ev) in
     memory when q's heads are inner to its rows (q = x.view(B, L, Hq, E).transpose(1, 2), as models project it),
-    else contiguous. csrc/host_params.cpp (alloc_out_lse) allocates the same."""
+    else contiguous. csrc/host_params.cpp (alloc_out_lse) allocates the same; this copy serves where no C++ runs: the
+    fake impls (shapes alone), the Triton launcher and the reference backend."""
     B, Hq, L, _ = q.shape
     make = q.new_zeros if zeros else q.new_empty
     return make(B, L, Hq, Ev).transpose(1, 2) if heads_inner(q) else make(B, Hq, L, Ev)

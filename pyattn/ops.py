@@ -1,14 +1,17 @@
 """torch.library glue: loading the compiled ops and defining the Triton ones, their fake (meta) impls and autograd, and
 the call helpers.
 
-Schemas live in csrc/ops.cpp (their arguments for Python: op_args.py); kernels register per device in csrc/cpu and
-csrc/cuda; the Triton ops (triton_ops.py) are defined at the end of this file.
+Schemas live in csrc/ops.cpp (their arguments as Python reads them: op_args.py); kernels register per device in
+csrc/cpu and csrc/cuda; the Triton ops (triton_ops.py), which take the compiled ops' schemas and host checks, are
+defined at the end of this file.
 """
+import importlib.util
+
 import torch
 
 from . import graph_backward, op_args
 from .inputs import AttnInputs
-from .op_args import BwdArgs, FwdArgs, KVCacheArgs, Options, pick
+from .op_args import pick
 
 _LOAD_ERROR = None
 try:
@@ -52,51 +55,48 @@ def fused_forward(inp: AttnInputs, op_name="fwd", rng_state=None):
     rng_state: the dropout (seed, offset) to use; None draws one."""
     if rng_state is None:
         rng_state = draw_rng_state(inp)
-    return getattr(torch.ops.pyattn, op_name)(*pick(FwdArgs, inp, rng_state=rng_state))
+    return getattr(torch.ops.pyattn, op_name)(*pick(op_args.FwdArgs, inp, rng_state=rng_state))
 
 
 def fused_backward(inp: AttnInputs, dout, out, lse, dlse, rng_state, op_name="bwd"):
     """Gradients of fused_forward(inp) for dout (B, Hq, L, Ev) given its out and lse (and dlse (B, Hq, L) or
     None), without a mask gradient: -> dq, dk, dv like inp.q, inp.k, inp.v."""
     dq, dk, dv, _ = getattr(torch.ops.pyattn, op_name)(*pick(
-        BwdArgs, inp, dout=dout, out=out, lse=lse, dlse=dlse, rng_state=rng_state, mask_grad=False))
+        op_args.BwdArgs, inp, dout=dout, out=out, lse=lse, dlse=dlse, rng_state=rng_state, mask_grad=False))
     return dq, dk, dv
 
 
 def kvcache_forward(inp, op_name="kvcache_fwd"):
     """kvcache_fwd (csrc/ops.cpp) for a record with a cache part: -> out (B, L, Hq, Ev), lse (B, Hq, L) float32."""
-    return getattr(torch.ops.pyattn, op_name)(*pick(KVCacheArgs, inp.cache, inp, q=inp.q.transpose(1, 2)))
+    return getattr(torch.ops.pyattn, op_name)(*pick(op_args.KVCacheArgs, inp.cache, inp, q=inp.q.transpose(1, 2)))
 
 
 def kvcache_fake(*args):
-    a = KVCacheArgs(*args)
+    a = op_args.KVCacheArgs(*args)
     B, L, Hq, _ = a.q.shape
     return a.q.new_empty(B, L, Hq, a.v_cache.shape[-1]), a.q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
 def _fwd_fake(*args):
-    a = FwdArgs(*args)
+    a = op_args.FwdArgs(*args)
     B, Hq, L, _ = a.q.shape
     return op_args.new_out(a.q, a.v.shape[-1]), a.q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
 def _bwd_fake(*args):
-    a = BwdArgs(*args)
+    a = op_args.BwdArgs(*args)
     dmask = a.q.new_empty(a.mask.shape if a.mask_grad else (0,), dtype=torch.float32)
     return a.q.new_empty(a.q.shape), a.k.new_empty(a.k.shape), a.v.new_empty(a.v.shape), dmask
-
-
-FWD_TENSORS = op_args.tensor_names(op_args.FWD)  # what backward needs of fwd's inputs, besides the options
 
 
 def _fwd_setup_context(ctx, inputs, output):
     # inputs come with their defaults filled in; needs_input_grad has one flag per argument the caller passed (trailing
     # defaults are dropped by the dispatcher) and a last one for the metadata torch's autograd wrapper appends
-    args, needs_grad = FwdArgs(*inputs), FwdArgs(*ctx.needs_input_grad[:-1])
-    ctx.options = pick(Options, args)
+    args, needs_grad = op_args.FwdArgs(*inputs), op_args.FwdArgs(*ctx.needs_input_grad[:-1])
+    ctx.options = pick(op_args.Options, args)
     ctx.mask_grad = args.mask is not None and args.mask.dtype != torch.bool and needs_grad.mask
     ctx.sinks_grad = args.sinks is not None and needs_grad.sinks
-    ctx.save_for_backward(*output, *(getattr(args, name) for name in FWD_TENSORS))
+    ctx.save_for_backward(*output, *(getattr(args, name) for name in op_args.FWD_TENSORS))
 
 
 def sinks_grad(sinks, out, lse, dout, dlse):
@@ -120,19 +120,19 @@ def register_attention_op(fwd_name, bwd_name):
 
     def backward(ctx, dout, dlse):
         out, lse, *saved = ctx.saved_tensors
-        fwd = dict(zip(FWD_TENSORS, saved))
+        fwd = dict(zip(op_args.FWD_TENSORS, saved))
         if graph_backward.wanted(fwd, dout):
-            grads = graph_backward.backward(FwdArgs(**fwd, **ctx.options._asdict()), dout, dlse, ctx.mask_grad,
+            grads = graph_backward.backward(op_args.FwdArgs(**fwd, **ctx.options._asdict()), dout, dlse, ctx.mask_grad,
                                             ctx.sinks_grad)
         else:
-            dq, dk, dv, dmask = bwd_op(*BwdArgs(dout=dout, out=out, lse=lse, dlse=dlse, mask_grad=ctx.mask_grad,
-                                                **fwd, **ctx.options._asdict()))
+            dq, dk, dv, dmask = bwd_op(*op_args.BwdArgs(dout=dout, out=out, lse=lse, dlse=dlse, mask_grad=ctx.mask_grad,
+                                                        **fwd, **ctx.options._asdict()))
             grads = dict(q=dq, k=dk, v=dv)
             if ctx.mask_grad:
                 grads["mask"] = dmask.to(fwd["mask"].dtype)
             if ctx.sinks_grad:
                 grads["sinks"] = sinks_grad(fwd["sinks"], out, lse, dout, dlse)
-        return tuple(grads.get(name) for name in FwdArgs._fields)
+        return tuple(grads.get(name) for name in op_args.FwdArgs._fields)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=_fwd_setup_context)
 
@@ -145,18 +145,17 @@ if _C is not None:
     def _dropout_mask_fake(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, offset):
         return torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
 
-
-# The Triton kernels' ops (pyattn/triton_ops.py), with or without pyattn._C: defined here, so that they exist whenever
-# pyattn does, unless triton cannot be imported (then the triton backend reports this error).
-_TRITON_IMPORT_ERROR = None
-try:
+    # The Triton kernels' ops (pyattn/triton_ops.py), defined whenever pyattn._C is (they take its schemas and host
+    # checks): they need torch alone until their first launch imports triton and the kernels.
     from . import triton_ops  # noqa: F401  (defines pyattn::triton_fwd / triton_bwd / triton_kvcache_fwd)
-except ImportError as e:
-    _TRITON_IMPORT_ERROR = str(e)
-else:
     register_attention_op("pyattn::triton_fwd", "pyattn::triton_bwd")
     torch.library.register_fake("pyattn::triton_kvcache_fwd")(kvcache_fake)
 
 
-def triton_import_error():
-    return _TRITON_IMPORT_ERROR
+def triton_unavailable_reason():
+    """Why the Triton ops cannot run in this installation, or None; triton's presence is looked up, not imported."""
+    if _C is None:
+        return f"pyattn._C is not built ({_LOAD_ERROR}), and the Triton ops take their schemas and checks from it"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None

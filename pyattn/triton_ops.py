@@ -1,22 +1,25 @@
 """The Triton kernels (pyattn.kernels) as torch.library ops pyattn::triton_fwd / triton_bwd / triton_kvcache_fwd, with
-the compiled ops' schemas (pyattn/op_args.py). Opaque custom ops: torch.compile and torch.export keep them whole rather
-than tracing into the launchers. pyattn/ops.py imports this when it loads (it needs triton) and gives these ops the
-compiled ops' fake impls and autograd. Inputs are checked as the C++ host checks the compiled ops' (op_checks.py):
-the launchers and kernels trust them."""
+the compiled ops' schemas (csrc/ops.cpp). Opaque custom ops: torch.compile and torch.export keep them whole rather
+than tracing into the launchers. pyattn/ops.py imports this once pyattn._C is loaded and gives these ops the compiled
+ops' fake impls and autograd.
+
+Every call first runs the compiled ops' host checks through pyattn._C (csrc/host_checks.cpp), so a bad call meets
+the refusal the CPU and CUDA ops give, under this host's tag: the launchers and kernels trust their inputs. triton
+and the kernels are imported on the first launch, not with pyattn (a slow import, and no GPU may need it).
+"""
 import contextlib
 
 import torch
 
-from . import op_args, op_checks
-from .kernels import launch
-from .op_args import BwdArgs, FwdArgs, KVCacheArgs
+from . import _C, op_args
 
 TAG = "pyattn triton"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _host(q):
-    return op_checks.Host(TAG, q.device, DTYPES)
+def _launch():
+    from .kernels import launch  # triton with it: on the first launch
+    return launch
 
 
 def _on_device(t):
@@ -26,32 +29,34 @@ def _on_device(t):
 
 def _fwd(*args):
     """-> out (B, Hq, L, Ev), lse (B, Hq, L) float32."""
-    a = FwdArgs(*args)
-    op_checks.check_fwd(_host(a.q), a)
+    a = op_args.FwdArgs(*args)
+    mask_kind = _C.check_fwd(TAG, DTYPES, *a)
     with _on_device(a.q):
-        return launch.forward(a)
+        return _launch().forward(a, mask_kind)
 
 
 def _bwd(*args):
     """-> dq, dk, dv like q, k, v; dmask (B, Hq, L, S) float32 when mask_grad, else empty."""
-    a = BwdArgs(*args)
-    op_checks.check_bwd(_host(a.q), a)
+    a = op_args.BwdArgs(*args)
+    mask_kind = _C.check_bwd(TAG, DTYPES, *a)
     with _on_device(a.q):
-        return launch.backward(a)
+        return _launch().backward(a, mask_kind)
 
 
 def _kvcache_fwd(*args):
     """-> out (B, L, Hq, Ev), lse (B, Hq, L) float32. Forward only."""
-    a = KVCacheArgs(*args)
-    op_checks.check_kvcache(_host(a.q), a)
+    a = op_args.KVCacheArgs(*args)
+    mask_kind = _C.check_kvcache_fwd(TAG, DTYPES, *a)
     with _on_device(a.q):
-        return launch.kvcache_forward(a)
+        return _launch().kvcache_forward(a, mask_kind)
 
 
-def _define(name, impl, decls, returns):
-    return torch.library.custom_op(f"pyattn::{name}", impl, mutates_args=(), schema=op_args.schema(decls, returns))
+def _define(impl, compiled):
+    """pyattn::triton_<compiled> with compiled's schema."""
+    return torch.library.custom_op(f"pyattn::triton_{compiled}", impl, mutates_args=(),
+                                   schema=op_args.schema_text(compiled))
 
 
-triton_fwd = _define("triton_fwd", _fwd, op_args.FWD, op_args.FWD_RETURNS)
-triton_bwd = _define("triton_bwd", _bwd, op_args.BWD, op_args.BWD_RETURNS)
-triton_kvcache_fwd = _define("triton_kvcache_fwd", _kvcache_fwd, op_args.KVCACHE_FWD, op_args.KVCACHE_FWD_RETURNS)
+triton_fwd = _define(_fwd, "fwd")
+triton_bwd = _define(_bwd, "bwd")
+triton_kvcache_fwd = _define(_kvcache_fwd, "kvcache_fwd")

@@ -50,20 +50,13 @@ DtypeSlot slot(at::ScalarType dt) {
 const Host kHost{"pyattn cpu", c10::Device(c10::kCPU)};
 
 void check_dtype(const at::Tensor& q) {
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "pyattn cpu: q must be float32, float64, bfloat16 or float16, got ", dt);
+  pyattn::check_dtype(kHost, q, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
 }
 
 void set_rng(AttnParams& p, const std::optional<at::Tensor>& rng_state) {
+  check_rng_state(kHost, rng_state, p.dropout_p);
   if (p.dropout_p == 0) return;
-  TORCH_CHECK(rng_state.has_value(), "pyattn cpu: dropout_p > 0 needs rng_state (seed, offset)");
-  const at::Tensor& rng = *rng_state;
-  check_device(kHost, rng, "rng_state");
-  TORCH_CHECK(rng.scalar_type() == at::kLong && rng.numel() == 2,
-              "pyattn cpu: rng_state must be int64 (seed, offset) of 2 elements, got ", rng.scalar_type(),
-              " of shape ", rng.sizes());
-  const at::Tensor r = rng.contiguous();
+  const at::Tensor r = rng_state->contiguous();
   p.seed = uint64_t(r.data_ptr<int64_t>()[0]);
   p.offset = uint64_t(r.data_ptr<int64_t>()[1]);
 }
@@ -120,9 +113,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                int64_t window_left, int64_t window_right, double softcap) {
   check_dtype(q);
   AttnParams p;
-  auto [out, lse] = fill_kvcache_params(kHost, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx,
-                                        cache_leftpad, alibi_slopes, sinks, scale, window_left, window_right,
-                                        softcap);
+  fill_kvcache_params(kHost, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, cache_leftpad,
+                      alibi_slopes, sinks, scale, window_left, window_right, softcap);
+  auto [out, lse] = alloc_kvcache_out_lse(p, q, v_cache);
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   kernels().fwd[slot(q.scalar_type())](p);
   return {out, lse};

@@ -152,10 +152,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q_in, const at:
   // (B, L, H, D) tensors: aligned() checks the same 16-byte rule on any 4-D layout
   const at::Tensor q = aligned(q_in), k_cache = aligned(k_cache_in), v_cache = aligned(v_cache_in);
   AttnParams p;
-  auto [out, lse] = fill_kvcache_params(host, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx,
-                                        cache_leftpad, alibi_slopes, sinks, scale, window_left, window_right,
-                                        softcap);
+  fill_kvcache_params(host, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, cache_leftpad,
+                      alibi_slopes, sinks, scale, window_left, window_right, softcap);
   const Choice choice = check_kernel_limits(p, q, 0.0);
+  auto [out, lse] = alloc_kvcache_out_lse(p, q, v_cache);
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
   pack_gqa_decode(p);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

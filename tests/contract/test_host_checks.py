@@ -1,9 +1,10 @@
-"""The ops' host checks: torch.ops.pyattn.fwd / bwd / kvcache_fwd (the C++ host: csrc/host_params.cpp,
-csrc/cpu/attention.cpp) and their Triton twins triton_fwd / triton_bwd / triton_kvcache_fwd (pyattn/op_checks.py),
-called directly with the same bad arguments, raise RuntimeError with a message that starts with the host's tag and
-names the argument. pyattn's Python validation (tests/api/test_errors.py) stops these inputs before the ops, so only
-direct callers of the ops (torch.library users, export) reach these checks. The C++ CPU host here (the CUDA host
-shares its checks), and the Triton ops on their device (CPU tensors under the interpreter)."""
+"""The ops' host checks, written once (csrc/host_params.cpp): torch.ops.pyattn.fwd / bwd / kvcache_fwd (the C++ host,
+csrc/cpu/attention.cpp) and their Triton twins triton_fwd / triton_bwd / triton_kvcache_fwd (which run the same checks
+through pyattn._C before launching, csrc/host_checks.cpp), called directly with the same bad arguments, raise
+RuntimeError with a message that starts with the host's tag and names the argument. pyattn's Python validation
+(tests/api/test_errors.py) stops these inputs before the ops, so only direct callers of the ops (torch.library users,
+export) reach these checks. The C++ CPU host here (the CUDA host shares its checks), and the Triton ops on their device
+(CPU tensors under the interpreter)."""
 import pytest
 import torch
 
