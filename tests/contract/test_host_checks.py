@@ -222,3 +222,25 @@ def test_host_checks(backend, device, name, case, kwargs, needles):
     assert tag(backend) in msg, msg
     for needle in needles:
         assert needle in msg, f"message {msg!r} does not mention {needle!r}"
+
+
+def refusal(fn, args):
+    with pytest.raises(RuntimeError) as info:
+        fn(**args)
+    return str(info.value)
+
+
+# the hosts' q dtypes differ (the CPU kernels also take float64), so these messages list other dtypes
+OWN_DTYPES = {"q-int"}
+
+
+@pytest.mark.parametrize("name,kwargs", [pytest.param(name, kwargs, id=f"{name}-{case}")
+                                         for name, case, kwargs, _ in CASES if case not in OWN_DTYPES])
+def test_triton_op_refuses_as_the_cpu_op(backend, device, name, kwargs):
+    """One check behind both ops: on the same CPU tensors, the Triton op's refusal is the CPU op's, word for word after
+    the tag."""
+    if (backend, device) != ("triton", "cpu"):
+        pytest.skip("compares the Triton op on CPU tensors (the interpreter) with the CPU op")
+    args = bwd_kwargs("cpu", "cpu", **kwargs) if name == "bwd" else kwargs
+    cpu, triton = refusal(op("cpu", name), args), refusal(op("triton", name), args)
+    assert cpu.removeprefix(tag("cpu")) == triton.removeprefix(tag("triton")), (cpu, triton)
