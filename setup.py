@@ -74,7 +74,8 @@ CPU_CAPABILITIES = {
                    ["CPU_CAPABILITY=SVE256", "CPU_CAPABILITY_SVE", "CPU_CAPABILITY_SVE256"], []),
     },
 }
-KERNEL_SOURCES = ["csrc/cpu/fwd.cpp", "csrc/cpu/bwd.cpp", "csrc/cpu/module.cpp"]
+KERNEL_SOURCES = ["csrc/cpu/fwd.cpp", "csrc/cpu/fwd_plan.cpp", "csrc/cpu/fwd_prefill.cpp", "csrc/cpu/fwd_decode.cpp",
+                  "csrc/cpu/bwd.cpp", "csrc/cpu/module.cpp"]
 
 
 def cpu_capabilities():

@@ -128,10 +128,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_kinds", &mask_kinds, "csrc/params.h's mask kinds (AttnParams::mask_kind) by name");
   pyattn::def_host_checks(m);
   m.def("_set_cpu_kernels", &set_cpu_kernels, "use the kernels of a pyattn._cpu_<capability> module");
-  m.def("_cpu_fwd_plan",
-        [](const at::Tensor& like, int64_t rows, int64_t E, int64_t Ev) {
-          return pyattn::cpu::fwd_plan(like.scalar_type(), rows, E, Ev);
-        },
-        "how the CPU kernels in use run the forward of like's dtype on tiles of `rows` q rows (a GQA group's heads "
-        "x L), head dims E, Ev");
+  m.def("_cpu_fwd_plan", &pyattn::cpu::explain_fwd,
+        "explain(): how the CPU kernels in use would run fwd with these arguments (fwd's own)");
+  m.def("_cpu_kvcache_fwd_plan", &pyattn::cpu::explain_kvcache_fwd,
+        "explain(): how the CPU kernels in use would run kvcache_fwd with these arguments (kvcache_fwd's own)");
+  m.def("_cpu_last_fwd_run", &pyattn::cpu::last_fwd_run,
+        "for tests: the plan of the CPU forward last run on this thread, '' when none ran since the last call");
 }

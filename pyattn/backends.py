@@ -166,10 +166,11 @@ class CPUBackend(FusedBackend):
 
     def notes(self, inp):
         from . import _C, cpu_capability
-        E, Ev = inp.head_dims
-        # q (B, Hq, L, E), k (B, Hkv, S, E); varlen: L is the longest sequence's
-        Hq, Hkv, L = inp.q.shape[1], inp.k.shape[1], inp.max_seqlen_q
-        plan = _C._cpu_fwd_plan(inp.q, Hq // Hkv * L, E, Ev)  # the kernel's tiles stack a GQA group's rows
+        # planned from the op's own arguments, filled as the op fills them: the path named is the path taken
+        if inp.cache is not None:
+            plan = _C._cpu_kvcache_fwd_plan(*ops.kvcache_args(inp))
+        else:
+            plan = _C._cpu_fwd_plan(*op_args.pick(op_args.FwdArgs, inp, rng_state=None))
         return f" [{cpu_capability.describe()}; forward: {plan}]"
 
 

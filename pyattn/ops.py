@@ -66,9 +66,14 @@ def fused_backward(inp: AttnInputs, dout, out, lse, dlse, rng_state, op_name="bw
     return dq, dk, dv
 
 
+def kvcache_args(inp):
+    """kvcache_fwd's arguments for a record with a cache part: q back in its (B, L, Hq, E) layout."""
+    return pick(op_args.KVCacheArgs, inp.cache, inp, q=inp.q.transpose(1, 2))
+
+
 def kvcache_forward(inp, op_name="kvcache_fwd"):
     """kvcache_fwd (csrc/ops.cpp) for a record with a cache part: -> out (B, L, Hq, Ev), lse (B, Hq, L) float32."""
-    return getattr(torch.ops.pyattn, op_name)(*pick(op_args.KVCacheArgs, inp.cache, inp, q=inp.q.transpose(1, 2)))
+    return getattr(torch.ops.pyattn, op_name)(*kvcache_args(inp))
 
 
 def kvcache_fake(*args):

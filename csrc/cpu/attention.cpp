@@ -139,9 +139,46 @@ at::Tensor cpu_dropout_mask(int64_t batch, int64_t heads, int64_t seqlen_q, int6
 
 }  // namespace
 
-std::string fwd_plan(at::ScalarType dtype, int64_t rows, int64_t E, int64_t Ev) {
-  char text[256];
-  kernels().fwd_plan[slot(dtype)](rows, E, Ev, text, sizeof(text));
+namespace {
+
+std::string plan_text(const AttnParams& p, at::ScalarType dtype) {
+  char text[512];
+  kernels().fwd_plan[slot(dtype)](p, text, sizeof(text));
+  return text;
+}
+
+}  // namespace
+
+std::string explain_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
+                        const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+                        int64_t window_right, bool bottom_right, double softcap, double dropout_p,
+                        const std::optional<at::Tensor>& /*rng_state: no part of the plan*/,
+                        const std::optional<at::Tensor>& sinks) {
+  check_dtype(q);
+  AttnParams p;
+  fill_params(kHost, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+  return plan_text(p, q.scalar_type());
+}
+
+std::string explain_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                const std::optional<at::Tensor>& cache_batch_idx,
+                                const std::optional<at::Tensor>& cache_leftpad,
+                                const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                                double scale, int64_t window_left, int64_t window_right, double softcap) {
+  check_dtype(q);
+  AttnParams p;
+  fill_kvcache_params(kHost, p, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, cache_leftpad,
+                      alibi_slopes, sinks, scale, window_left, window_right, softcap);
+  return plan_text(p, q.scalar_type());
+}
+
+std::string last_fwd_run() {
+  char text[512];
+  kernels().take_last_fwd_run(text, sizeof(text));
   return text;
 }
 

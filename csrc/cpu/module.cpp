@@ -19,6 +19,7 @@ const KernelTable kTable = {
     {&run_fwd<float>, &run_fwd<double>, &run_fwd<c10::BFloat16>, &run_fwd<c10::Half>},
     {&run_bwd<float>, &run_bwd<double>, &run_bwd<c10::BFloat16>, &run_bwd<c10::Half>},
     {&fwd_plan<float>, &fwd_plan<double>, &fwd_plan<c10::BFloat16>, &fwd_plan<c10::Half>},
+    &take_last_fwd_run,
 };
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME),

@@ -1,5 +1,5 @@
 // Matmul operands in the layouts the micro-kernels want, and the matmul itself. The tile type T is the
-// kernels' choice (with_tile_type below):
+// kernels' choice (tile_type below):
 //   float  -> fp32 tiles, at::native::cpublas::brgemm: oneDNN's f32 brgemm wherever oneDNN runs at AVX2 or
 //             above, else torch's sgemm. fp16 and (where VNNI is not available) bf16 inputs are widened to
 //             fp32 when packed: fp16 brgemm ran at 40-80 GFLOP/s on the EPYC, the fp32 one at ~240.
@@ -174,19 +174,46 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B
   }
 }
 
-// Calls fn(T{}) with the tile type for inputs of scalar_t: bf16 VNNI tiles where torch's brgemm takes them
-// (compiled in for the AVX-512 capabilities only, PYATTN_VNNI_TILES), fp32 tiles otherwise; double stays.
+// The tile type T as a value (the forward's plan holds one: cpu/fwd_plan.h).
+enum class TileType { kFp64, kFp32, kBf16Vnni };
+
+template <typename T>
+constexpr TileType tile_type_of = std::is_same_v<T, double> ? TileType::kFp64
+                                  : kVnni<T>                ? TileType::kBf16Vnni
+                                                            : TileType::kFp32;
+
+// The tile type for inputs of scalar_t: bf16 VNNI tiles where torch's brgemm takes them (compiled in for the
+// AVX-512 capabilities only, PYATTN_VNNI_TILES), fp32 tiles otherwise; double stays.
+template <typename scalar_t>
+TileType tile_type() {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return TileType::kFp64;
+  } else {
+#if defined(PYATTN_VNNI_TILES)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      if (bf16_vnni_brgemm()) return TileType::kBf16Vnni;
+#endif
+    return TileType::kFp32;
+  }
+}
+
+// Calls fn(T{}) with the tile type T that `type` names (one tile_type<scalar_t> gives, or kFp32).
 template <typename scalar_t, typename Fn>
-void with_tile_type(Fn&& fn) {
+void with_tile_type([[maybe_unused]] TileType type, Fn&& fn) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     fn(double{});
   } else {
 #if defined(PYATTN_VNNI_TILES)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-      if (bf16_vnni_brgemm()) return fn(c10::BFloat16{});
+      if (type == TileType::kBf16Vnni) return fn(c10::BFloat16{});
 #endif
     fn(float{});
   }
+}
+
+template <typename scalar_t, typename Fn>
+void with_tile_type(Fn&& fn) {
+  with_tile_type<scalar_t>(tile_type<scalar_t>(), fn);
 }
 
 // Uninitialized scratch of n elements from torch's CPU allocator (aligned, reused across calls).
