@@ -157,10 +157,12 @@ if _C is not None:
     torch.library.register_fake("pyattn::triton_kvcache_fwd")(kvcache_fake)
 
 
+# looked up once, not imported: backend choice asks on every call
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_unavailable_reason():
-    """Why the Triton ops cannot run in this installation, or None; triton's presence is looked up, not imported."""
+    """Why the Triton ops cannot run in this installation, or None."""
     if _C is None:
         return f"pyattn._C is not built ({_LOAD_ERROR}), and the Triton ops take their schemas and checks from it"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    return None
+    return None if _TRITON_INSTALLED else "triton is not installed"

@@ -4,15 +4,14 @@ them; they never touch a backend.
 """
 import math
 import numbers
+import sys
 
 import torch
-from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from .errors import AttentionInputError, AttentionTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
-BIAS_ALIGNMENT = {CausalVariant.UPPER_LEFT: "top_left", CausalVariant.LOWER_RIGHT: "bottom_right"}
 
 
 def shape(t):
@@ -178,17 +177,20 @@ def mask(attn_mask, out_batch, L, S, query):
 
 def is_causal_bias(attn_mask):
     """torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right): a Tensor subclass whose storage
-    is meaningless, so it must never be read as a mask."""
-    return isinstance(attn_mask, CausalBias)
+    is meaningless, so it must never be read as a mask. Looked up where torch has loaded it: no CausalBias exists
+    before its module is imported, and importing it at pyattn's import would load torch._dynamo (and triton) there."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(attn_mask, bias.CausalBias)
 
 
 def causal_bias(bias, L, S, causal_alignment, shapes):
     """A CausalBias -> the causal_alignment of its band, checked against the call (what torch's masks would be)."""
-    name = f"attn_mask causal_{'upper_left' if bias.variant == CausalVariant.UPPER_LEFT else 'lower_right'}" \
-           f"({bias.seq_len_q}, {bias.seq_len_kv})"
+    from torch.nn.attention.bias import CausalVariant
+    upper_left = bias.variant == CausalVariant.UPPER_LEFT
+    name = f"attn_mask causal_{'upper_left' if upper_left else 'lower_right'}({bias.seq_len_q}, {bias.seq_len_kv})"
     if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
         raise AttentionInputError(f"{name} does not match query length L={L} and key length S={S} ({shapes})")
-    alignment = BIAS_ALIGNMENT[bias.variant]
+    alignment = "top_left" if upper_left else "bottom_right"
     if causal_alignment == "bottom_right" and alignment == "top_left":  # "top_left" is also the default: the bias wins
         raise AttentionInputError(f"{name} is top-left aligned but causal_alignment='bottom_right' ({shapes})")
     return alignment
