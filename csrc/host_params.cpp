@@ -170,7 +170,7 @@ void fill_block_mask(const Host& host, AttnParams& p, const std::optional<at::Te
           const int32_t s = p.block_states[b * ss.batch + h * ss.head + qb * ss.row + kb * ss.col];
           TORCH_CHECK(s >= 0 && s < 2 + num_partial, host.tag, ": block_states[", b, ", ", h, ", ", qb, ", ", kb,
                       "] = ", s, " is outside [0, ", 2 + num_partial, "): 0 empty, 1 full, 2 + i partial with "
-                      "block_bits[i], of block_bits ", block_bits.has_value() ? block_bits->sizes() : at::IntArrayRef{});
+                      "block_bits[i] (", num_partial, " in block_bits)");
         }
 }
 

@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/block_mask.h"
 #include "cpu/kernel.h"
 #include "cpu/operands.h"
 #include "cpu/parallel.h"
@@ -40,12 +41,14 @@ struct BwdScratch {
   std::unique_ptr<T[]> p, ds;  // (kBlockK, kLd) A operands P^T (dropped), dS^T
   std::unique_ptr<T[]> ds_b;  // (kpad(kBlockK), kBlockQ) dS^T as a VNNI B operand
   std::unique_ptr<uint8_t[]> keep;  // (kBlockQ, kBlockK)
-  BwdScratch(int64_t E, int64_t Ev)
+  std::unique_ptr<uint8_t[]> allowed;  // (kBlockK, kLd) a partial run's block mask, transposed (only with one)
+  BwdScratch(int64_t E, int64_t Ev, bool block_mask)
       : k(new T[kBlockK * kpad<T>(E)]), v(new T[kBlockK * kpad<T>(Ev)]), kt(new T[E * kpad<T>(kBlockK)]),
         dk(new acc[kBlockK * E]), dv(new acc[kBlockK * Ev]), s(new acc[kBlockK * kLd]),
         dp(new acc[kBlockK * kLd]), dcap(new acc[kBlockK * kLd]),
         p(new T[kBlockK * kLd]), ds(kSame ? nullptr : new T[kBlockK * kLd]),
-        ds_b(kSame ? nullptr : new T[kpad<T>(kBlockK) * kBlockQ]), keep(new uint8_t[kBlockQ * kBlockK]) {}
+        ds_b(kSame ? nullptr : new T[kpad<T>(kBlockK) * kBlockQ]), keep(new uint8_t[kBlockQ * kBlockK]),
+        allowed(block_mask ? new uint8_t[kBlockK * kLd] : nullptr) {}
   ~BwdScratch() { matmul_release<T>(); }
 };
 
@@ -69,6 +72,8 @@ void refine_lse(const AttnParams& p, const Seq& seq, int64_t b, int64_t h, const
   const int64_t E = p.head_dim, L = seq.L;
   const scalar_t* k = static_cast<const scalar_t*>(p.k) + seq.tb * ks.batch + h / (p.heads_q / p.heads_kv) * ks.head;
   std::vector<double> ka(kBlockK * E), st(kBlockK * kBlockQ), sum(L, 0.0);
+  const BlockMask blocks(p, b, h, 1);
+  std::vector<uint8_t> allowed(blocks.active() ? kBlockK * kBlockQ : 0);
   for (int64_t j0 = 0; j0 < seq.S; j0 += kBlockK) {
     const int64_t nj = std::min(kBlockK, seq.S - j0);
     pack_a(k + (seq.k0 + j0) * ks.row, ks.row, ks.col, nj, E, ka.data());
@@ -76,6 +81,10 @@ void refine_lse(const AttnParams& p, const Seq& seq, int64_t b, int64_t h, const
       const int64_t mi = std::min(kBlockQ, L - i0);
       matmul(nj, mi, E, ka.data(), E, qt + i0, L, st.data(), kBlockQ, false);
       const double cf = sc.template apply<true>(st.data(), kBlockQ, i0, mi, j0, nj, nullptr);
+      if (blocks.active()) {
+        blocks.expand(h, i0, mi, j0, nj, allowed.data(), 1, kBlockQ);
+        mask_scores(st.data(), kBlockQ, allowed.data(), kBlockQ, nj, mi);
+      }
       for (int64_t r = 0; r < nj; ++r)
         for (int64_t c = 0; c < mi; ++c) sum[i0 + c] += std::exp2(st[r * kBlockQ + c] * cf - lse2[i0 + c]);
     }
@@ -166,10 +175,12 @@ void prepare_rows(const BwdState<scalar_t, T>& st, int64_t t) {
 }
 
 // One tile: key block [j0, j0 + nj) (K, V, K^T packed in w) x q head h x queries [i0, i0 + mi) of
-// sequence b, chunk c. Adds to w.dk, w.dv and to the chunk's dQ^T; writes dmask.
+// sequence b, chunk c. Adds to w.dk, w.dv and to the chunk's dQ^T; writes dmask. allowed: the tile's block mask
+// (nj, mi; ld kLd), or null.
 template <typename scalar_t, typename T>
 void bwd_tile(const BwdState<scalar_t, T>& st, BwdScratch<T, acc_t<scalar_t>>& w, const Scores<scalar_t, acc_t<scalar_t>>& sc,
-              int64_t c, int64_t b, int64_t h, int64_t j0, int64_t nj, int64_t i0, int64_t mi) {
+              int64_t c, int64_t b, int64_t h, int64_t j0, int64_t nj, int64_t i0, int64_t mi,
+              const uint8_t* allowed) {
   using acc = acc_t<scalar_t>;
   constexpr bool kSame = std::is_same_v<T, acc>;
   const AttnBwdParams& p = st.p;
@@ -187,6 +198,7 @@ void bwd_tile(const BwdState<scalar_t, T>& st, BwdScratch<T, acc_t<scalar_t>>& w
   acc* dcap = p.softcap > 0 ? w.dcap.get() : nullptr;
   matmul(nj, mi, E, w.k.get(), st.Ep, qt + b_col<T>(i0), L, s, kLd, false);
   const acc cf = sc.template apply<true>(s, kLd, i0, mi, j0, nj, dcap);
+  if (allowed != nullptr) mask_scores(s, kLd, allowed, kLd, nj, mi);
   matmul(nj, mi, Ev, w.v.get(), st.Evp, dot + b_col<T>(i0), L, dp, kLd, false);
   if (p.dropout_p > 0)
     for (int64_t cq = 0; cq < mi; ++cq)
@@ -266,11 +278,19 @@ void bwd_key_block(const BwdState<scalar_t, T>& st, BwdScratch<T, acc_t<scalar_t
   pack_a(kp, ks.col, ks.row, E, nj, w.kt.get());
   std::fill(w.dk.get(), w.dk.get() + nj * E, acc(0));
   std::fill(w.dv.get(), w.dv.get() + nj * Ev, acc(0));
-  auto [qlo, qhi] = make_band(p, seq).queries(j0, j0 + nj);
-  qlo &= ~int64_t(1);
+  const auto [qlo, qhi] = make_band(p, seq).queries(j0, j0 + nj);
+  const bool block_mask = p.block_states != nullptr;
   for (int64_t h = hk * st.group; h < (hk + 1) * st.group; ++h) {
     const Scores<scalar_t, acc> sc(p, seq, b, h);
-    for (int64_t i0 = qlo; i0 < qhi; i0 += kBlockQ) bwd_tile(st, w, sc, c, b, h, j0, nj, i0, std::min(kBlockQ, qhi - i0));
+    // runs of up to kBlockQ queries from even starts (VNNI pairs the rows of dO and Q) over the block mask's
+    // non-empty blocks of these keys
+    const BlockMask blocks(p, b, h, 1);
+    const auto query_blocks = blocks.query_blocks(j0, j0 + nj);
+    for (Run run = next_run(block_mask, query_blocks, p.block_q, qlo, qhi, kBlockQ); run.n > 0;
+         run = next_run(block_mask, query_blocks, p.block_q, run.start + run.n, qhi, kBlockQ)) {
+      if (run.partial) blocks.expand(h, run.start, run.n, j0, nj, w.allowed.get(), 1, kLd);
+      bwd_tile(st, w, sc, c, b, h, j0, nj, run.start, run.n, run.partial ? w.allowed.get() : nullptr);
+    }
   }
   auto* dk_out = static_cast<scalar_t*>(p.dk) + seq.tb * dks.batch + hk * dks.head;
   auto* dv_out = static_cast<scalar_t*>(p.dv) + seq.tb * dvs.batch + hk * dvs.head;
@@ -318,7 +338,7 @@ void bwd(const AttnBwdParams& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv;
   parallel_tasks(B * Hq, [] { return 0; }, [&](int64_t t, int) { prepare_rows(st, t); });
   // Tasks (chunk, sequence, kv head), chunk-major: with causal masks the first key chunks see the most queries.
-  parallel_tasks(st.n_chunks * B * Hkv, [&] { return BwdScratch<T, acc>(st.E, st.Ev); },
+  parallel_tasks(st.n_chunks * B * Hkv, [&] { return BwdScratch<T, acc>(st.E, st.Ev, p.block_states != nullptr); },
                  [&](int64_t task, BwdScratch<T, acc>& w) {
     const int64_t c = task / (B * Hkv), b = task / Hkv % B, hk = task % Hkv;
     const Seq& seq = st.seqs[b];

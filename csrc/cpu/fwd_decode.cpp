@@ -27,7 +27,8 @@ namespace {
 // scores: S^T of this head already computed (key c's M scores at scores + c * ld; all_heads_scores), else null.
 template <typename T, typename acc>
 void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t hk, const Rows& rows, int64_t j0,
-                         int64_t nj, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l, const acc* scores, int64_t ld) {
+                         int64_t nj, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l, const acc* scores, int64_t ld,
+                         const uint8_t* allowed) {
   const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
   if (scores == nullptr) {
     const KeyRows<T> kr(p, seq, b, p.k, p.k_strides, hk);
@@ -52,7 +53,7 @@ void attend_block_direct(const AttnParams& p, const Seq& seq, int64_t b, int64_t
     for (int64_t r0 = 0; r0 < M; r0 += 16)
       at::vec::transpose_mxn<acc>(scores + c0 * ld + r0, ld, w.s.get() + r0 * w.bk + c0, w.bk,
                                   int(std::min<int64_t>(16, nj - c0)), int(std::min<int64_t>(16, M - r0)));
-  const T* pa = softmax_block<T>(p, seq, b, rows, j0, nj, w, o, m, l);
+  const T* pa = softmax_block<T>(p, seq, b, rows, j0, nj, w, o, m, l, 0, allowed);
   pack_keys<T, T>(p, seq, b, hk, j0, nj, nullptr, 0, w.v.get());
   matmul(M, Ev, nj, pa, w.ldp, w.v.get(), Ev, o, Ev, true);
 }
@@ -98,13 +99,15 @@ void row_pointers(const KeyRows<S>& kr, int64_t j, int64_t n, const void** out) 
 // is read where it lies (pages included) in memory order, kRowsGroup keys of all heads at a time (their rows lie
 // together), once for q.k and once for P V, each group prefetching the next one (then V's first, the next block's
 // K: next_nj keys from j0 + nj). Groups of 32 keys (64 KiB at 8 heads of 128 bf16): 16 and 64 measured within 3%.
-// partial(hk) -> that head's o (M, Ev), m, l.
+// partial(hk) -> that head's o (M, Ev), m, l. run: the keys [j0, j0 + nj), and whether they need the block mask.
 template <typename scalar_t, typename T, typename acc, typename Partial>
-void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h_lo, int64_t h_hi, int64_t j0,
-                       int64_t nj, int64_t next_nj, int64_t M, FwdScratch<T, acc>& w, const Partial& partial) {
+void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h_lo, int64_t h_hi, const Run& run,
+                       int64_t next_nj, int64_t M, const BlockMask& blocks, FwdScratch<T, acc>& w,
+                       const Partial& partial) {
   if constexpr (std::is_same_v<T, float>) {
     constexpr int64_t kRowsGroup = 32;
     constexpr int64_t kElem = sizeof(scalar_t);
+    const int64_t j0 = run.start, nj = run.n;
     const int64_t E = p.head_dim, Ev = p.head_dim_v, group = p.heads_q / p.heads_kv;
     const int64_t ks = p.k_strides.head, vs = p.v_strides.head, Ms = group * seq.L;
     const KeyRows<scalar_t> kr(p, seq, b, p.k, p.k_strides, 0), vr(p, seq, b, p.v, p.v_strides, 0);
@@ -141,8 +144,9 @@ void attend_block_rows(const AttnParams& p, const Seq& seq, int64_t b, int64_t h
       // fp32 tiles: the probabilities replace the scores in w.s
       for (int64_t hk = hg; hk < hg + hn; ++hk) {
         acc* o = partial(hk);
-        softmax_block<scalar_t>(p, seq, b, Rows{hk * group, group, 0, seq.L}, j0, nj, w, o, o + M * Ev, o + M * Ev + M,
-                                (hk - hg) * Ms);
+        const Rows rows{hk * group, group, 0, seq.L};
+        softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, o + M * Ev, o + M * Ev + M, (hk - hg) * Ms,
+                                run_mask(blocks, rows, run, w, (hk - hg) * Ms));
       }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t j = g * kRowsGroup, n = std::min(kRowsGroup, nj - j);
@@ -181,7 +185,8 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPlan
   std::vector<int64_t> first_chunk(B + 1, 0);  // tasks (sequence, chunk, head group) of b from first_chunk[b]
   for (int64_t b = 0; b < B; ++b) first_chunk[b + 1] = first_chunk[b] + keys[b].chunks * head_tasks;
 
-  parallel_tasks(first_chunk.back(), [&] { return FwdScratch<T, acc>(E, Ev, true, kDecodeTile); },
+  const bool block_mask = p.block_states != nullptr;
+  parallel_tasks(first_chunk.back(), [&] { return FwdScratch<T, acc>(E, Ev, true, kDecodeTile, block_mask); },
                  [&](int64_t t, FwdScratch<T, acc>& w) {
     const int64_t b = std::upper_bound(first_chunk.begin(), first_chunk.end(), t) - first_chunk.begin() - 1;
     const int64_t c = (t - first_chunk[b]) / head_tasks, h_lo = (t - first_chunk[b]) % head_tasks * heads_per_task;
@@ -201,11 +206,16 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPlan
         w.alloc_all_heads(E, Hkv, Hkv * M);
         load_qt<scalar_t>(p, seq, Rows{0, p.heads_q, 0, seq.L}, w.qt_all.get());
       }
-    for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeTile.k) {
-      const int64_t nj = std::min(kDecodeTile.k, j_end - j0);
+    // Runs of up to kDecodeTile.k keys over the block mask's non-empty blocks for the task's q heads
+    const BlockMask blocks(p, b, h_lo * group, (h_hi - h_lo) * group);
+    const auto key_blocks = blocks.key_blocks(0, seq.L);
+    auto run_from = [&](int64_t j) { return next_run(block_mask, key_blocks, p.block_k, j, j_end, kDecodeTile.k); };
+    for (Run run = run_from(j_begin); run.n > 0; run = run_from(run.start + run.n)) {
+      const int64_t j0 = run.start, nj = run.n;
       if (path == FwdPath::kDecodeRows) {
-        const int64_t next_nj = std::clamp<int64_t>(j_end - j0 - kDecodeTile.k, 0, kDecodeTile.k);
-        attend_block_rows<scalar_t>(p, seq, b, h_lo, h_hi, j0, nj, next_nj, M, w, partial);
+        const Run next = run_from(j0 + nj);
+        const int64_t next_nj = next.start == j0 + nj ? next.n : 0;  // the rows to prefetch: the next run's, if next
+        attend_block_rows<scalar_t>(p, seq, b, h_lo, h_hi, run, next_nj, M, blocks, w, partial);
         continue;
       }
       if constexpr (kSameType)
@@ -221,14 +231,16 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPlan
             const bool all_heads = path == FwdPath::kDecodeAllHeads;
             const acc* scores = all_heads ? w.st_all.get() + hk * cols + hk * Ms : nullptr;
             if (!all_heads) load_qt<scalar_t>(p, seq, rows, w.qt.get());
-            attend_block_direct(p, seq, b, hk, rows, j0, nj, w, o, m, l, scores, Hkv * cols);
+            attend_block_direct(p, seq, b, hk, rows, j0, nj, w, o, m, l, scores, Hkv * cols,
+                                run_mask(blocks, rows, run, w));
             continue;
           }
         }
         load_q<scalar_t>(p, seq, rows, w);
         // K^T and V of this key block -> scratch B operands
         pack_keys<scalar_t>(p, seq, b, hk, j0, nj, w.kt.get(), nj, w.v.get());
-        attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l);
+        attend_block<scalar_t>(p, seq, b, rows, j0, nj, w.kt.get(), nj, w.v.get(), w, o, m, l,
+                               run_mask(blocks, rows, run, w));
       }
     }
     if (!plan.merge)

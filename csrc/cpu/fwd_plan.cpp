@@ -93,6 +93,24 @@ int64_t decode_heads_per_task(int64_t Hkv, int64_t chunks) {
 
 thread_local std::optional<FwdPlan> last_run;
 
+// The block mask's census for explain(): its blocks over every (sequence, q head), broadcast ones counted per head.
+void count_blocks(const AttnParams& p, FwdPlan& f) {
+  if (p.block_states == nullptr) return;
+  const Strides4 s = p.block_states_strides;
+  const int64_t Qb = (p.seqlen_q + p.block_q - 1) / p.block_q, Kb = (p.seqlen_k + p.block_k - 1) / p.block_k;
+  f.block_q = p.block_q;
+  f.block_k = p.block_k;
+  f.blocks_total = p.batch * p.heads_q * Qb * Kb;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.heads_q; ++h)
+      for (int64_t qb = 0; qb < Qb; ++qb)
+        for (int64_t kb = 0; kb < Kb; ++kb) {
+          const int32_t state = p.block_states[b * s.batch + h * s.head + qb * s.row + kb * s.col];
+          f.blocks_visited += state != 0;
+          f.blocks_full += state == 1;
+        }
+}
+
 }  // namespace
 
 DecodeKeys decode_keys(const AttnParams& p, const Seq& seq) {
@@ -107,6 +125,7 @@ FwdPlan plan(const AttnParams& p) {
   const int64_t B = p.batch, Hkv = p.heads_kv, E = p.head_dim, Ev = p.head_dim_v;
   const int64_t M = (Hkv > 0 ? p.heads_q / Hkv : 0) * p.seqlen_q;  // rows a tile stacks: a GQA group's heads x L
   FwdPlan f;
+  count_blocks(p, f);
   f.tiles = tile_type<scalar_t>();
   f.bf16_widened = std::is_same_v<scalar_t, c10::BFloat16> && f.tiles == TileType::kFp32;
   if (M > kDecodeTile.q) {
@@ -140,7 +159,9 @@ FwdPlan plan(const AttnParams& p) {
   return f;
 }
 
-int64_t describe(const FwdPlan& f, char* out, int64_t size) {
+namespace {
+
+int64_t describe_path(const FwdPlan& f, char* out, int64_t size) {
   const char* type = f.tiles == TileType::kFp64 ? "fp64" : f.tiles == TileType::kFp32 ? "fp32" : "bf16 VNNI";
   const char* why = f.bf16_widened ? " (bf16 widened: no bf16 VNNI brgemm here)" : "";
   if (f.path == FwdPath::kPrefill)
@@ -158,6 +179,18 @@ int64_t describe(const FwdPlan& f, char* out, int64_t size) {
                                                         : "K^T and V packed per key block";
   return std::snprintf(out, size, "decode: %s tiles of %" PRId64 " x %" PRId64 "%s, %s; %s", type, f.tile.q,
                        f.tile.k, why, split, keys);
+}
+
+}  // namespace
+
+int64_t describe(const FwdPlan& f, char* out, int64_t size) {
+  const int64_t n = describe_path(f, out, size);
+  if (f.blocks_total == 0) return n;
+  const int64_t at = std::min<int64_t>(n, std::max<int64_t>(0, size - 1));
+  return n + std::snprintf(out + at, size - at, "; block mask of %" PRId64 " x %" PRId64 " blocks: %" PRId64 " of %"
+                           PRId64 " visited (%" PRId64 " full, %" PRId64 " partial), empty ones skipped", f.block_q,
+                           f.block_k, f.blocks_visited, f.blocks_total, f.blocks_full,
+                           f.blocks_visited - f.blocks_full);
 }
 
 void record_fwd_run(const FwdPlan& plan, TileType ran_on) {

@@ -36,6 +36,9 @@ struct FwdPlan {
   int64_t l2_bytes = 0;  // prefill: the L2 its tile was sized for
   int64_t heads_per_task = 0;  // decode: kv heads a task takes
   bool merge = false;  // decode: chunks merged after the tasks (false: every sequence fits one chunk)
+  // A block mask's blocks of block_q x block_k, over the (B, Hq) grid: visited (not empty), of them full, all told
+  // (0: no block mask)
+  int64_t block_q = 0, block_k = 0, blocks_visited = 0, blocks_full = 0, blocks_total = 0;
 };
 
 // A decode sequence's keys [lo, hi) that some query of it sees, from an even start (V's VNNI pairs keys), in

@@ -72,7 +72,8 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPla
         if (qb < q_blocks(bh / Hkv))
           for (int64_t g = 0; g < group; ++g) tasks.push_back((qb * B * Hkv + bh) * group + g);
 
-    parallel_tasks(int64_t(tasks.size()), [&] { return FwdScratch<T, acc>(E, Ev, false, tile); },
+    const bool block_mask = p.block_states != nullptr;
+    parallel_tasks(int64_t(tasks.size()), [&] { return FwdScratch<T, acc>(E, Ev, false, tile, block_mask); },
                    [&](int64_t t, FwdScratch<T, acc>& w) {
       const int64_t g = tasks[t] % group, bh = tasks[t] / group % (B * Hkv), qb = tasks[t] / group / (B * Hkv);
       const int64_t b = bh / Hkv;
@@ -83,11 +84,14 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPla
       const T* vp = kt + Ep * seq.S;
       init_rows(rows.n, Ev, w.o.get(), w.m.get(), w.l.get());
       const auto [klo, khi] = make_band(p, seq).keys(rows.i0, rows.i0 + rows.n);
-      // Even block starts: V's VNNI pairs keys.
-      for (int64_t j0 = klo & ~int64_t(1); j0 < khi; j0 += tile.k) {
-        const int64_t nj = std::min(tile.k, khi - j0);
-        attend_block<scalar_t>(p, seq, b, rows, j0, nj, kt + b_col<T>(j0), seq.S, vp + j0 * Ev, w, w.o.get(),
-                               w.m.get(), w.l.get());
+      // Runs of up to tile.k keys from even starts (V's VNNI pairs keys), over the block mask's non-empty blocks
+      const BlockMask blocks(p, b, rows.h0, rows.heads);
+      const auto key_blocks = blocks.key_blocks(rows.i0, rows.i0 + rows.n);
+      for (Run run = next_run(block_mask, key_blocks, p.block_k, klo, khi, tile.k); run.n > 0;
+           run = next_run(block_mask, key_blocks, p.block_k, run.start + run.n, khi, tile.k)) {
+        const int64_t j0 = run.start;
+        attend_block<scalar_t>(p, seq, b, rows, j0, run.n, kt + b_col<T>(j0), seq.S, vp + j0 * Ev, w, w.o.get(),
+                               w.m.get(), w.l.get(), run_mask(blocks, rows, run, w));
       }
       store_rows<scalar_t>(p, seq, rows, w.o.get(), w.m.get(), w.l.get());
     });

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "cpu/block_mask.h"
 #include "cpu/fwd_plan.h"
 #include "cpu/operands.h"
 #include "cpu/philox.h"
@@ -25,6 +26,7 @@ struct FwdScratch {
   std::unique_ptr<acc[]> o;  // (bq, Ev) unnormalized output
   std::unique_ptr<acc[]> m, l;  // (bq,) running max (log2 domain) and sum
   std::unique_ptr<uint8_t[]> keep;  // (bk,) dropout
+  std::unique_ptr<uint8_t[]> allowed;  // (bq, bk) a partial run's block mask (only with one)
   std::unique_ptr<T[]> kt, v;  // decode: one key block of K^T (kpad(E), bk) and V (kpad(bk), Ev)
   std::unique_ptr<T[]> qt;  // decode: Q^T (kpad(E), bq) as a B operand
   std::unique_ptr<acc[]> st;  // decode: S^T (bk, bq)
@@ -33,10 +35,10 @@ struct FwdScratch {
   // decode on rows (attend_block_rows): pointers to a key block's rows of kv head 0 in K and V, and to the next
   // block's in K (3 bk; the cache's element type, which fp32 tiles widen)
   std::unique_ptr<const void*[]> rows;
-  FwdScratch(int64_t E, int64_t Ev, bool decode, Tile tile)
+  FwdScratch(int64_t E, int64_t Ev, bool decode, Tile tile, bool block_mask = false)
       : bq(tile.q), bk(tile.k), ldp(std::is_same_v<T, acc> ? bk : kpad<T>(bk)), q(new T[bq * kpad<T>(E)]),
         s(new acc[bq * bk]), p(std::is_same_v<T, acc> ? nullptr : new T[bq * ldp]), o(new acc[bq * Ev]),
-        m(new acc[bq]), l(new acc[bq]), keep(new uint8_t[bk]),
+        m(new acc[bq]), l(new acc[bq]), keep(new uint8_t[bk]), allowed(block_mask ? new uint8_t[bq * bk] : nullptr),
         kt(decode ? new T[kpad<T>(E) * bk] : nullptr), v(decode ? new T[kpad<T>(bk) * Ev] : nullptr),
         qt(decode ? new T[kpad<T>(E) * bq] : nullptr), st(decode ? new acc[bk * bq] : nullptr),
         rows(decode ? new const void*[3 * bk] : nullptr) {}
@@ -63,9 +65,11 @@ void init_rows(int64_t M, int64_t Ev, acc* o, acc* m, acc* l) {
 
 // The raw scores of key block [j0, j0 + nj) in w.s (M, nj; ld w.bk; from row r0) -> online softmax update of
 // o (M, Ev), m, l (M,); returns the probabilities as the A operand of P V (ld w.ldp; from row r0 of w.s or w.p).
+// allowed: a partial run's block mask (M, nj; ld w.bk; row 0 = the tile's row r0), or null.
 template <typename scalar_t, typename T, typename acc>
 const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
-                       FwdScratch<T, acc>& w, acc* o, acc* m, acc* l, int64_t r0 = 0) {
+                       FwdScratch<T, acc>& w, acc* o, acc* m, acc* l, int64_t r0 = 0,
+                       const uint8_t* allowed = nullptr) {
   const int64_t Ev = p.head_dim_v, ldp = w.ldp;
   acc* s0 = w.s.get() + r0 * w.bk;
   T* p0 = std::is_same_v<T, acc> ? nullptr : w.p.get() + r0 * ldp;
@@ -78,6 +82,7 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
     const Scores<scalar_t, acc> sc(p, seq, b, h);
     acc* s = s0 + g * rows.n * w.bk;
     const acc cf = sc.template apply<false>(s, w.bk, rows.i0, rows.n, j0, nj, nullptr);
+    if (allowed != nullptr) mask_scores(s, w.bk, allowed + g * rows.n * w.bk, w.bk, rows.n, nj);
     for (int64_t r = g * rows.n; r < (g + 1) * rows.n; ++r) {
       acc* x = s0 + r * w.bk;
       bool in_tile = false;  // the probabilities already written to the A operand
@@ -116,13 +121,27 @@ const T* softmax_block(const AttnParams& p, const Seq& seq, int64_t b, const Row
 
 // One key block [j0, j0 + nj) for the tile's rows (q already in w.q): scores, online softmax update of
 // o (M, Ev), m, l (M,), then o += P V. kt: K^T block (column 0 = key j0), ld ldk; vb: V from key j0, ld Ev.
+// allowed: softmax_block's.
 template <typename scalar_t, typename T, typename acc>
 void attend_block(const AttnParams& p, const Seq& seq, int64_t b, const Rows& rows, int64_t j0, int64_t nj,
-                  const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l) {
+                  const T* kt, int64_t ldk, const T* vb, FwdScratch<T, acc>& w, acc* o, acc* m, acc* l,
+                  const uint8_t* allowed = nullptr) {
   const int64_t E = p.head_dim, Ev = p.head_dim_v, M = rows.size();
   matmul(M, nj, E, w.q.get(), kpad<T>(E), kt, ldk, w.s.get(), w.bk, false);
-  const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l);
+  const T* pa = softmax_block<scalar_t>(p, seq, b, rows, j0, nj, w, o, m, l, 0, allowed);
   matmul(M, Ev, nj, pa, w.ldp, vb, Ev, o, Ev, true);
+}
+
+// A partial run's block mask for the tile's rows (w.allowed from row r0: rows.size() rows, ld w.bk); null for a run
+// that needs none.
+template <typename T, typename acc>
+const uint8_t* run_mask(const BlockMask& blocks, const Rows& rows, const Run& run, FwdScratch<T, acc>& w,
+                        int64_t r0 = 0) {
+  if (!run.partial) return nullptr;
+  uint8_t* allowed = w.allowed.get() + r0 * w.bk;
+  for (int64_t g = 0; g < rows.heads; ++g)
+    blocks.expand(rows.h0 + g, rows.i0, rows.n, run.start, run.n, allowed + g * rows.n * w.bk, w.bk, 1);
+  return allowed;
 }
 
 // Rows [j, j + n) (cols elements each) into L1 ahead of their use. Always inlined: GCC takes a function of nothing
