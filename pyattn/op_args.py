@@ -11,6 +11,7 @@ from collections import namedtuple
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
+_MISSING = object()
 _TUPLES = ("FwdArgs", "BwdArgs", "KVCacheArgs", "Options", "FWD_TENSORS")
 
 
@@ -53,9 +54,19 @@ def __getattr__(name):
 def pick(cls, *records, **given):
     """cls's fields from given, else from the first of records (AttnInputs, its KVCache part, another args tuple)
     with an attribute of that name."""
-    def field(name):
-        return given[name] if name in given else getattr(next(r for r in records if hasattr(r, name)), name)
-    return cls(**{name: field(name) for name in cls._fields})
+    values = []
+    for name in cls._fields:  # a plain loop: this runs on every call (a generator per field cost 3x as much)
+        if name in given:
+            values.append(given[name])
+            continue
+        for record in records:
+            value = getattr(record, name, _MISSING)
+            if value is not _MISSING:
+                break
+        else:
+            raise AttributeError(f"{cls.__name__}.{name}: none of {[type(r).__name__ for r in records]} has it")
+        values.append(value)
+    return cls._make(values)
 
 
 def new_out(q, Ev, zeros=False):

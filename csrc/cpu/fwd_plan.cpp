@@ -102,11 +102,28 @@ DecodeKeys decode_keys(const AttnParams& p, const Seq& seq) {
   return {lo, khi, std::max<int64_t>(1, (blocks + kChunkBlocks - 1) / kChunkBlocks)};
 }
 
+// Multiply-adds of q.k and p.v over the keys each query row sees (its band), every q head: estimated from the band's
+// end rows (exact where no bound clamps).
+int64_t fwd_work(const AttnParams& p) {
+  int64_t work = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq seq = get_seq(p, b);
+    const Band band = make_band(p, seq);
+    int64_t keys = 0;  // summed over the rows
+    if (seq.L > 0) keys = (std::max<int64_t>(0, band.hi(0) - band.lo(0)) +
+                           std::max<int64_t>(0, band.hi(seq.L - 1) - band.lo(seq.L - 1))) * seq.L / 2;
+    work += keys * p.heads_q * (p.head_dim + p.head_dim_v);
+  }
+  return work;
+}
+
 template <typename scalar_t>
 FwdPlan plan(const AttnParams& p) {
   const int64_t B = p.batch, Hkv = p.heads_kv, E = p.head_dim, Ev = p.head_dim_v;
   const int64_t M = (Hkv > 0 ? p.heads_q / Hkv : 0) * p.seqlen_q;  // rows a tile stacks: a GQA group's heads x L
   FwdPlan f;
+  f.work = fwd_work(p);
+  f.threads = f.work < kParallelWork ? 1 : at::get_num_threads();
   f.tiles = tile_type<scalar_t>();
   f.bf16_widened = std::is_same_v<scalar_t, c10::BFloat16> && f.tiles == TileType::kFp32;
   if (M > kDecodeTile.q) {
@@ -140,7 +157,7 @@ FwdPlan plan(const AttnParams& p) {
   return f;
 }
 
-int64_t describe(const FwdPlan& f, char* out, int64_t size) {
+static int64_t describe_path(const FwdPlan& f, char* out, int64_t size) {
   const char* type = f.tiles == TileType::kFp64 ? "fp64" : f.tiles == TileType::kFp32 ? "fp32" : "bf16 VNNI";
   const char* why = f.bf16_widened ? " (bf16 widened: no bf16 VNNI brgemm here)" : "";
   if (f.path == FwdPath::kPrefill)
@@ -158,6 +175,13 @@ int64_t describe(const FwdPlan& f, char* out, int64_t size) {
                                                         : "K^T and V packed per key block";
   return std::snprintf(out, size, "decode: %s tiles of %" PRId64 " x %" PRId64 "%s, %s; %s", type, f.tile.q,
                        f.tile.k, why, split, keys);
+}
+
+int64_t describe(const FwdPlan& f, char* out, int64_t size) {
+  const int64_t n = describe_path(f, out, size);
+  if (f.threads != 1 || n < 0 || n >= size) return n;  // (a truncated text stays as it is)
+  return n + std::snprintf(out + n, size - n, "; on one thread (%" PRId64 " multiply-adds: too few to share)",
+                           f.work);
 }
 
 void record_fwd_run(const FwdPlan& plan, TileType ran_on) {

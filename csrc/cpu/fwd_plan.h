@@ -36,7 +36,14 @@ struct FwdPlan {
   int64_t l2_bytes = 0;  // prefill: the L2 its tile was sized for
   int64_t heads_per_task = 0;  // decode: kv heads a task takes
   bool merge = false;  // decode: chunks merged after the tasks (false: every sequence fits one chunk)
+  int64_t work = 0;  // multiply-adds of q.k and p.v over the keys the rows see (an estimate: fwd_work)
+  int64_t threads = 1;  // threads the tasks run on: 1 for a call too small to share (kParallelWork)
 };
+
+// Calls of fewer multiply-adds run on the caller's thread: about 20 us of one core's work, which a second thread
+// would shorten by less than waking it and joining it costs (a futex wake-up and cold caches; far more when the
+// other core is busy: a 16 x 16 call of 8 heads ran 1.9x slower on 2 threads than on 1 on a loaded 2-core EPYC).
+constexpr int64_t kParallelWork = int64_t(1) << 19;
 
 // A decode sequence's keys [lo, hi) that some query of it sees, from an even start (V's VNNI pairs keys), in
 // `chunks` tasks' chunks of up to kChunkBlocks key blocks (at least one).
