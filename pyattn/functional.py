@@ -1,11 +1,16 @@
 """The public functions: validate -> normalize (pyattn.inputs) -> choose a backend -> run -> user shapes."""
 import torch
+from torch.autograd import forward_ad
 
 from . import backends, routing
 from .errors import AttentionInputError
 from .inputs import dense_inputs, dense_outputs, varlen_inputs
 from .kvcache import explain_kvcache
 from .normalize import autocast
+from .ops import _C
+
+# A plainly valid CPU call straight to the kernel, else None (csrc/direct.h); the full path below is the contract.
+_DIRECT = getattr(_C, "sdpa_direct", None)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -19,6 +24,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     See DESIGN.md's API contract. Nested (jagged) tensors go to torch's function, which has their rules; for
     packed sequences with pyattn's kernels and extras, see varlen_attention.
     """
+    if attn_mask is None and backend is None and softcap is None and alibi_slopes is None and sinks is None \
+            and return_lse is False and _DIRECT is not None and not torch.compiler.is_compiling() \
+            and forward_ad._current_level < 0 and not torch._C._is_torch_function_mode_enabled():
+        out = _DIRECT(query, key, value, dropout_p, is_causal, scale, enable_gqa, window_size, causal_alignment)
+        if out is not None:
+            return out
     if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
         given = {"alibi_slopes": alibi_slopes is not None, "backend": backend not in (None, "auto"),
                  "causal_alignment": causal_alignment != "top_left", "return_lse": bool(return_lse),
