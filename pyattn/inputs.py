@@ -344,8 +344,8 @@ def _flex(query, key, value, score_mod, block_mask, scale, enable_gqa, return_ls
                                  f"{type(block_mask).__name__}")
     if score_mod is not None and not callable(score_mod):
         raise AttentionTypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
-    is_fused = isinstance(score_mod, score_mods.FusedScoreMod)
-    fused = dict([score_mod.fuse(B, Hq, L, S, query)]) if is_fused else {}
+    fusion = score_mod.fuse(B, Hq, L, S, query) if isinstance(score_mod, score_mods.FusedScoreMod) else None
+    fused = dict([fusion]) if fusion else {}
     mask = fused.pop("mask", None)
     return AttnInputs(
         q=query, k=key.expand(B, -1, -1, -1), v=value.expand(B, -1, -1, -1),
@@ -353,7 +353,7 @@ def _flex(query, key, value, score_mod, block_mask, scale, enable_gqa, return_ls
         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=L, max_seqlen_k=S, scale=validate.scale(scale, E),
         window_left=-1, window_right=-1, bottom_right=False, softcap=fused.pop("softcap", 0.0), dropout_p=0.0,
         return_lse=want_lse, out_shape=(B, Hq, L, Ev),
-        score_mod=None if is_fused else score_mod, **_block_part(block_mask, query, S))
+        score_mod=None if fusion else score_mod, **_block_part(block_mask, query, S))
 
 
 def flex_outputs(inp: AttnInputs, out, lse, return_aux):

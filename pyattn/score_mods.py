@@ -7,8 +7,9 @@ and turns into an option its kernels have, with no Python call per score:
     relative_bias(table)  -> a float mask gathered from table (Hq, 2 * M - 1): score + table[h, q_idx - kv_idx + M - 1]
     full_bias(bias)       -> a float mask: score + bias[h, q_idx, kv_idx] ((Hq, L, S)) or bias[b, h, ...] ((B, Hq, L, S))
 
-Gradients reach the tables (relative_bias, full_bias) through the float mask's gradient, and alibi slopes through
-alibi's. Any other callable runs on the reference math (pyattn.explain says so).
+Gradients reach the tables (relative_bias, full_bias) through the float mask's gradient. The kernels have no
+gradient for alibi slopes: slopes that require one run as a Python score_mod (reference math, autograd), as does any
+other callable (pyattn.explain says so).
 """
 import torch
 
@@ -20,7 +21,8 @@ class FusedScoreMod:
     """A score_mod pyattn knows: fuse() says which AttnInputs field computes it."""
 
     def fuse(self, B, Hq, L, S, query):
-        """-> (AttnInputs field, value) for a call of q (B, Hq, L, E) and keys of length S."""
+        """-> (AttnInputs field, value) for a call of q (B, Hq, L, E) and keys of length S, or None where the kernels
+        cannot compute it (the callable then runs as any Python score_mod)."""
         raise NotImplementedError
 
 
@@ -33,7 +35,10 @@ class _Alibi(FusedScoreMod):
         return score - slope * (q_idx - kv_idx).abs()
 
     def fuse(self, B, Hq, L, S, query):
-        return "alibi_slopes", validate.alibi(self.slopes, (B, Hq), query.device)
+        if torch.is_grad_enabled() and self.slopes.requires_grad:  # the kernels give slopes no gradient
+            return None
+        slopes = self.slopes.to(torch.float32) if self.slopes.is_floating_point() else self.slopes  # what kernels take
+        return "alibi_slopes", validate.alibi(slopes, (B, Hq), query.device)
 
 
 class _Softcap(FusedScoreMod):
