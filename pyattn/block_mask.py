@@ -55,7 +55,7 @@ def check(block_mask, B, Hq, L, S, device):
     device, with a block row for each query block."""
     block_q, block_k = block_sizes(block_mask)
     shape = tuple(block_mask.kv_indices.shape)
-    if block_mask.mask_mod is flex_module()._sliced_mask_mod_error:
+    if block_mask.mask_mod is getattr(flex_module(), "_sliced_mask_mod_error", None):
         raise AttentionInputError("Cannot use mask_mod from a sliced BlockMask: slicing resets it; set "
                                   "sliced.mask_mod from the original BlockMask's mask_mod")
     if block_mask.kv_indices.dim() != 4:
@@ -190,30 +190,34 @@ def convert(block_mask, B, Hq, L, S, device):
     return BlockSparse(states, packed if packed.shape[0] else None, block_q, block_k)
 
 
-_CACHE = weakref.WeakKeyDictionary()  # BlockMask -> {call key: BlockSparse}
+_CACHE = weakref.WeakKeyDictionary()  # BlockMask -> (key, what the key names, BlockSparse): its last conversion
+_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
 
 def _key(block_mask, B, Hq, L, S, device):
     """What a conversion depends on besides the BlockMask object: the call's sizes, and the BlockMask's fields a user
-    may reassign (mask_mod and seq_lengths after slicing, as torch's docs show) or whose tensors may change in place."""
-    tensors = [getattr(block_mask, name) for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
-                                                      "full_kv_indices")]
+    may reassign (mask_mod and seq_lengths after slicing, as torch's docs show) or whose tensors may change in place.
+    Objects are named by id: the cache entry keeps them alive, so an id cannot be reused while it is compared."""
+    tensors = tuple(getattr(block_mask, name) for name in _TENSORS)
     versions = tuple((id(t), t._version) if t is not None else None for t in tensors)
-    return (B, Hq, L, S, str(device), id(block_mask.mask_mod), tuple(block_mask.seq_lengths),
-            tuple(block_sizes(block_mask)), versions)
+    key = (B, Hq, L, S, str(device), id(block_mask.mask_mod), tuple(block_mask.seq_lengths),
+           tuple(block_sizes(block_mask)), versions)
+    return key, (block_mask.mask_mod, tensors)
 
 
 def block_sparse(block_mask, B, Hq, L, S, device):
-    """check() then convert(), cached per BlockMask object and call key (a model calls every layer with one)."""
+    """check() then convert(), cached per BlockMask object: a model calls every layer with one BlockMask and the same
+    sizes, and a new key (another batch, a reassigned mask_mod) replaces the entry. A mask_mod that reads a tensor
+    changed in place after the first call is not seen again: make a new BlockMask then (as create_block_mask's blocks
+    would be stale too)."""
     check(block_mask, B, Hq, L, S, device)
     if torch.compiler.is_compiling():
         return convert(block_mask, B, Hq, L, S, device)
-    key = _key(block_mask, B, Hq, L, S, device)
-    cached = _CACHE.setdefault(block_mask, {})
-    if key not in cached:
-        cached.clear()  # one entry per BlockMask: a stale key's conversion is never needed again
-        cached[key] = convert(block_mask, B, Hq, L, S, device)
-    return cached[key]
+    key, named = _key(block_mask, B, Hq, L, S, device)
+    cached = _CACHE.get(block_mask)
+    if cached is None or cached[0] != key:
+        cached = _CACHE[block_mask] = (key, named, convert(block_mask, B, Hq, L, S, device))
+    return cached[2]
 
 
 def dense(states, bits, block_q, block_k, B, Hq, L, S):
