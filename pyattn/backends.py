@@ -146,6 +146,7 @@ class TritonBackend(FusedBackend):
     interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
     name = "triton"
     features = ALL_FEATURES | KVCACHE_FEATURES
+    block_mask_kernel = False  # True once kernels/ implement block_states/block_bits (FusedBackend.block_mask_kernel)
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
@@ -178,6 +179,7 @@ class CPUBackend(FusedBackend):
     name = "cpu"
     devices = ("cpu",)
     features = ALL_FEATURES | KVCACHE_FEATURES
+    block_mask_kernel = False  # True once csrc/cpu implements block_states/block_bits (FusedBackend.block_mask_kernel)
 
     def unavailable_reason(self):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"

@@ -160,10 +160,11 @@ def convert(block_mask, B, Hq, L, S, device):
     mask_mod = block_mask.mask_mod
     if mask_mod is module.noop_mask:  # from_kv_blocks' default: every listed block is full
         full, partial = full | partial, torch.zeros_like(partial)
+    vmapped = False
     if bool(partial.any()):
         depends = _probe_dependence(mask_mod, B, Hq, device)
         if depends is None:
-            mask_mod, depends = _vmapped(mask_mod), (B > 1, Hq > 1)
+            mask_mod, depends, vmapped = _vmapped(mask_mod), (B > 1, Hq > 1), True
         # mask_mod's b and h are the call's: a BlockMask broadcast over a dim mask_mod reads is expanded along it
         sizes = (B if depends[0] else partial.shape[0], Hq if depends[1] else partial.shape[1], Qb, Kb)
         partial, full = partial.expand(sizes), full.expand(sizes)
@@ -175,7 +176,13 @@ def convert(block_mask, B, Hq, L, S, device):
     bits, kinds = [], []
     for start in range(0, blocks.shape[0], per_chunk):
         chunk = blocks[start:start + per_chunk]
-        allowed = _evaluate(mask_mod, chunk, block_q, block_k, L, S)
+        try:
+            allowed = _evaluate(mask_mod, chunk, block_q, block_k, L, S)
+        except Exception:  # took the probe's shapes but not a block's: a mask_mod for scalars after all
+            if vmapped:
+                raise
+            mask_mod, vmapped = _vmapped(mask_mod), True
+            allowed = _evaluate(mask_mod, chunk, block_q, block_k, L, S)
         in_bounds = (L - chunk[:, 2] * block_q).clamp(max=block_q) * (S - chunk[:, 3] * block_k).clamp(max=block_k)
         count = allowed.sum((1, 2))
         kinds.append(torch.where(count == 0, 0, torch.where(count == in_bounds, FULL, PARTIAL)))
