@@ -9,6 +9,7 @@ from .ops import build_info
 from .routing import disable, enable, enabled
 
 __version__ = "0.1.0"  # written here alone: setup.py reads it into the package metadata and the C++ build
-__all__ = ["scaled_dot_product_attention", "flex_attention", "varlen_attention", "kvcache_attention", "MultiheadAttention", "replace_attention", "explain",
-           "available_backends", "build_info", "enable", "disable", "enabled", "AttentionInputError",
-           "AttentionTypeError", "distributed", "flash_attn", "score_mods"]
+__all__ = ["scaled_dot_product_attention", "flex_attention", "varlen_attention", "kvcache_attention",
+           "MultiheadAttention", "replace_attention", "explain", "available_backends", "build_info", "enable",
+           "disable", "enabled", "AttentionInputError", "AttentionTypeError", "distributed", "flash_attn",
+           "score_mods"]

@@ -1,7 +1,8 @@
 """The attention ops' arguments for Python, read from the schemas pyattn._C registers (csrc/ops.cpp, where each
 argument and its shape are written once): FwdArgs, BwdArgs and KVCacheArgs, named tuples of fwd's, bwd's and
 kvcache_fwd's arguments in their order with their defaults, and Options, fwd's arguments that are not tensors (what
-autograd keeps besides the saved tensors, trailing ones such as block_q/block_k included). Every Python caller builds and reads op calls through these (by name, never by position).
+autograd keeps besides the saved tensors, trailing ones such as block_q/block_k included). Every Python caller builds
+and reads op calls through these (by name, never by position).
 
 The tuples are made on first use, once pyattn/ops.py has loaded pyattn._C; without it (a checkout never built) there
 are no ops to call, and naming one raises.

@@ -4,7 +4,7 @@ and turns into an option its kernels have, with no Python call per score:
 
     alibi(slopes)         -> alibi_slopes: score - slopes[h] * |q_idx - kv_idx|  (slopes (Hq,) or (B, Hq) float32)
     softcap(cap)          -> softcap:      cap * tanh(score / cap)
-    relative_bias(table)  -> a float mask gathered from table (Hq, 2 * M - 1): score + table[h, q_idx - kv_idx + M - 1]
+    relative_bias(table)  -> a float mask gathered from table (Hq, 2M - 1): score + table[h, q_idx - kv_idx + M - 1]
     full_bias(bias)       -> a float mask: score + bias[h, q_idx, kv_idx] ((Hq, L, S)) or bias[b, h, ...] ((B, Hq, L, S))
 
 Gradients reach the tables (relative_bias, full_bias) through the float mask's gradient. The kernels have no

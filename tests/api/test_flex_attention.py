@@ -469,3 +469,12 @@ def test_op_arguments_take_the_block_part_by_name():
     blocks = block_masks.block_sparse(block_mask, *q.shape[:3], k.shape[2], q.device)
     assert args.block_states is blocks.states and args.block_bits is blocks.bits
     assert (args.block_q, args.block_k) == (16, 16)
+
+
+def test_fused_score_mod_compiles_whole():
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    score_mod = score_mods.alibi(torch.tensor([0.1, 0.3]))
+    compiled = torch.compile(lambda q, k, v: pyattn.flex_attention(q, k, v, score_mod=score_mod, return_lse=True),
+                             fullgraph=True)
+    for ours, eager in zip(compiled(q, k, v), pyattn.flex_attention(q, k, v, score_mod=score_mod, return_lse=True)):
+        torch.testing.assert_close(ours, eager)
