@@ -228,8 +228,8 @@ def block_sparse(block_mask, B, Hq, L, S, device):
 
 
 def dense(states, bits, block_q, block_k, B, Hq, L, S):
-    """The block structure as a dense (B, Hq, L, S) bool mask, True = may attend: the O(L * S) reference."""
-    states = states.expand(B, Hq, *states.shape[2:])
+    """The block structure as a dense (B, Hq, L, S) bool mask, True = may attend: the O(L * S) reference. Computed
+    at the states' own (1|B, 1|Hq) and broadcast (stride 0) to the rest."""
     per_element = states.repeat_interleave(block_q, dim=2)[:, :, :L].repeat_interleave(block_k, dim=3)[..., :S]
     allowed = per_element == FULL
     if bits is not None:
@@ -239,4 +239,4 @@ def dense(states, bits, block_q, block_k, B, Hq, L, S):
         j = torch.arange(S, device=states.device)[None, :] % block_k
         index = (per_element - PARTIAL).clamp(min=0)
         allowed |= (per_element >= PARTIAL) & unpacked[index, i, j]
-    return allowed
+    return allowed.expand(B, Hq, L, S)
