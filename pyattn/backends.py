@@ -115,14 +115,17 @@ class FusedBackend(Backend):
             self.features = self.features | {F.BLOCK_MASK}
 
     def declares_block_mask(self):
-        return self.block_mask_kernel and ops.has_op(self.op_name) and op_args.takes(self.op_name, "block_states")
+        return self.block_mask_kernel and self.op_takes_block_states()
+
+    def op_takes_block_states(self):
+        return ops.has_op(self.op_name) and op_args.takes(self.op_name, "block_states")
 
     def extra_reasons(self, inp):
         reasons = []
         if inp.block_states is not None and F.BLOCK_MASK not in self.features:
             reasons.append(f"its kernels do not take block masks yet ({type(self).__name__}.block_mask_kernel is "
                            f"{self.block_mask_kernel}; pyattn::{self.op_name} takes block_states: "
-                           f"{ops.has_op(self.op_name) and op_args.takes(self.op_name, 'block_states')})")
+                           f"{self.op_takes_block_states()})")
         if inp.dropout_p >= 1.0:
             reasons.append("dropout_p == 1 drops every weight (left to torch)")
         if functorch_active():

@@ -438,6 +438,19 @@ def test_states_expand_only_along_what_mask_mod_reads(build, expected):
     assert tuple(blocks.bits.shape[1:]) == (16, 2)
 
 
+def test_mask_mod_that_refuses_a_block_of_indices_runs_under_vmap():
+    """A mask_mod that takes the dependence probe's few indices but not a block's falls back to vmap, the same bits."""
+    def picky(b, h, q_idx, kv_idx):
+        if q_idx.numel() > 4:
+            raise RuntimeError("written for a few indices at a time")
+        return q_idx >= kv_idx
+    block_mask = causal(16)(1, 1, 64, 64)
+    block_mask.mask_mod = picky
+    blocks = block_masks.convert(block_mask, 1, 1, 64, 64, torch.device("cpu"))
+    allowed = block_masks.dense(blocks.states, blocks.bits, 16, 16, 1, 1, 64, 64)
+    assert torch.equal(allowed[0, 0], torch.ones(64, 64, dtype=torch.bool).tril())
+
+
 def test_conversion_memory_is_blocks_plus_partial_bits():
     """N = 65536, 128 x 128 blocks, 90% of them empty: the converted tensors take (N / 128)^2 int32 states and one bit
     per (query, key) of the partial blocks, never N^2 of anything."""
