@@ -10,7 +10,7 @@ import torch
 from . import features as F
 from . import op_args, ops, reference
 from .errors import AttentionInputError
-from .features import ALL_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
+from .features import ALL_FEATURES, FLEX_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
 from .inputs import AttnInputs
 
 # torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
@@ -66,6 +66,9 @@ class Backend:
         missing = [f for f in inp.uses() if f not in self.features]
         if missing:
             reasons.append(f"does not support {', '.join(missing)}")
+        if F.SCORE_MOD in missing:
+            reasons.append("an arbitrary Python score_mod is not fused (pyattn.score_mods' alibi, softcap, "
+                           "relative_bias and full_bias are): it runs on the reference math")
         E, Ev = inp.head_dims
         if self.max_head_dim is not None and max(E, Ev) > self.max_head_dim:
             reasons.append(f"head dims up to {self.max_head_dim}, got E={E}, Ev={Ev}")
@@ -103,9 +106,26 @@ class FusedBackend(Backend):
     bwd_op_name = "bwd"
     kvcache_op_name = "kvcache_fwd"
     block_backward = True
+    # The switch for block masks (BlockMask -> block_states/block_bits): set True once this backend's kernels
+    # implement them. The feature is declared only while the op's schema also takes them (op_args.takes).
+    block_mask_kernel = False
+
+    def __init__(self):
+        if self.declares_block_mask():
+            self.features = self.features | {F.BLOCK_MASK}
+
+    def declares_block_mask(self):
+        return self.block_mask_kernel and self.op_takes_block_states()
+
+    def op_takes_block_states(self):
+        return ops.has_op(self.op_name) and op_args.takes(self.op_name, "block_states")
 
     def extra_reasons(self, inp):
         reasons = []
+        if inp.block_states is not None and F.BLOCK_MASK not in self.features:
+            reasons.append(f"its kernels do not take block masks yet ({type(self).__name__}.block_mask_kernel is "
+                           f"{self.block_mask_kernel}; pyattn::{self.op_name} takes block_states: "
+                           f"{self.op_takes_block_states()})")
         if inp.dropout_p >= 1.0:
             reasons.append("dropout_p == 1 drops every weight (left to torch)")
         if functorch_active():
@@ -129,12 +149,14 @@ class TritonBackend(FusedBackend):
     interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
     name = "triton"
     features = ALL_FEATURES | KVCACHE_FEATURES
+    block_mask_kernel = False  # True once kernels/ implement block_states/block_bits (FusedBackend.block_mask_kernel)
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
     kvcache_op_name = "triton_kvcache_fwd"
 
     def __init__(self):
+        super().__init__()
         self.interpreting = os.environ.get("TRITON_INTERPRET") == "1"
         self.devices = ("cuda", "cpu") if self.interpreting else ("cuda",)
         self.dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,6 +182,7 @@ class CPUBackend(FusedBackend):
     name = "cpu"
     devices = ("cpu",)
     features = ALL_FEATURES | KVCACHE_FEATURES
+    block_mask_kernel = False  # True once csrc/cpu implements block_states/block_bits (FusedBackend.block_mask_kernel)
 
     def unavailable_reason(self):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
@@ -226,7 +249,7 @@ class ReferenceBackend(Backend):
     """Naive math (pyattn.reference): every feature, any device, L x S memory."""
     name = "reference"
     devices = ("cpu", "cuda", "meta", "mps", "xpu")
-    features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT}
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT} | FLEX_FEATURES
     forward_ad = True
 
     def forward(self, inp):

@@ -4,7 +4,7 @@ from torch.autograd import forward_ad
 
 from . import backends, routing
 from .errors import AttentionInputError
-from .inputs import dense_inputs, dense_outputs, varlen_inputs
+from .inputs import dense_inputs, dense_outputs, flex_inputs, flex_outputs, varlen_inputs
 from .kvcache import explain_kvcache
 from .normalize import autocast
 from .ops import _C
@@ -20,7 +20,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     sinks (Hq,): per-head sink logits (gpt-oss), in every row's softmax denominator, with no value.
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev), and with return_lse also the
-    float32 log-sum-exp (..., L) of the scores. attn_mask may also be a torch.nn.attention.bias.CausalBias.
+    float32 log-sum-exp (..., L) of the scores. attn_mask may also be a torch.nn.attention.bias.CausalBias, or a
+    torch.nn.attention.flex_attention.BlockMask (flex_attention's block mask, as flex_attention applies it).
     See DESIGN.md's API contract. Nested (jagged) tensors go to torch's function, which has their rules; for
     packed sequences with pyattn's kernels and extras, see varlen_attention.
     """
@@ -46,6 +47,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return dense_outputs(inp, *backends.choose(inp, backend).forward(inp))
 
 
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False,
+                   kernel_options=None, *, return_aux=None, backend=None):
+    """Drop-in for torch.nn.attention.flex_attention.flex_attention, with the meaning of torch's compiled kernel.
+
+    query (B, Hq, L, E), key (B|1, Hkv, S, E), value (B|1, Hkv, S, Ev) -> out (B, Hq, L, Ev); with return_lse also
+    lse (B, Hq, L) float32 (natural log), with return_aux=AuxRequest(lse=True) (out, AuxOutput). score_mod(score, b,
+    h, q_idx, kv_idx) as torch's: pyattn.score_mods' families run fused, any other callable on the reference math.
+    block_mask: torch's BlockMask (create_block_mask, from_kv_blocks), its mask_mod evaluated once per partial block.
+    kernel_options: torch's tuning hints are accepted and ignored. See docs/semantics.md.
+    """
+    inp = flex_inputs(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                      return_aux)
+    return flex_outputs(inp, *backends.choose(inp, backend).forward(inp), return_aux)
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
                      scale=None, window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left",
                      dropout_p=0.0, sinks=None, return_lse=False, backend=None):
@@ -65,11 +81,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=None, scale=None, enable_gqa=False, *,
             window_size=None, softcap=None, alibi_slopes=None, causal_alignment="top_left", sinks=None,
-            return_lse=False, backend=None, **kvcache):
+            return_lse=False, backend=None, score_mod=None, block_mask=None, **kvcache):
     """Which backend would run these arguments, and why each other one would not; for torch's arguments alone,
     also where pyattn.enable() sends a call of torch's function with them. With kvcache_attention's keywords
     (cache_seqlens=...), the same for kvcache_attention(query, key, value, ...): key and value are the caches.
-    is_causal=None means each function's default (False for attention, True for kvcache_attention)."""
+    is_causal=None means each function's default (False for attention, True for kvcache_attention). With score_mod
+    or block_mask, the same for flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa)."""
+    if score_mod is not None or block_mask is not None:
+        inp = flex_inputs(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+        return backends.explain_inputs(inp, backend)
     if kvcache:
         if "cache_seqlens" not in kvcache:
             raise TypeError(f"explain() got unexpected keyword arguments {sorted(kvcache)}")
