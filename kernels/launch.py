@@ -255,16 +255,22 @@ def backward(a, mask_kind):
                   **pb.scores_args(a))
     dkdv_args = dict(inputs, DK=dk, DV=dv, **_strides("dk", dk, "bhnd"), **_strides("dv", dv, "bhnd"))
     dq_args = dict(inputs, DQ=dq, DMask=dmask, **_strides("dq", dq, "bhmd"))
-    rows = pb.group * pb.max_q
-    if pb.tuned:
+    mask = _block_mask(a)
+    if pb.tuned and mask is None:  # a block mask runs the fixed tiles fitted to its blocks, as in the forward
+        rows = pb.group * pb.max_q
         _run(_tuned("dkdv", pb.cc), lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv),
-             dkdv_args, **pb.flags)
-        _run(_tuned("dq", pb.cc), lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv), dq_args,
-             **pb.flags, MASK_GRAD=a.mask_grad)
+             dict(dkdv_args, **block_mask.kernel_args(q)), **pb.flags, BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
+        _run(_tuned("dq", pb.cc), lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv),
+             dict(dq_args, **block_mask.kernel_args(q)), **pb.flags, MASK_GRAD=a.mask_grad,
+             BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
     else:
         (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)
-        _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv), dkdv_args, **pb.flags, BLOCK_M=bm,
-             BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        _run(_attn_bwd_dq, (triton.cdiv(rows, bm2), pb.batches * pb.Hkv), dq_args, **pb.flags,
-             MASK_GRAD=a.mask_grad, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2, num_stages=stages2)
+        mode, bm, bn = _block_mask_tiles(mask, bm, bn)
+        _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv),
+             dict(dkdv_args, **block_mask.kernel_args(q, *(mask or ()), columns=True)), **pb.flags, BLOCK_M=bm,
+             BLOCK_N=bn, BLOCK_MASK=mode, num_warps=warps, num_stages=stages)
+        mode, bm2, bn2 = _block_mask_tiles(mask, bm2, bn2)
+        _run(_attn_bwd_dq, (triton.cdiv(_packed_rows(pb, mode, bm2), bm2), pb.batches * pb.Hkv),
+             dict(dq_args, **block_mask.kernel_args(q, *(mask or ()))), **pb.flags, MASK_GRAD=a.mask_grad,
+             BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_MASK=mode, num_warps=warps2, num_stages=stages2)
     return dq, dk, dv, dmask
