@@ -85,29 +85,53 @@ def kernel_args(q, states=None, bits=None, block_q=0, block_k=0, columns=False):
 
 @triton.jit
 def _allowed_bit(Bits, state, r2, c2, block_q, bits_row, ok2):
-    """Bit (r2, c2) of partial block state (>= 2) where ok2, False elsewhere."""
+    """GATHER: bit (r2, c2) of partial block state (>= 2) where ok2, False elsewhere."""
     base = (state - 2).to(tl.int64) * (block_q * bits_row)
     byte = tl.load(Bits + base + r2 * bits_row + c2 // 8, mask=ok2, other=0).to(tl.int32)
     return ((byte >> (c2 % 8)) & 1) != 0
 
 
 @triton.jit
-def block_masked(s, Bits, state_rows2, state, i2, n2, q0, k0, ok2, seqlen_k, block_q, block_k, bits_row,
-                 stride_stq, stride_stk, BLOCK_MASK: tl.constexpr):
-    """s with -inf where the block mask forbids query i2 key n2 (indices in the sequence; tiles of either
-    orientation, as in scores.py); ok2: the query exists. TILES: the tile lies in the block of state `state` whose
-    first query and key are q0, k0. GATHER: each element loads its block's state from its query's states row
-    state_rows2 (States + b, head offsets)."""
-    in2 = ok2 & (n2 < seqlen_k)
+def _tile_bits(Bits, state, r0, c0, block_q, bits_row, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """TILES: (ROWS, COLS) bits of partial block `state` (>= 2) from its row r0 and column c0 (a multiple of 8): a
+    (ROWS, COLS / 8) byte tile, every byte loaded once and spread over its 8 columns in registers (a per-element
+    load would hold a 64-bit address per score element: spills at the default tiles). All in the block: no mask."""
+    block = Bits + (state - 2).to(tl.int64) * (block_q * bits_row) + r0 * bits_row + c0 // 8
+    byte = tl.load(block + tl.arange(0, ROWS)[:, None] * bits_row + tl.arange(0, COLS // 8)[None, :]).to(tl.int32)
+    bits = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (ROWS, COLS)) != 0
+
+
+@triton.jit
+def block_masked(s, Bits, state_rows2, state, i2, n2, r0, c0, ok2, seqlen_k, block_q, block_k, bits_row,
+                 stride_stq, stride_stk, BLOCK_MASK: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """s with -inf where the block mask forbids query i2 key n2 (indices in the sequence; a (queries, keys) tile, or
+    KEYS_FIRST (keys, queries), as in scores.py); ok2: the query exists. TILES: the tile lies in the block of state
+    `state`, from its row r0 and column c0. GATHER: each element loads its block's state from its query's states
+    row state_rows2 (States + b, head offsets)."""
     if BLOCK_MASK == BLOCK_MASK_TILES:
         if state >= 2:
-            s = tl.where(_allowed_bit(Bits, state, i2 - q0, n2 - k0, block_q, bits_row, in2), s, float("-inf"))
+            if KEYS_FIRST:
+                keep = tl.trans(_tile_bits(Bits, state, r0, c0, block_q, bits_row, s.shape[1], s.shape[0]))
+            else:
+                keep = _tile_bits(Bits, state, r0, c0, block_q, bits_row, s.shape[0], s.shape[1])
+            s = tl.where(keep, s, float("-inf"))
     if BLOCK_MASK == BLOCK_MASK_GATHER:
+        in2 = ok2 & (n2 < seqlen_k)
         st = tl.load(state_rows2 + (i2 // block_q).to(tl.int64) * stride_stq + (n2 // block_k).to(tl.int64)
                      * stride_stk, mask=in2, other=0)
         keep = (st == 1) | _allowed_bit(Bits, st, i2 % block_q, n2 % block_k, block_q, bits_row, in2 & (st >= 2))
         s = tl.where(keep, s, float("-inf"))
     return s
+
+
+@triton.jit
+def span_run(lo, full_lo, full_hi, hi, start, size):
+    """TILES: a span [start, start + size) cut to the band's blocks [lo, hi): -> (run_lo, run_hi, banded), banded where
+    it reaches outside [full_lo, full_hi) and so needs the per-element band and length check. One run per span, its
+    check a uniform branch, rather than the dense path's three unrolled runs: one copy of the loop body per kernel,
+    within the registers of the default tiles."""
+    return tl.maximum(lo, start), tl.minimum(hi, start + size), (start < full_lo) | (start + size > full_hi)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ Scores are recomputed exactly as the forward computed them (scores.py); P = exp2
 import triton
 import triton.language as tl
 
-from .block_mask import BLOCK_MASK_NONE, BLOCK_MASK_TILES, block_masked, span, visits
+from .block_mask import BLOCK_MASK_NONE, BLOCK_MASK_TILES, block_masked, span, span_run, visits
 from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
 from .tiles import key_blocks, query_blocks, row_block, segment, seq_span
 
@@ -59,21 +59,21 @@ def _query_rows(Q, DOut, Lse, Delta, b64, head, rows, row_ok, stride_qb, stride_
 @triton.jit
 def _probs_and_dscore(qk, dp, lse2_2, delta2, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seed, rng2, seqlen_k,
                       scale, softcap, window_left, window_right, dropout_p,
-                      Bits, state_rows2, state, i2, q0, k0, block_q, block_k, bits_row, stride_stq, stride_stk,
-                      BANDED: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                      Bits, state_rows2, state, i2, r0, c0, block_q, block_k, bits_row, stride_stq, stride_stk,
+                      banded, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                      DROPOUT: tl.constexpr, BLOCK_MASK: tl.constexpr):
+                      DROPOUT: tl.constexpr, BLOCK_MASK: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """One tile from q.k and dO.v (either orientation, see scores.py): -> (P as the forward used it, after
     dropout; dS w.r.t. the biased score; dS w.r.t. q.k). lse2_2 is +inf for queries that saw no key, so
-    their P is 0. i2: the query indices (ip2 is shifted); the block-mask arguments as in block_mask.block_masked."""
+    their P is 0. banded: check the band per element (a constexpr, or a block mask's runtime flag). i2: the query indices (ip2 is shifted); the block-mask arguments as in block_mask.block_masked."""
     s_cap = capped(qk, scale, softcap, HAS_SOFTCAP)
     s = biased(s_cap, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k, MASK_KIND, HAS_ALIBI)
-    if BANDED:
+    if banded:
         s = tl.where(band_and_bounds(ip2, n2, ok2, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                      s, float("-inf"))
     if BLOCK_MASK != BLOCK_MASK_NONE:
-        s = block_masked(s, Bits, state_rows2, state, i2, n2, q0, k0, ok2, seqlen_k, block_q, block_k, bits_row,
-                         stride_stq, stride_stk, BLOCK_MASK)
+        s = block_masked(s, Bits, state_rows2, state, i2, n2, r0, c0, ok2, seqlen_k, block_q, block_k, bits_row,
+                         stride_stq, stride_stk, BLOCK_MASK, KEYS_FIRST)
     p = tl.exp2(s - lse2_2)
     p_used = p
     if DROPOUT:  # O = (P * keep / (1 - p)) V, so dP = dP_used * keep / (1 - p)
@@ -152,11 +152,11 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
         for j in range(0, num_spans):
             if BLOCK_MASK == BLOCK_MASK_TILES:
                 state, q0 = span(list_row, j, state_row, kb, stride_stk, stride_stq, block_q)
-            for seg in tl.static_range(3):
+            for seg in tl.static_range(1 if BLOCK_MASK == BLOCK_MASK_TILES else 3):
                 seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
+                banded = seg != 1
                 if BLOCK_MASK == BLOCK_MASK_TILES:
-                    seg_lo = tl.maximum(seg_lo, q0)
-                    seg_hi = tl.minimum(seg_hi, q0 + block_q)
+                    seg_lo, seg_hi, banded = span_run(lo, full_lo, full_hi, hi, q0, block_q)
                 for start_m in range(seg_lo, seg_hi, BLOCK_M):
                     offs_i = start_m + tl.arange(0, BLOCK_M)
                     row_ok = offs_i < len_q
@@ -174,8 +174,9 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
                         qk_t, dp_t, lse2[None, :], delta[None, :], (offs_i + shift)[None, :], offs_n[:, None],
                         row_ok[None, :], mask_rows[None, :], stride_mn, slopes[None, :], seed, rng_rows[None, :],
                         len_k, scale, softcap, window_left, window_right, dropout_p, Bits, state_rows[None, :],
-                        state, offs_i[None, :], q0, k0, block_q, block_k, bits_row, stride_stq, stride_stk,
-                        seg != 1, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, BLOCK_MASK)
+                        state, offs_i[None, :], start_m - q0, start_n - k0, block_q, block_k, bits_row, stride_stq,
+                        stride_stk, banded, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                        BLOCK_MASK, True)
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
                     dk = tl.dot(ds_qk_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
@@ -237,21 +238,21 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
     state_rows = States + b.to(tl.int64) * stride_stb + head.to(tl.int64) * stride_sth
     num_spans = 1
     state = 1
-    q0 = 0
+    r0 = 0
     k0 = 0
     if BLOCK_MASK == BLOCK_MASK_TILES:
         qb = (pid_m * BLOCK_M % pitch) // block_q
-        q0 = qb * block_q
+        r0 = pid_m * BLOCK_M % pitch - qb * block_q
         num_spans, list_row, state_row = visits(Lists, States, b, kv_head * group + pid_m * BLOCK_M // pitch, qb,
                                                 stride_lib, stride_lih, stride_lir, stride_stb, stride_sth)
     for j in range(0, num_spans):
         if BLOCK_MASK == BLOCK_MASK_TILES:
             state, k0 = span(list_row, j, state_row, qb, stride_stq, stride_stk, block_k)
-        for seg in tl.static_range(3):
+        for seg in tl.static_range(1 if BLOCK_MASK == BLOCK_MASK_TILES else 3):
             seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
+            banded = seg != 1
             if BLOCK_MASK == BLOCK_MASK_TILES:
-                seg_lo = tl.maximum(seg_lo, k0)
-                seg_hi = tl.minimum(seg_hi, k0 + block_k)
+                seg_lo, seg_hi, banded = span_run(lo, full_lo, full_hi, hi, k0, block_k)
             for start_n in range(seg_lo, seg_hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < len_k
@@ -265,9 +266,9 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
                 _, ds, ds_qk = _probs_and_dscore(
                     qk, dp, lse2[:, None], delta[:, None], ip[:, None], offs_n[None, :], row_ok[:, None],
                     mask_rows[:, None], stride_mn, slopes[:, None], seed, rng_rows[:, None], len_k, scale, softcap,
-                    window_left, window_right, dropout_p, Bits, state_rows[:, None], state, offs_i[:, None], q0, k0,
-                    block_q, block_k, bits_row, stride_stq, stride_stk, seg != 1, MASK_KIND, HAS_ALIBI,
-                    HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, BLOCK_MASK)
+                    window_left, window_right, dropout_p, Bits, state_rows[:, None], state, offs_i[:, None], r0,
+                    start_n - k0, block_q, block_k, bits_row, stride_stq, stride_stk, banded, MASK_KIND, HAS_ALIBI,
+                    HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, BLOCK_MASK, False)
                 dq = tl.dot(ds_qk.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
                 if MASK_GRAD:  # d out / d (float mask) is dS itself
                     tl.store(dmask_rows[:, None] + offs_n[None, :], ds, mask=row_ok[:, None] & n_ok[None, :])

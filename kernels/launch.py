@@ -195,7 +195,7 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags, mask=None)
         _set_tma_allocator(a.q.device)
     rows = pb.group * pb.max_q
     block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
-        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"])
+        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"], block_mask=mask is not None)
     mode, block_m, block_n = _block_mask_tiles(mask, block_m, block_n)
     splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
     rows = _packed_rows(pb, mode, block_m)

@@ -126,9 +126,10 @@ class FusedBackend(Backend):
 
 class TritonBackend(FusedBackend):
     """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
-    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
+    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong. Block masks of any block
+    size: tiles fitted to the blocks, or a per-element fallback where no tile fits (kernels/block_mask.py)."""
     name = "triton"
-    features = ALL_FEATURES | KVCACHE_FEATURES
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.BLOCK_MASK}
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"

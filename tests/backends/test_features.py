@@ -6,7 +6,7 @@ import pyattn
 from pyattn import backends, features
 from pyattn.inputs import dense_inputs, kvcache_inputs, varlen_inputs
 
-KNOWN = features.ALL_FEATURES | features.KVCACHE_FEATURES | {features.KVCACHE_GRADIENT}
+KNOWN = features.ALL_FEATURES | features.KVCACHE_FEATURES | {features.KVCACHE_GRADIENT} | features.FLEX_FEATURES
 
 
 def test_every_constant_is_in_a_set_and_every_set_member_is_a_constant():
