@@ -18,7 +18,10 @@ dependent branch around the whole tile body; the list costs one count and one in
 dense mask runs ~10% of the key loop with exact trip counts. Building the lists is two O(Qb * Kb) torch ops per call
 (cumsum + scatter, no sort), small next to the attention. FlexAttention's kv_indices / kv_num_blocks are the same
 idea. The kernels loop over list entries and, inside one, over its BLOCK_N tiles (block_k / BLOCK_N of them); the
-band (causal, window) still cuts each entry's range, so blocks outside every row's band cost one index load.
+band (causal, window) still cuts each entry's range, so blocks outside every row's band cost one index load. Triton
+software-pipelines the inner loop only, so with block_k = BLOCK_N the next block's K/V load is not issued ahead
+(FlexAttention flattens the two loops to get that); flattening here would need the band cut per flattened index.
+Untimed: no GPU has run these kernels yet.
 """
 import torch
 import triton
