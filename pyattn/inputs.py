@@ -64,6 +64,11 @@ class AttnInputs:
     out_shape: tuple  # the user-facing output shape; lse is out_shape[:-1] (a cache call's lse: (B, Hq, L))
     sinks: Optional[torch.Tensor] = None  # (Hq,) float32 sink logits, or None
     cache: Optional[KVCache] = None  # kvcache_attention's cache part
+    # a block-sparse mask (csrc/ops.cpp: the fwd op's arguments of these names), ANDed with the other masks
+    block_states: Optional[torch.Tensor] = None  # (1 or B, 1 or Hq, ceil(L / block_q), ceil(S / block_k)) int32
+    block_bits: Optional[torch.Tensor] = None  # (P, block_q, ceil(block_k / 8)) uint8: partial blocks' bits
+    block_q: int = 0
+    block_k: int = 0
 
     @property
     def device(self):

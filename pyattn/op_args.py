@@ -1,7 +1,7 @@
 """The attention ops' arguments for Python, read from the schemas pyattn._C registers (csrc/ops.cpp, where each
 argument and its shape are written once): FwdArgs, BwdArgs and KVCacheArgs, named tuples of fwd's, bwd's and
-kvcache_fwd's arguments in their order with their defaults, and Options, the scalars between cu_seqlens_k and
-rng_state. Every Python caller builds and reads op calls through these (by name, never by position).
+kvcache_fwd's arguments in their order with their defaults, and Options, fwd's arguments that are not tensors (the
+scalars: lengths, scale, window, ..., block sizes). Every Python caller builds and reads op calls through these (by name, never by position).
 
 The tuples are made on first use, once pyattn/ops.py has loaded pyattn._C; without it (a checkout never built) there
 are no ops to call, and naming one raises.
@@ -33,12 +33,12 @@ def _arguments(typename, op):
 
 def _read_schemas():
     fwd = schema("fwd").arguments
-    names = [a.name for a in fwd]
+    tensors = tuple(a.name for a in fwd if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor()))
     return dict(FwdArgs=_arguments("FwdArgs", "fwd"), BwdArgs=_arguments("BwdArgs", "bwd"),
                 KVCacheArgs=_arguments("KVCacheArgs", "kvcache_fwd"),
-                Options=namedtuple("Options", names[names.index("cu_seqlens_k") + 1:names.index("rng_state")]),
+                Options=namedtuple("Options", [a.name for a in fwd if a.name not in tensors]),
                 # what backward needs of fwd's inputs, besides the options
-                FWD_TENSORS=tuple(a.name for a in fwd if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())))
+                FWD_TENSORS=tensors)
 
 
 def __getattr__(name):
