@@ -154,6 +154,16 @@ class TritonBackend(FusedBackend):
             reasons.append("the Triton interpreter's bfloat16 dot is wrong, so bfloat16 runs on CUDA only")
         return reasons
 
+    def notes(self, inp):
+        if inp.block_states is None:
+            return ""
+        from .kernels import block_mask  # triton with it: explain() only
+        mode, *_ = block_mask.fitted_tiles(16, 16, inp.block_q, inp.block_k)
+        if mode == block_mask.BLOCK_MASK_TILES.value:
+            return f" [block mask: tiles fitted to its {inp.block_q}x{inp.block_k} blocks, empty blocks skipped]"
+        return (f" [block mask: no 16-wide tile divides its {inp.block_q}x{inp.block_k} blocks, so every element looks "
+                f"its block up (correct, no skipping: slow)]")
+
 
 class CPUBackend(FusedBackend):
     """The fused C++ kernel (csrc/cpu), compiled per CPU capability: tiled online softmax on torch's portable
