@@ -10,7 +10,8 @@ Two kernel modes (BLOCK_MASK constexpr):
   A program walks a list of the non-empty blocks of its mask row (forward, dQ) or column (dK/dV): empty blocks cost
   nothing, full ones run the unmasked path, partial ones load their bits.
 - GATHER: block sizes no tile fits (block_q = 37, or below tl.dot's 16): the dense key (or query) loop, every element
-  looking its block's state up. Correct, no skipping; the fallback.
+  looking its block's state up. Correct, no skipping; the fallback. Its two dependent per-element loads spill at the
+  default tiles (sm_90 d128: 1152 bytes in the forward, 832 in dQ, 144 in dK/dV; not among pyattn.inspect's variants).
 
 Why lists and not a scan of the states row in the kernel: a scan costs every program Kb scalar loads and branches
 whatever the density (1024 at S = 128k, block_k = 128), and its loop cannot skip an empty block without a data-

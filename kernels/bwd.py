@@ -65,7 +65,8 @@ def _probs_and_dscore(qk, dp, lse2_2, delta2, ip2, n2, ok2, mask_rows2, stride_m
                       DROPOUT: tl.constexpr, BLOCK_MASK: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """One tile from q.k and dO.v (either orientation, see scores.py): -> (P as the forward used it, after
     dropout; dS w.r.t. the biased score; dS w.r.t. q.k). lse2_2 is +inf for queries that saw no key, so
-    their P is 0. banded: check the band per element (a constexpr, or a block mask's runtime flag). i2: the query indices (ip2 is shifted); the block-mask arguments as in block_mask.block_masked."""
+    their P is 0. banded: check the band per element (a constexpr, or a block mask's runtime flag). i2: the query
+    indices (ip2 is shifted); the block-mask arguments as in block_mask.block_masked."""
     s_cap = capped(qk, scale, softcap, HAS_SOFTCAP)
     s = biased(s_cap, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k, MASK_KIND, HAS_ALIBI)
     if banded:
