@@ -23,12 +23,14 @@ int64_t check_fwd(const std::string& tag, const Dtypes& dtypes, const at::Tensor
                   const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                   double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                   double dropout_p, const std::optional<at::Tensor>& rng_state,
-                  const std::optional<at::Tensor>& sinks) {
+                  const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_states,
+                  const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   const Host host{tag.c_str(), q.device()};
   check_dtype(host, q, dtypes);
   AttnParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks, block_states, block_bits, block_q,
+              block_k);
   if (cu_seqlens_q.has_value()) check_max_seqlens(host, q.size(2), k.size(2), max_seqlen_q, max_seqlen_k);
   check_rng_state(host, rng_state, dropout_p);
   return p.mask_kind;
@@ -42,10 +44,11 @@ int64_t check_bwd(const std::string& tag, const Dtypes& dtypes, const at::Tensor
                   const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                   double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                   double dropout_p, const std::optional<at::Tensor>& rng_state, bool mask_grad,
-                  const std::optional<at::Tensor>& sinks) {
+                  const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_states,
+                  const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   const int64_t kind = check_fwd(tag, dtypes, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                  max_seqlen_k, scale, window_left, window_right, bottom_right, softcap, dropout_p,
-                                 rng_state, sinks);
+                                 rng_state, sinks, block_states, block_bits, block_q, block_k);
   check_bwd_inputs({tag.c_str(), q.device()}, dout, q, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);
   return kind;
 }

@@ -121,6 +121,59 @@ void fill_sinks(const Host& host, AttnParams& p, const std::optional<at::Tensor>
   p.sinks_f64 = s.scalar_type() == at::kDouble;
 }
 
+// The block-sparse mask (csrc/ops.cpp's block_states, block_bits, block_q, block_k) against q (B, Hq, L, _) and
+// keys of length S; on the CPU, every state is checked to name an empty, full or existing partial block.
+void fill_block_mask(const Host& host, AttnParams& p, const std::optional<at::Tensor>& block_states,
+                     const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k, bool varlen) {
+  if (!block_states.has_value()) {
+    TORCH_CHECK(!block_bits.has_value(), host.tag, ": block_bits ", block_bits->sizes(), " needs block_states");
+    return;
+  }
+  TORCH_CHECK(!varlen, host.tag, ": block_states is not supported with cu_seqlens (varlen)");
+  TORCH_CHECK(block_q >= 1 && block_k >= 1, host.tag, ": block_q and block_k must be >= 1 with block_states, got ",
+              block_q, " and ", block_k);
+  const int64_t B = p.batch, Hq = p.heads_q, Qb = (p.seqlen_q + block_q - 1) / block_q;
+  const int64_t Kb = (p.seqlen_k + block_k - 1) / block_k, row_bytes = (block_k + 7) / 8;
+  const at::Tensor& st = *block_states;
+  check_device(host, st, "block_states");
+  TORCH_CHECK(st.scalar_type() == at::kInt && st.dim() == 4 && (st.size(0) == 1 || st.size(0) == B) &&
+              (st.size(1) == 1 || st.size(1) == Hq) && st.size(2) == Qb && st.size(3) == Kb, host.tag,
+              ": block_states must be int32 (1 or B, 1 or Hq, ceil(L / block_q), ceil(S / block_k)) = (1 or ", B,
+              ", 1 or ", Hq, ", ", Qb, ", ", Kb, ") for L ", p.seqlen_q, ", S ", p.seqlen_k, ", block_q ", block_q,
+              ", block_k ", block_k, ", got ", st.scalar_type(), " of shape ", st.sizes());
+  int64_t num_partial = 0;
+  if (block_bits.has_value()) {
+    const at::Tensor& bits = *block_bits;
+    check_device(host, bits, "block_bits");
+    TORCH_CHECK(bits.scalar_type() == at::kByte && bits.dim() == 3 && bits.size(1) == block_q &&
+                bits.size(2) == row_bytes && bits.is_contiguous(), host.tag,
+                ": block_bits must be a contiguous uint8 (P, block_q, ceil(block_k / 8)) = (P, ", block_q, ", ",
+                row_bytes, ") tensor, got ", bits.scalar_type(), " of shape ", bits.sizes(),
+                bits.is_contiguous() ? "" : " (not contiguous)");
+    num_partial = bits.size(0);
+    p.block_bits = bits.data_ptr<uint8_t>();
+  }
+  p.block_states = st.data_ptr<int32_t>();
+  // broadcast dims read at stride 0, whatever stride a size-1 dim has
+  p.block_states_strides = {st.size(0) == 1 ? 0 : st.stride(0), st.size(1) == 1 ? 0 : st.stride(1), st.stride(2),
+                            st.stride(3)};
+  p.block_q = block_q;
+  p.block_k = block_k;
+  p.block_bits_row = row_bytes;
+  p.num_partial = num_partial;
+  if (!host.device.is_cpu()) return;
+  const Strides4 ss = strides4(st);
+  for (int64_t b = 0; b < st.size(0); ++b)
+    for (int64_t h = 0; h < st.size(1); ++h)
+      for (int64_t qb = 0; qb < Qb; ++qb)
+        for (int64_t kb = 0; kb < Kb; ++kb) {
+          const int32_t s = p.block_states[b * ss.batch + h * ss.head + qb * ss.row + kb * ss.col];
+          TORCH_CHECK(s >= 0 && s < 2 + num_partial, host.tag, ": block_states[", b, ", ", h, ", ", qb, ", ", kb,
+                      "] = ", s, " is outside [0, ", 2 + num_partial, "): 0 empty, 1 full, 2 + i partial with "
+                      "block_bits[i], of block_bits ", block_bits.has_value() ? block_bits->sizes() : at::IntArrayRef{});
+        }
+}
+
 // Pointers, strides and sizes of q (B, Hq, L, E), k (_, Hkv, S, E), v (_, Hkv, S, Ev) views, and the options.
 void set_tensors_and_options(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              double scale, double softcap, int64_t window_left, int64_t window_right,
@@ -248,7 +301,8 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
                  int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-                 const std::optional<at::Tensor>& sinks) {
+                 const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_states,
+                 const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
     check_device(host, *t, name);
     TORCH_CHECK(t->dim() == 4, host.tag, ": ", name, " must be 4-D (B, H, seq, dim), got shape ", t->sizes());
@@ -293,6 +347,7 @@ void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at:
   }
   fill_alibi(host, p, alibi_slopes);
   fill_sinks(host, p, sinks, dt);
+  fill_block_mask(host, p, block_states, block_bits, block_q, block_k, cu_seqlens_q.has_value());
 }
 
 std::tuple<at::Tensor, at::Tensor> alloc_out_lse(AttnParams& p, const at::Tensor& q, const at::Tensor& v,

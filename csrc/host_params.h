@@ -29,15 +29,17 @@ void check_rng_state(const Host& host, const std::optional<at::Tensor>& rng_stat
 // Varlen max_seqlen_q/k within the L and S packed rows: what kernels that loop over them need.
 void check_max_seqlens(const Host& host, int64_t L, int64_t S, int64_t max_seqlen_q, int64_t max_seqlen_k);
 
-// Validates the inputs shared by fwd and bwd and fills everything of p except the outputs and the dropout
-// RNG state. Varlen lengths: read from cu_seqlens on CPU (and checked); on a GPU the caller's
-// max_seqlen_q/k are trusted, as reading device memory here would synchronize.
+// Validates the inputs shared by fwd and bwd (csrc/ops.cpp) and fills everything of p except the outputs and the
+// dropout RNG state. Varlen lengths: read from cu_seqlens on CPU (and checked); on a GPU the caller's
+// max_seqlen_q/k are trusted, as reading device memory here would synchronize. Likewise the block mask's states are
+// checked against block_bits on the CPU only.
 void fill_params(const Host& host, AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
                  int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-                 const std::optional<at::Tensor>& sinks);
+                 const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_states,
+                 const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k);
 
 // Validates kvcache_fwd's arguments (csrc/ops.cpp) and fills p for them, except the outputs. The values of
 // seqlens_k, cache_leftpad, cache_batch_idx and block_table are checked against the cache when they live on the CPU;

@@ -34,7 +34,15 @@ TORCH_LIBRARY(pyattn, m) {
         "float softcap, "               // 0 = off
         "float dropout_p, "             // in [0, 1)
         "Tensor? rng_state, "           // (2,) int64 (seed, offset), needed when dropout_p > 0
-        "Tensor? sinks=None"            // (Hq,) float32 sink logits: in every row's softmax denominator (and lse)
+        "Tensor? sinks=None, "          // (Hq,) float32 sink logits: in every row's softmax denominator (and lse)
+        // Block-sparse mask (flex_attention's BlockMask), ANDed with every other mask. Block (qb, kb) = query rows
+        // [qb * block_q, ...) x keys [kb * block_k, ...); its state: 0 = empty (never visited), 1 = full (no
+        // per-element mask), 2 + i = partial, masked by block_bits[i]. Not with cu_seqlens.
+        "Tensor? block_states=None, "   // (Bm, Hm, Qb, Kb) int32, any strides; Bm in {1, B}, Hm in {1, Hq},
+                                        // Qb = ceil(L / block_q), Kb = ceil(S / block_k)
+        "Tensor? block_bits=None, "     // (P, block_q, ceil(block_k / 8)) uint8 contiguous: bit c % 8 (LSB first) of
+                                        // byte c / 8 of row r: query qb * block_q + r may attend key kb * block_k + c
+        "int block_q=0, int block_k=0"  // block sizes (>= 1 with block_states)
         ") -> ("
         "Tensor out, "                  // (B, Hq, L, Ev), laid out like q
         "Tensor lse)");                 // (B, Hq, L) float32
@@ -50,7 +58,7 @@ TORCH_LIBRARY(pyattn, m) {
         "SymInt max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap, "
         "float dropout_p, Tensor? rng_state, "
         "bool mask_grad, "              // also return dmask
-        "Tensor? sinks=None"
+        "Tensor? sinks=None, Tensor? block_states=None, Tensor? block_bits=None, int block_q=0, int block_k=0"
         ") -> ("
         "Tensor dq, Tensor dk, Tensor dv, "  // like q, k, v
         "Tensor dmask)");               // (B, Hq, L, S) float32 when mask_grad, else empty

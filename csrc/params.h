@@ -40,6 +40,19 @@ struct AttnParams {
   const void* sinks = nullptr;
   bool sinks_f64 = false;
 
+  // Optional block-sparse mask, ANDed with every other mask (not with varlen or a KV cache). Block (qb, kb) covers
+  // query rows [qb * block_q, (qb + 1) * block_q) x keys [kb * block_k, ...); its state, at
+  // block_states[b * bs.batch + h * bs.head + qb * bs.row + kb * bs.col] (stride 0 where broadcast):
+  // 0 = empty (never visited: masked out), 1 = full (every pair may attend), 2 + i = partial: row r's bit c
+  // (byte c / 8, bit c % 8, LSB first) of block_bits + i * block_q * block_bits_row + r * block_bits_row says
+  // whether query qb * block_q + r may attend key kb * block_k + c. num_partial: the P of block_bits (P, block_q,
+  // block_bits_row).
+  const int32_t* block_states = nullptr;
+  Strides4 block_states_strides;
+  const uint8_t* block_bits = nullptr;
+  int64_t block_q = 0, block_k = 0, block_bits_row = 0;  // block_bits_row = ceil(block_k / 8)
+  int64_t num_partial = 0;
+
   // Optional float32 ALiBi slopes (B, Hq): adds -slope * |i' - j|.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0, alibi_head_stride = 0;

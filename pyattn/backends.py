@@ -106,26 +106,8 @@ class FusedBackend(Backend):
     bwd_op_name = "bwd"
     kvcache_op_name = "kvcache_fwd"
     block_backward = True
-    # The switch for block masks (BlockMask -> block_states/block_bits): set True once this backend's kernels
-    # implement them. The feature is declared only while the op's schema also takes them (op_args.takes).
-    block_mask_kernel = False
-
-    def __init__(self):
-        if self.declares_block_mask():
-            self.features = self.features | {F.BLOCK_MASK}
-
-    def declares_block_mask(self):
-        return self.block_mask_kernel and self.op_takes_block_states()
-
-    def op_takes_block_states(self):
-        return ops.has_op(self.op_name) and op_args.takes(self.op_name, "block_states")
-
     def extra_reasons(self, inp):
         reasons = []
-        if inp.block_states is not None and F.BLOCK_MASK not in self.features:
-            reasons.append(f"its kernels do not take block masks yet ({type(self).__name__}.block_mask_kernel is "
-                           f"{self.block_mask_kernel}; pyattn::{self.op_name} takes block_states: "
-                           f"{self.op_takes_block_states()})")
         if inp.dropout_p >= 1.0:
             reasons.append("dropout_p == 1 drops every weight (left to torch)")
         if functorch_active():
@@ -146,17 +128,16 @@ class FusedBackend(Backend):
 
 class TritonBackend(FusedBackend):
     """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
-    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
+    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong. Block masks of any block
+    size: tiles fitted to the blocks, or a per-element fallback where no tile fits (kernels/block_mask.py)."""
     name = "triton"
-    features = ALL_FEATURES | KVCACHE_FEATURES
-    block_mask_kernel = False  # True once kernels/ implement block_states/block_bits (FusedBackend.block_mask_kernel)
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.BLOCK_MASK}
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
     kvcache_op_name = "triton_kvcache_fwd"
 
     def __init__(self):
-        super().__init__()
         self.interpreting = os.environ.get("TRITON_INTERPRET") == "1"
         self.devices = ("cuda", "cpu") if self.interpreting else ("cuda",)
         self.dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -175,6 +156,16 @@ class TritonBackend(FusedBackend):
             reasons.append("the Triton interpreter's bfloat16 dot is wrong, so bfloat16 runs on CUDA only")
         return reasons
 
+    def notes(self, inp):
+        if inp.block_states is None:
+            return ""
+        from .kernels import block_mask  # triton with it: explain() only
+        mode, *_ = block_mask.fitted_tiles(16, 16, inp.block_q, inp.block_k)
+        if mode == block_mask.BLOCK_MASK_TILES.value:
+            return f" [block mask: tiles fitted to its {inp.block_q}x{inp.block_k} blocks, empty blocks skipped]"
+        return (f" [block mask: no 16-wide tile divides its {inp.block_q}x{inp.block_k} blocks, so every element looks "
+                f"its block up (correct, no skipping: slow)]")
+
 
 class CPUBackend(FusedBackend):
     """The fused C++ kernel (csrc/cpu), compiled per CPU capability: tiled online softmax on torch's portable
@@ -182,7 +173,6 @@ class CPUBackend(FusedBackend):
     name = "cpu"
     devices = ("cpu",)
     features = ALL_FEATURES | KVCACHE_FEATURES
-    block_mask_kernel = False  # True once csrc/cpu implements block_states/block_bits (FusedBackend.block_mask_kernel)
 
     def unavailable_reason(self):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"

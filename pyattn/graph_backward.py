@@ -34,6 +34,9 @@ def _keep_mask(args: "op_args.FwdArgs"):
 def backward(args: "op_args.FwdArgs", dout, dlse, mask_grad, sinks_grad):
     """{name: gradient} for q, k, v (and the float mask, the sinks when asked) of the forward called with args, each
     differentiable."""
+    if args.block_states is not None:  # the reference math takes no block-sparse mask: refused, never ignored
+        raise AttentionInputError("backward with create_graph=True is not supported with a block-sparse mask "
+                                  f"(block_states {tuple(args.block_states.shape)})")
     keep = _keep_mask(args) if args.dropout_p > 0 else None
     names = [name for name in ("q", "k", "v") if getattr(args, name).requires_grad]
     names += ["mask"] * mask_grad + ["sinks"] * sinks_grad

@@ -43,12 +43,6 @@ def _read_schemas():
                 FWD_TENSORS=tuple(tensors))
 
 
-def takes(op, argument):
-    """Whether torch.ops.pyattn.<op>'s schema has an argument of that name (a kernel's new argument lands in
-    csrc/ops.cpp first; the backends ask before they declare the feature it serves)."""
-    return hasattr(torch.ops.pyattn, op) and any(a.name == argument for a in schema(op).arguments)
-
-
 def __getattr__(name):
     if name not in _TUPLES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,6 +53,11 @@ void check_dtype(const at::Tensor& q) {
   pyattn::check_dtype(kHost, q, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
 }
 
+// Until the kernel implements block-sparse masks: refused, never ignored.
+void refuse_block_mask(const AttnParams& p) {
+  TORCH_CHECK(p.block_states == nullptr, kHost.tag, ": block_states (a block-sparse mask) is not supported yet");
+}
+
 void set_rng(AttnParams& p, const std::optional<at::Tensor>& rng_state) {
   check_rng_state(kHost, rng_state, p.dropout_p);
   if (p.dropout_p == 0) return;
@@ -70,11 +75,15 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        int64_t max_seqlen_k, double scale, int64_t window_left,
                                        int64_t window_right, bool bottom_right, double softcap, double dropout_p,
                                        const std::optional<at::Tensor>& rng_state,
-                                       const std::optional<at::Tensor>& sinks) {
+                                       const std::optional<at::Tensor>& sinks,
+                                       const std::optional<at::Tensor>& block_states,
+                                       const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   check_dtype(q);
   AttnParams p;
   fill_params(kHost, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks, block_states, block_bits, block_q,
+              block_k);
+  refuse_block_mask(p);
   set_rng(p, rng_state);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -89,11 +98,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, bool mask_grad, const std::optional<at::Tensor>& sinks) {
+    const std::optional<at::Tensor>& rng_state, bool mask_grad, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& block_states, const std::optional<at::Tensor>& block_bits, int64_t block_q,
+    int64_t block_k) {
   check_dtype(q);
   AttnBwdParams p;
   fill_params(kHost, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks, block_states, block_bits, block_q,
+              block_k);
+  refuse_block_mask(p);
   set_rng(p, rng_state);
   auto [dq, dk, dv, dmask] =
       prepare_bwd(kHost, p, dout, q, k, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);
@@ -155,11 +168,14 @@ std::string explain_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
                         int64_t window_right, bool bottom_right, double softcap, double dropout_p,
                         const std::optional<at::Tensor>& /*rng_state: no part of the plan*/,
-                        const std::optional<at::Tensor>& sinks) {
+                        const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_states,
+                        const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   check_dtype(q);
   AttnParams p;
   fill_params(kHost, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks, block_states, block_bits, block_q,
+              block_k);
+  refuse_block_mask(p);
   return plan_text(p, q.scalar_type());
 }
 

@@ -23,7 +23,9 @@ std::string explain_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                         int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
                         int64_t window_right, bool bottom_right, double softcap, double dropout_p,
-                        const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& sinks);
+                        const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& sinks,
+                        const std::optional<at::Tensor>& block_states, const std::optional<at::Tensor>& block_bits,
+                        int64_t block_q, int64_t block_k);
 std::string explain_kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                 const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
                                 const std::optional<at::Tensor>& cache_batch_idx,

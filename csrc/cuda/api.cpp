@@ -83,6 +83,12 @@ void with_instantiation(bool bf16, int d, bool window, F&& f) {
   return bf16 ? by_window(std::true_type{}) : by_window(std::false_type{});
 }
 
+// The CUDA kernels take no block-sparse mask: refused, never ignored (the Triton and CPU kernels take it).
+void refuse_block_mask(const Host& host, const AttnParams& p) {
+  TORCH_CHECK(p.block_states == nullptr, host.tag, ": block_states (a block-sparse mask) is not supported by the "
+              "CUDA C++ kernels");
+}
+
 bool uses_window(const AttnParams& p) { return p.window_left >= 0 || p.window_right >= 0; }
 
 // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) -> out (B, Hq, L, Ev), lse (B, Hq, L) float32
@@ -94,13 +100,17 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
                                        int64_t max_seqlen_k, double scale, int64_t window_left,
                                        int64_t window_right, bool bottom_right, double softcap, double dropout_p,
                                        const std::optional<at::Tensor>& /*rng_state: no dropout here*/,
-                                       const std::optional<at::Tensor>& sinks) {
+                                       const std::optional<at::Tensor>& sinks,
+                                       const std::optional<at::Tensor>& block_states,
+                                       const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   const Host host = host_of(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   AttnParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks, block_states, block_bits, block_q,
+              block_k);
+  refuse_block_mask(host, p);
   const Choice choice = check_kernel_limits(p, q, dropout_p);
   auto [out, lse] = alloc_out_lse(p, q, v, cu_seqlens_q.has_value());
   if (out.numel() == 0 || p.batch == 0 || p.seqlen_q == 0) return {out, lse};
@@ -174,13 +184,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double softcap, double dropout_p, const std::optional<at::Tensor>& /*rng_state*/,
-    bool mask_grad, const std::optional<at::Tensor>& sinks) {
+    bool mask_grad, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_states,
+    const std::optional<at::Tensor>& block_bits, int64_t block_q, int64_t block_k) {
   const Host host = host_of(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), dout = aligned(dout_in);
   AttnBwdParams p;
   fill_params(host, p, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-              window_left, window_right, bottom_right, softcap, dropout_p, sinks);
+              window_left, window_right, bottom_right, softcap, dropout_p, sinks, block_states, block_bits, block_q,
+              block_k);
+  refuse_block_mask(host, p);
   const int d = check_kernel_limits(p, q, dropout_p).head_dim;
   auto [dq, dk, dv, dmask] =
       prepare_bwd(host, p, dout, q, k, v, out, lse, dlse, cu_seqlens_q.has_value(), mask_grad);

@@ -471,14 +471,11 @@ def test_conversion_memory_is_blocks_plus_partial_bits():
 
 def test_op_arguments_take_the_block_part_by_name():
     """The fused ops get block_states, block_bits, block_q and block_k from the record by name (op_args.pick), as
-    every other argument, once their schemas have them (csrc/ops.cpp)."""
-    from collections import namedtuple
-
+    every other argument (csrc/ops.cpp has them)."""
     from pyattn import op_args
     q, k, v, block_mask, _ = CASES[0].make()
     inp = flex_inputs(q, k, v, block_mask=block_mask)
-    names = ("block_states", "block_bits", "block_q", "block_k")
-    args = op_args.pick(namedtuple("FwdArgs", op_args.FwdArgs._fields + names), inp, rng_state=None)
+    args = op_args.pick(op_args.FwdArgs, inp, rng_state=None)
     blocks = block_masks.block_sparse(block_mask, *q.shape[:3], k.shape[2], q.device)
     assert args.block_states is blocks.states and args.block_bits is blocks.bits
     assert (args.block_q, args.block_k) == (16, 16)
