@@ -19,6 +19,7 @@ import torch
 
 from . import gpu_run, measure, serving, sweep
 
+DEVICE, DTYPE = "cuda", torch.bfloat16  # the tests run the steps on the CPU (Triton interpreter, float32)
 FWD_SEQLEN = 16384
 DECODE_BATCHES, DECODE_SEQLENS, DECODE_LAYOUTS = (1, 16), (32768, 131072), ("contiguous", "paged")
 PROFILE_REPS = 20  # launches per profiled case: enough for a stable sum, ~1 s of the longest backward
@@ -72,10 +73,16 @@ def role(kernel):
     return next((r for prefix, r in ROLES if re.search(rf"(?:^|\W){prefix}", kernel)), "other")
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def device_events(prof, device_type=None):
-    """[(name, microseconds)] of every device activity of a finished torch.profiler run (kernels, memcpy, memset)."""
+    """[(name, microseconds)] of every device activity of a finished torch.profiler run (kernels, memcpy, memset);
+    on the CPU (tests), its operators."""
     from torch.autograd import DeviceType
-    device_type = DeviceType.CUDA if device_type is None else device_type
+    device_type = device_type or (DeviceType.CUDA if DEVICE == "cuda" else DeviceType.CPU)
     return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == device_type]
 
 
@@ -91,20 +98,19 @@ def kernel_rows(events, reps):
     return sorted(rows, key=lambda r: -r["us_per_rep"])
 
 
-def profile(fn, reps, activities=None, sync=None):
+def profile(fn, reps):
     """Runs fn reps times under torch.profiler -> its profiler (device activities only, on a GPU)."""
     from torch.profiler import ProfilerActivity
-    sync = sync or torch.cuda.synchronize
-    with torch.profiler.profile(activities=activities or [ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU]) \
+            as prof:
         for _ in range(reps):
             fn()
         sync()
     return prof
 
 
-def wall_us(fn, reps, sync=None):
+def wall_us(fn, reps):
     """Host wall-clock microseconds per call of fn, synchronized at the ends only: what a caller waits."""
-    sync = sync or torch.cuda.synchronize
     sync()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -159,8 +165,8 @@ def point_name(p):
 def attention_step(p, backend="triton"):
     """A closure running point p's pass on backend (bwd: dQ, dK, dV of a forward run once here)."""
     import pyattn
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(p.B, p.H, p.L, p.D, dtype=torch.bfloat16, device="cuda", generator=g) for _ in range(3))
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(p.B, p.H, p.L, p.D, dtype=DTYPE, device=DEVICE, generator=g) for _ in range(3))
 
     def fn(q, k, v, causal):
         return pyattn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
@@ -178,7 +184,7 @@ def decode_name(B, S, layout):
 def decode_call(B, S, layout, backend="triton"):
     """-> (one kvcache_attention decode step as serving.py calls it, K/V bytes it attends)."""
     import pyattn
-    cache = serving.build_cache(layout, serving.lengths_for(B, S), "cuda")
+    cache = serving.build_cache(layout, serving.lengths_for(B, S), DEVICE)
     q, k_new, v_new, seqlens = serving.inputs(cache, 1)
 
     def call():
@@ -318,7 +324,7 @@ def run_kernels(ctx):
         for case, call, nbytes in calls:  # after every eager record: a failed capture can spoil the context
             if not ctx.time_left(5):
                 break
-            replay, error = captured(call)
+            replay, error = captured(call)  # the CPU (tests): an error
             if replay is None:
                 cases.add(dict(case=decode_name(*case), mode="graph", note=error))
                 records.append(dict(case=decode_name(*case), mode="graph", capture_error=error))
@@ -505,7 +511,7 @@ def run_autotune(ctx):
             with fixed_tiles():  # the forward that make_step runs once stays at its fixed tiles
                 step = attention_step(p)
             step()
-            torch.cuda.synchronize()
+            sync()
             for name, tuner in tuned.items():
                 timings = getattr(tuner, "configs_timings", None) or {}
                 best = getattr(tuner, "best_config", None)

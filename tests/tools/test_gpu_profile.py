@@ -136,15 +136,103 @@ def test_role(name, role):
     assert profile_steps.role(name) == role
 
 
-def test_profile_and_wall_time_on_the_cpu():
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """The steps' measurements on the CPU: torch.profiler's CPU operators for its kernels, float32 for bf16."""
+    monkeypatch.setattr(profile_steps, "DEVICE", "cpu")
+    monkeypatch.setattr(profile_steps, "DTYPE", torch.float32)
+
+
+def test_profile_and_wall_time_on_the_cpu(on_cpu):
     """The profiler calls of the kernels step against torch's real API (its CPU activities stand in for CUDA's)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
     a = torch.randn(64, 64)
-    prof = profile_steps.profile(lambda: a @ a, 3, activities=[ProfilerActivity.CPU], sync=lambda: None)
-    names = [n for n, _ in profile_steps.device_events(prof, DeviceType.CPU)]
+    names = [n for n, _ in profile_steps.device_events(profile_steps.profile(lambda: a @ a, 3))]
     assert names.count("aten::mm") == 3
-    assert profile_steps.wall_us(lambda: a @ a, 3, sync=lambda: None) > 0
+    assert profile_steps.wall_us(lambda: a @ a, 3) > 0
+
+
+def _tiny_points():
+    from benchmarks.sweep import Point
+    return [Point("pyattn-triton", "fp32", 1, 2, 40, 40, 16, causal, pass_)
+            for pass_, causal in (("fwd", True), ("bwd", False))]
+
+
+def _tiny_decode(B, S, layout, backend="triton"):
+    """A decode call the interpreter runs (float32, 4:1 heads, D=16) -> (call, bytes)."""
+    import pyattn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 1, 4, 16, generator=g)
+    k_cache, v_cache = (torch.randn(B, S, 1, 16, generator=g) for _ in range(2))
+    seqlens = torch.full((B,), S - 8, dtype=torch.int32)
+    return (lambda: pyattn.kvcache_attention(q, k_cache, v_cache, cache_seqlens=seqlens, backend=backend)), 1000
+
+
+def _interpreting():
+    from pyattn.kernels import configs
+    if not configs.INTERPRET:
+        pytest.skip("runs the Triton kernels under the interpreter")
+
+
+def test_kernels_step_on_the_cpu(tmp_path, monkeypatch, on_cpu):
+    """run_kernels end to end on tiny problems: every record written, the failed CUDA-graph capture recorded."""
+    _interpreting()
+    monkeypatch.setattr(profile_steps, "attention_points", _tiny_points)
+    monkeypatch.setattr(profile_steps, "decode_cases", lambda: [(1, 64, "contiguous")])
+    monkeypatch.setattr(profile_steps, "decode_call", _tiny_decode)
+    monkeypatch.setattr(profile_steps, "PROFILE_REPS", 4)
+    index = {"steps": {"env": {"summary": {"copy_gbps": 10.0}}}}
+    summary = profile_steps.run_kernels(gpu_profile.Context(str(tmp_path), "kernels", time.time() + 300, index))
+    records = json.loads((tmp_path / "kernels" / "kernels.json").read_text())
+    assert [(r["case"], r["mode"]) for r in records][-2:] == [("decode B1 S0k contiguous", "eager"),
+                                                              ("decode B1 S0k contiguous", "graph")]
+    assert len(records) == 4 and records[0]["tflops_kernel"] and records[2]["copy_fraction_wall"]
+    assert summary["cases"] == 4 and summary["graph_capture_errors"] == [records[-1]["capture_error"]]
+    cases = (tmp_path / "kernels" / "cases.csv").read_text().splitlines()
+    assert cases[0].split(",") == profile_steps.CASE_FIELDS and len(cases) == 5
+    assert "aten::" in (tmp_path / "kernels" / "kernels.csv").read_text()
+
+
+def test_decode_real_problem_builds(on_cpu):
+    """decode_call's cache, inputs and call as serving.py builds them (here on the CPU backend)."""
+    call, nbytes = profile_steps.decode_call(2, 64, "paged", backend="cpu")
+    assert call().shape == (2, 1, 32, 128) and nbytes > 0
+
+
+def test_decode_sweep_on_the_cpu(tmp_path, monkeypatch, on_cpu):
+    _interpreting()
+    monkeypatch.setattr(profile_steps, "decode_cases", lambda: [(1, 96, "contiguous")])
+    monkeypatch.setattr(profile_steps, "decode_call", _tiny_decode)
+    monkeypatch.setattr(profile_steps, "SWEEP_TILES", (None, (32, 1, 1)))
+    monkeypatch.setattr(profile_steps, "SWEEP_SPLITS", (0, 2))
+    summary = profile_steps.run_decode_sweep(gpu_profile.Context(str(tmp_path), "decode-sweep", time.time() + 300,
+                                                                 {}))
+    lines = (tmp_path / "decode-sweep" / "decode-sweep.csv").read_text().splitlines()
+    assert summary["points"] == 4 and len(lines) == 5
+    # the launcher's own split count (a number), then the forced one; the forced tiles in the last row
+    assert lines[1].split(",")[1].isdigit() and lines[2].split(",")[:2] == ["decode B1 S0k contiguous", "2"]
+    assert lines[-1].startswith("decode B1 S0k contiguous,2,16,32,1,1,")
+
+
+def test_autotune_step_on_the_cpu(tmp_path, monkeypatch, on_cpu):
+    """run_autotune with two candidates per kernel and a stand-in timer: each timing named, the tuner put back."""
+    import triton
+    import triton.testing
+
+    from pyattn.kernels import configs, launch
+    _interpreting()
+    monkeypatch.setattr(configs, "AUTOTUNE_IN_INTERPRETER", True)
+    monkeypatch.setattr(configs, "AUTOTUNE_FROM", 0)
+    monkeypatch.setattr(profile_steps, "attention_points", _tiny_points)
+    monkeypatch.setattr(profile_steps, "AUTOTUNE_CASES", ((16, False),))
+    monkeypatch.setattr(profile_steps, "widened_bwd_configs", lambda: [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": bn}, num_warps=1, num_stages=1) for bn in (16, 32)])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), [2.0, 1.0, 3.0])[1])
+    own = launch._tuned
+    summary = profile_steps.run_autotune(gpu_profile.Context(str(tmp_path), "autotune", time.time() + 300, {}))
+    assert launch._tuned is own
+    assert [(r["kernel"], r["candidates"]) for r in summary["results"]] == [("dkdv", 2), ("dq", 2)]
+    rows = (tmp_path / "autotune" / "autotune.csv").read_text().splitlines()
+    assert sum(",timed" in r for r in rows) == 4 and sum(",configs_timings" in r for r in rows) == 4
 
 
 def test_failed_graph_capture_is_recorded_not_raised():
