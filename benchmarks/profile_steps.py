@@ -214,7 +214,7 @@ NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,driver_version,pstate,clocks
                     "--format=csv"]
 
 
-BUILD_CAP_S = 150  # of env's cap: the CUDA build for one arch took ~60 s on the H200
+BUILD_CAP_S = 120  # of env's cap: the CUDA build for one arch took ~60 s on the H200
 
 
 def build_command(out_dir, cap_s):

@@ -24,7 +24,7 @@ KERNELS = {
     "cuda-dkdv": ("dkdv_kernel", "bwd d64 full, CUDA C++ backend"),
 }
 NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis")
-NCU_KERNEL_TIMEOUT_S = 60
+NCU_KERNEL_TIMEOUT_S = 40
 NCU_REFUSED = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded", "Failed to initialize the profiler")
 
 
@@ -138,8 +138,8 @@ def _has_cuda_build():
 # ---------------------------------------------------------------------------------------------------- artifacts
 
 TRITON_SUFFIXES = (".cubin", ".ptx", ".ttgir", ".json")
-TRITON_LIMIT = 18 << 20  # bytes copied from the Triton cache (the step's archive must stay well under 16 MB)
-SASS_LIMIT = 48 << 20  # bytes of SASS text kept (it compresses ~8x); past it, the functions SASS_KEEP names
+TRITON_LIMIT = 16 << 20  # bytes copied from the Triton cache (the step's archive must stay well under 16 MB)
+SASS_LIMIT = 40 << 20  # bytes of SASS text kept (it compresses ~8x); past it, the functions SASS_KEEP names
 SASS_KEEP = re.compile(r"dkdv|dq_kernel|fwd|decode")
 
 

@@ -26,7 +26,8 @@ def test_dry_run_plans_every_step(tmp_path):
     index = _index(tmp_path)
     assert index["dry_run"] and list(index["steps"]) == STEP_NAMES
     for name, entry in index["steps"].items():
-        assert entry["status"] in ("planned", "would skip"), (name, entry)
+        # in the default budget, steps that all take their whole caps still reach the artifacts
+        assert entry["status"] == ("would skip" if name == "smoke" else "planned"), (name, entry)
         assert entry["plan"]["files"], name
     kernels = index["steps"]["kernels"]["plan"]
     # the sweep's B*H at 16k tokens: 262144 tokens = 1 x 16 heads
@@ -38,13 +39,13 @@ def test_dry_run_plans_every_step(tmp_path):
 
 
 def test_dry_run_budget_skips_the_tail(tmp_path):
-    gpu_profile.main(["--out", str(tmp_path), "--dry-run", "--budget", "200"])
+    gpu_profile.main(["--out", str(tmp_path), "--dry-run", "--budget", "170"])
     steps = _index(tmp_path)["steps"]
-    assert steps["env"]["status"] == "planned" and steps["kernels"]["starts_at_s"] == 180
+    assert steps["env"]["status"] == "planned" and steps["kernels"]["starts_at_s"] == 150
     assert steps["kernels"]["status"] == "would skip" and "20 s left, the step needs at least 30 s" in \
         steps["kernels"]["reason"]
     # a step that does not fit leaves the time to a shorter one
-    assert steps["decode-sweep"]["status"] == "planned" and steps["decode-sweep"]["starts_at_s"] == 180
+    assert steps["decode-sweep"]["status"] == "planned" and steps["decode-sweep"]["starts_at_s"] == 150
     assert steps["autotune"]["status"] == "would skip"
 
 
