@@ -30,11 +30,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 
-from .gpu_run import ROOT, commit as _commit, pytest_counts as _counts, start as _start, wait as _wait
+from .gpu_run import ROOT, commit as _commit, has_cuda_build as _has_cuda_build, pytest_counts as _counts, \
+    start as _start, wait as _wait
 
 STAGES = ("build", "bench", "tests", "serving", "sanitizer", "sweep")
 GROUPS = {"triton": ["build", "bench", "tests:triton"], "cuda": ["build", "tests:cuda", "sanitizer"],
@@ -110,15 +110,6 @@ class Check:
         self.record.update(tests=tests, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         with open(self.json_path, "w") as f:
             json.dump(self.record, f, indent=1)
-
-
-def _has_cuda_build():
-    try:
-        out = subprocess.run([sys.executable, "-c", "import pyattn._C as c; print('cuda' in c.build_info()['backends'])"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    except subprocess.TimeoutExpired:
-        return False
-    return out.strip() == "True"
 
 
 def stage_build(check, _=None):

@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -42,6 +43,17 @@ def commit():
         return ref
     except OSError:
         return "unknown"
+
+
+def has_cuda_build():
+    """Whether this tree's pyattn._C holds the CUDA C++ backend (asked in a fresh process: importing it here would
+    keep a stale build loaded)."""
+    code = "import pyattn._C as c; print('cuda' in c.build_info()['backends'])"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        return False
+    return out.strip() == "True"
 
 
 # pytest's closing line ("3 failed, 40 passed, 2 skipped in 61.02s"), and pytest -q's progress lines: one mark a

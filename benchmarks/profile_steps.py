@@ -225,12 +225,11 @@ def build_command(out_dir, cap_s):
 
 def ensure_build(ctx):
     """-> what was done: nothing where the tree has a CUDA build, else gpu_check's build stage."""
-    from .gpu_check import _has_cuda_build
-    if _has_cuda_build():
+    if gpu_run.has_cuda_build():
         return "CUDA build present"
     cap = min(BUILD_CAP_S, ctx.deadline - time.time() - 25)
     rc, _, _ = gpu_run.wait(gpu_run.start(build_command(os.path.join(ctx.dir, "build"), cap)), time.time() + cap + 5)
-    return f"built (gpu_check --stage build: rc {rc}; CUDA C++ {'yes' if _has_cuda_build() else 'no'})"
+    return f"built (gpu_check --stage build: rc {rc}; CUDA C++ {'yes' if gpu_run.has_cuda_build() else 'no'})"
 
 
 def plan_env():
@@ -488,8 +487,11 @@ def _tuned_with(benches, cc):
     for name, bench in benches.items():
         kernel, _, prune = launch.TUNED[name]
         bench.prune_fn = functools.partial(prune, cc=cc)
-        made[name] = triton.autotune(widened_bwd_configs(), key=launch.TUNE_KEY, cache_results=True,
-                                     prune_configs_by={"early_config_prune": bench.prune}, do_bench=bench)(kernel)
+        options = dict(key=launch.TUNE_KEY, cache_results=True, prune_configs_by={"early_config_prune": bench.prune})
+        try:
+            made[name] = triton.autotune(widened_bwd_configs(), **options, do_bench=bench)(kernel)
+        except TypeError:  # a Triton without autotune(do_bench=): the timings come from configs_timings alone
+            made[name] = triton.autotune(widened_bwd_configs(), **options)(kernel)
     return made
 
 

@@ -103,7 +103,7 @@ def run_ncu(ctx):
     if ncu is None:
         results["all"] = dict(status="missing", reason="no ncu on PATH, in $CUDA_HOME/bin or /opt/nvidia")
     else:
-        cuda_built = _has_cuda_build()
+        cuda_built = gpu_run.has_cuda_build()
         for name in KERNELS:
             if name.startswith("cuda") and not cuda_built:
                 results[name] = dict(status="skipped", reason="no CUDA C++ build in this tree")
@@ -128,11 +128,6 @@ def run_ncu(ctx):
             profile_steps.write_json(os.path.join(ctx.dir, "ncu.json"), results)
     profile_steps.write_json(os.path.join(ctx.dir, "ncu.json"), results)
     return {n: r["status"] for n, r in results.items()}
-
-
-def _has_cuda_build():
-    from .gpu_check import _has_cuda_build as has
-    return has()
 
 
 # ---------------------------------------------------------------------------------------------------- artifacts
@@ -166,7 +161,8 @@ def sass_sections(text, limit=SASS_LIMIT):
         return text, None
     parts = re.split(r"(?m)^(?=\s*Function : )", text)
     kept = [p for p in parts if SASS_KEEP.search(p.split("\n", 1)[0])]
-    return "".join(kept)[:limit], f"{len(text)} bytes of SASS: kept the {len(kept)} functions matching {SASS_KEEP.pattern}"
+    note = f"{len(text)} bytes of SASS: kept the {len(kept)} functions matching {SASS_KEEP.pattern}"
+    return "".join(kept)[:limit], note
 
 
 def cuobjdump():
@@ -190,7 +186,7 @@ def run_artifacts(ctx):
         shutil.copy(path, dst)
     record = dict(triton_cache=cache, triton_files=len(kept), triton_bytes=sum(s for _, s in kept),
                   left_out=[os.path.relpath(p, cache) for p, _ in left])
-    tool, sos = cuobjdump(), cuda_sos() if _has_cuda_build() else []
+    tool, sos = cuobjdump(), cuda_sos() if gpu_run.has_cuda_build() else []
     if not sos:
         record["sass"] = "no CUDA C++ build in this tree"
     elif tool is None:
