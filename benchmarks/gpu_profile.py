@@ -108,8 +108,20 @@ class Profile:
         os.makedirs(out_dir, exist_ok=True)
         self.end = time.time() + budget_s
         self.record = dict(commit=gpu_run.commit(), device=device, budget_s=budget_s, dry_run=dry_run,
-                           python=sys.executable, triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"), steps={})
+                           python=sys.executable, triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"),
+                           steps=self._earlier_steps(device, dry_run))
         self.save()
+
+    def _earlier_steps(self, device, dry_run):
+        """The steps an earlier run of the same commit on the same device left in this folder (a later run of some
+        steps adds to them), never a dry run's plans."""
+        if dry_run or not os.path.exists(self.path):
+            return {}
+        with open(self.path) as f:
+            earlier = json.load(f)
+        same = (earlier.get("commit"), earlier.get("device"), earlier.get("dry_run")) == (gpu_run.commit(), device,
+                                                                                          False)
+        return earlier.get("steps", {}) if same else {}
 
     def save(self):
         self.record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -139,9 +151,10 @@ def run_step(profile, step, deadline, packed):
     """Runs step in its own process (a crash or a hang ends there, not here) until deadline; records it."""
     cmd = [sys.executable, "-m", "benchmarks.gpu_profile", "--out", profile.out_dir, "--run-step", step.name,
            "--deadline", f"{deadline:.1f}"]
+    folder = os.path.join(profile.out_dir, step.name)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier run's files are not this run's
     t0 = time.time()
     rc, out, ended = gpu_run.wait(gpu_run.start(cmd, env={"PYTHONUNBUFFERED": "1"}), deadline + GRACE_S)
-    folder = os.path.join(profile.out_dir, step.name)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "step.log"), "w") as f:
         f.write(out[-STEP_LOG_CHARS:])

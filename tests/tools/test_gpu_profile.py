@@ -90,6 +90,18 @@ def test_steps_run_in_order_under_the_budget(tmp_path, monkeypatch):
     assert steps["autotune"]["status"] == "skipped" and "budget" in steps["autotune"]["reason"]
 
 
+def test_a_later_run_of_some_steps_keeps_the_earlier_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(gpu_profile, "run_step", lambda profile, step, deadline, packed:
+                        profile.step(step.name, status="done", seconds=1))
+    gpu_profile.main(["--out", str(tmp_path), "--steps", "kernels"])
+    gpu_profile.main(["--out", str(tmp_path), "--steps", "ncu"])
+    assert list(_index(tmp_path)["steps"]) == ["kernels", "ncu"]
+    gpu_profile.main(["--out", str(tmp_path), "--steps", "ncu", "--dry-run"])
+    assert list(_index(tmp_path)["steps"]) == ["ncu"]
+
+
 def test_unknown_step_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown step"):
         gpu_profile.main(["--out", str(tmp_path), "--steps", "env,profile"])
