@@ -39,20 +39,22 @@ def driver_point(name):
     return next(p for p in profile_steps.attention_points() if p.pass_ == pass_ and f"d{p.D}" == dim and not p.causal)
 
 
+DRIVER_DECODE = (1, 131072, "contiguous")  # (B, S, layout) of the decode kernels' driver
+
+
 def _driver_call(name):
     """The one call whose kernel `name` ncu profiles (fixed tiles: no autotune launches before it)."""
     point = driver_point(name)
     if point is None:
-        return profile_steps.decode_call(1, 131072, "contiguous")[0]
+        return profile_steps.decode_call(*DRIVER_DECODE)[0]
     return profile_steps.attention_step(point, backend="cuda" if name.startswith("cuda") else "triton")
 
 
 def drive(name):
     """`python -m benchmarks.gpu_profile --kernel-driver NAME`: runs NAME's call once (ncu takes its first launch)."""
-    import torch
     with profile_steps.fixed_tiles():
         _driver_call(name)()
-    torch.cuda.synchronize()
+    profile_steps.sync()
 
 
 # ---------------------------------------------------------------------------------------------------------- ncu

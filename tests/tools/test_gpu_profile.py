@@ -347,6 +347,24 @@ def test_kernel_driver_has_a_problem(name):
         assert point.L == 16384 and not point.causal and point.pass_ in ("fwd", "bwd")
 
 
+@pytest.mark.parametrize("name", ["dq", "decode-combine"])
+def test_kernel_driver_runs_its_call(name, monkeypatch, on_cpu):
+    """The ncu drivers' calls on tiny problems: the kernel ncu waits for is launched."""
+    from benchmarks.sweep import Point
+    from pyattn.kernels import launch
+    _interpreting()
+    monkeypatch.setattr(profile_steps, "attention_points",
+                        lambda: [Point("pyattn-triton", "fp32", 1, 2, 40, 40, 64, False, "bwd")])
+    monkeypatch.setattr(profile_steps, "decode_call", _tiny_decode)
+    monkeypatch.setattr(profile_tools, "DRIVER_DECODE", (1, 96, "contiguous"))
+    launched = []
+    run = launch._run
+    monkeypatch.setattr(launch, "_run", lambda kernel, grid, args, **meta: (launched.append(kernel.__name__),
+                                                                            run(kernel, grid, args, **meta)))
+    profile_tools.drive(name)
+    assert profile_tools.KERNELS[name][0] in launched
+
+
 def test_kernel_driver_option_is_parsed(monkeypatch):
     driven = []
     monkeypatch.setattr(profile_tools, "drive", driven.append)
@@ -375,6 +393,56 @@ def test_ncu_missing_is_recorded(tmp_path, monkeypatch):
     ctx = gpu_profile.Context(str(tmp_path), "ncu", time.time() + 30, {})
     assert profile_tools.run_ncu(ctx) == {"all": "missing"}
     assert "no ncu" in json.loads((tmp_path / "ncu" / "ncu.json").read_text())["all"]["reason"]
+
+
+def _fake_runs(monkeypatch, outputs):
+    """gpu_run.start/wait stand-ins in profile_tools: each command gets the next (returncode, output)."""
+    ran = []
+    monkeypatch.setattr(profile_tools.gpu_run, "start", lambda cmd, env=None: (ran.append((cmd, env)), cmd)[1])
+    monkeypatch.setattr(profile_tools.gpu_run, "wait", lambda started, deadline: (*outputs.pop(0), time.time()))
+    return ran
+
+
+def test_ncu_step_writes_each_kernel_and_stops_at_a_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_tools, "find_ncu", lambda: "/cuda/bin/ncu")
+    monkeypatch.setattr(profile_tools.gpu_run, "has_cuda_build", lambda: False)
+    ran = _fake_runs(monkeypatch, [(0, '==PROF== Connected\n"ID","Kernel Name"\n"0","_attn_bwd_dkdv"\n'),
+                                   (1, "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission")])
+    ctx = gpu_profile.Context(str(tmp_path), "ncu", time.time() + 300, {})
+    got = profile_tools.run_ncu(ctx)
+    assert got == {"dkdv": "done", "dq": "refused", "fwd-d128": "skipped", "decode-split": "skipped",
+                   "decode-combine": "skipped", "cuda-dkdv": "skipped"}
+    assert [cmd[-1] for cmd, _ in ran] == ["dkdv", "dq"]
+    assert (tmp_path / "ncu" / "ncu-dkdv.csv").read_text() == '"ID","Kernel Name"\n"0","_attn_bwd_dkdv"\n'
+    record = json.loads((tmp_path / "ncu" / "ncu.json").read_text())
+    assert "ERR_NVGPUCTRPERM" in record["fwd-d128"]["reason"] and "CUDA C++" in record["cuda-dkdv"]["reason"]
+
+
+def test_smoke_step_counts_a_cut_off_run(tmp_path, monkeypatch):
+    ran = _fake_runs(monkeypatch, [(124, "bringing up nodes...\n..F.s [ 40%]\n")])
+    summary = profile_tools.run_smoke(gpu_profile.Context(str(tmp_path), "smoke", time.time() + 60, {}))
+    assert (summary["passed"], summary["failed"], summary["skipped"], summary["returncode"]) == (3, 1, 1, 124)
+    assert ran[0][1]["PYATTN_FAILURE_LOG"].endswith("test-failures.txt")
+    assert json.loads((tmp_path / "smoke" / "smoke.json").read_text())["counted_from"].startswith("progress")
+
+
+def test_artifacts_step_copies_the_cache_and_the_sass(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "abc"
+    cache.mkdir(parents=True)
+    (cache / "_attn_fwd.cubin").write_bytes(b"\0" * 10)
+    (cache / "_attn_fwd.so").write_bytes(b"\0" * 10)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    tool = tmp_path / "cuobjdump"
+    tool.write_text("#!/bin/sh\necho '\tFunction : dkdv_kernel'\necho \"$@\"\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(profile_tools, "cuobjdump", lambda: str(tool))
+    monkeypatch.setattr(profile_tools, "cuda_sos", lambda: ["/tree/pyattn/_C.so"])
+    monkeypatch.setattr(profile_tools.gpu_run, "has_cuda_build", lambda: True)
+    summary = profile_tools.run_artifacts(gpu_profile.Context(str(tmp_path / "out"), "artifacts", time.time() + 60,
+                                                              {}))
+    assert summary["triton_files"] == 1 and "rc 0" in summary["sass"]
+    assert (tmp_path / "out" / "artifacts" / "triton-cache" / "abc" / "_attn_fwd.cubin").exists()
+    assert "-sass /tree/pyattn/_C.so" in (tmp_path / "out" / "artifacts" / "cuda-sass.txt").read_text()
 
 
 def test_triton_files_within_the_limit(tmp_path):
