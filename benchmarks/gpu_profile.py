@@ -203,6 +203,7 @@ def main(argv=None):
         return profile_tools.drive(args.kernel_driver)
     if not args.out:
         ap.error("--out DIR is required")
+    args.out = os.path.abspath(args.out)  # the steps run from the tree's root
     if args.run_step:
         return child(args)
     steps = selected(args.steps)

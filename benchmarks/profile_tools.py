@@ -194,13 +194,17 @@ def run_artifacts(ctx):
     elif tool is None:
         record["sass"] = "no cuobjdump"
     else:
-        out = subprocess.run([tool, "-sass", *sos], capture_output=True, text=True,
-                             timeout=max(5, ctx.deadline - time.time() - 3))
-        text, note = sass_sections(out.stdout)
-        with open(os.path.join(ctx.dir, "cuda-sass.txt"), "w") as f:
-            f.write(text)
-        record.update(sass=f"{tool} -sass {' '.join(sos)}: rc {out.returncode}", sass_note=note,
-                      sass_stderr=out.stderr[-2000:])
+        cmd = [tool, "-sass", *sos]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5, ctx.deadline - time.time() - 3))
+        except subprocess.TimeoutExpired:
+            record["sass"] = f"{shlex.join(cmd)}: ran past the step's time"
+        else:
+            text, note = sass_sections(out.stdout)
+            with open(os.path.join(ctx.dir, "cuda-sass.txt"), "w") as f:
+                f.write(text)
+            record.update(sass=f"{shlex.join(cmd)}: rc {out.returncode}", sass_note=note,
+                          sass_stderr=out.stderr[-2000:])
     profile_steps.write_json(os.path.join(ctx.dir, "artifacts.json"), record)
     return {k: record[k] for k in ("triton_files", "triton_bytes", "sass")}
 
