@@ -107,8 +107,11 @@ def test_unknown_step_is_refused(tmp_path):
         gpu_profile.main(["--out", str(tmp_path), "--steps", "env,profile"])
 
 
+@pytest.mark.subprocess
 def test_a_step_runs_in_its_own_process_and_is_packed(tmp_path, monkeypatch):
     """The artifacts step for real (no CUDA build here, an empty Triton cache): subprocess, summary, archive."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the tree may hold a CUDA build, whose SASS this would dump")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     profile = gpu_profile.Profile(str(tmp_path / "out"), 60, "Fake GPU", False)
     gpu_profile.run_step(profile, gpu_profile.BY_NAME["artifacts"], time.time() + 50, packed=True)
@@ -186,6 +189,7 @@ def _interpreting():
         pytest.skip("runs the Triton kernels under the interpreter")
 
 
+@pytest.mark.triton_interpreter
 def test_kernels_step_on_the_cpu(tmp_path, monkeypatch, on_cpu):
     """run_kernels end to end on tiny problems: every record written, the failed CUDA-graph capture recorded."""
     _interpreting()
@@ -211,6 +215,7 @@ def test_decode_real_problem_builds(on_cpu):
     assert call().shape == (2, 1, 32, 128) and nbytes > 0
 
 
+@pytest.mark.triton_interpreter
 def test_decode_sweep_on_the_cpu(tmp_path, monkeypatch, on_cpu):
     _interpreting()
     monkeypatch.setattr(profile_steps, "decode_cases", lambda: [(1, 96, "contiguous")])
@@ -226,6 +231,7 @@ def test_decode_sweep_on_the_cpu(tmp_path, monkeypatch, on_cpu):
     assert lines[-1].startswith("decode B1 S0k contiguous,2,16,32,1,1,")
 
 
+@pytest.mark.triton_interpreter
 def test_autotune_step_on_the_cpu(tmp_path, monkeypatch, on_cpu):
     """run_autotune with two candidates per kernel and a stand-in timer: each timing named, the tuner put back."""
     import triton
@@ -273,6 +279,7 @@ def test_ceilings_from_the_index():
     assert profile_steps.ceilings(index) == (4300.0, 790.0) and profile_steps.ceilings({}) == (None, None)
 
 
+@pytest.mark.triton_interpreter
 def test_forced_decode_splits_and_tiles_under_the_interpreter(monkeypatch):
     """The sweep's hook: the split count and tiles it forces reach the launch, and the result stays right."""
     import pyattn
@@ -347,6 +354,7 @@ def test_kernel_driver_has_a_problem(name):
         assert point.L == 16384 and not point.causal and point.pass_ in ("fwd", "bwd")
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("name", ["dq", "decode-combine"])
 def test_kernel_driver_runs_its_call(name, monkeypatch, on_cpu):
     """The ncu drivers' calls on tiny problems: the kernel ncu waits for is launched."""
