@@ -7,7 +7,7 @@ RESULTS ?=
 STAGE ?=
 PYTEST_ARGS ?=
 
-.PHONY: install build test test-quick bench gpu-check sdist-check test-aarch64 clean
+.PHONY: install build test test-quick bench gpu-check gpu-profile sdist-check test-aarch64 clean
 
 install: $(STAMP) build
 
@@ -39,6 +39,16 @@ bench: install
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check $(if $(RESULTS),--out $(RESULTS),) $(if $(STAGE),--stage $(STAGE),) \
 		$(if $(BUDGET),--budget $(BUDGET),)
+
+# On a GPU machine, as gpu-check: issue 31 item 7's profile (benchmarks/gpu_profile.py) into OUT (required; the device
+# tool's $OUT), one archive per step and profile-index.json, under BUDGET seconds (default 540); STEPS=a,b runs those
+# alone; DRY_RUN=1 plans it without a GPU. docs/gpu-check.md says how to read it.
+OUT ?=
+STEPS ?=
+gpu-profile:
+	$(if $(OUT),,$(error make gpu-profile needs OUT=DIR))
+	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_profile --out $(OUT) $(if $(STEPS),--steps $(STEPS),) \
+		$(if $(BUDGET),--budget $(BUDGET),) $(if $(DRY_RUN),--dry-run,)
 
 # python -m build --sdist, then pip install of that sdist into a fresh venv (torch from pip's local index) and a
 # smoke test from outside the tree: minutes (it compiles every CPU module). SDIST_DIR keeps the work folder.

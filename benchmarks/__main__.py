@@ -1,4 +1,4 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving|model]
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--preset default|targets|decode|context-parallel|serving|model|sparse]
 
 Sweeps sequence length for naive attention, torch SDPA (and FlexAttention on CUDA) and every pyattn
 backend; writes JSON records and a markdown table under benchmarks/results/<device>/ and prints a summary.
@@ -13,7 +13,7 @@ import torch
 
 import pyattn
 
-from . import context_parallel, measure, model, serving
+from . import context_parallel, measure, model, serving, sparse
 from .impls import implementations
 from .memory import measure_in_child
 from .plots import plot_memory, plot_speed
@@ -27,12 +27,15 @@ def parse_args():
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer lengths and passes")
-    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel", "serving", "model"],
+    ap.add_argument("--preset", choices=["default", "targets", "decode", "context-parallel", "serving", "model",
+                                         "sparse"],
                     default="default",
                     help="default: the L = S sweep; targets: the CPU targets of the core issue; decode: L = 1 only; "
                          "context-parallel: ring attention over 1, 2, 4 CPU processes (gloo); "
                          "serving: kvcache_attention decode and chunked prefill over contiguous and paged caches; "
-                         "model: a Llama-shaped transformers model's prefill and decode step per attn_implementation")
+                         "model: a Llama-shaped transformers model's prefill and decode step per attn_implementation; "
+                         "sparse: BlockMask attention (documents, window + global tokens) against dense and "
+                         "torch's compiled flex_attention")
     ap.add_argument("--out", help="output folder (default benchmarks/results/<device>; CPU: cpu-<capability>)")
     ap.add_argument("--impl", nargs="+", help="only these implementations")
     ap.add_argument("--seqlens", nargs="+", type=int)
@@ -98,7 +101,7 @@ def results_dir(args, device, cpu_capability):
 
 def main():
     args = parse_args()
-    own = {"context-parallel": context_parallel, "serving": serving, "model": model}
+    own = {"context-parallel": context_parallel, "serving": serving, "model": model, "sparse": sparse}
     if args.preset in own:  # presets with their own records and tables
         device = "cpu" if args.preset == "context-parallel" else args.device
         meta = metadata(device)

@@ -30,13 +30,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .gpu_run import ROOT, commit as _commit, has_cuda_build as _has_cuda_build, pytest_counts as _counts, \
+    start as _start, wait as _wait
+
 STAGES = ("build", "bench", "tests", "serving", "sanitizer", "sweep")
 GROUPS = {"triton": ["build", "bench", "tests:triton"], "cuda": ["build", "tests:cuda", "sanitizer"],
           "sweep": ["serving", "sweep"]}
@@ -48,66 +47,6 @@ TARGET_BENCH = ["--dtype", "bf16", "--seqlens", "4096", "16384"]
 TARGET_IMPLS = ["pyattn-triton", "pyattn-cuda", "torch-sdpa-flash", "torch-sdpa-cudnn"]
 SERVING_BENCH = ["--preset", "serving", "--seqlens", "32768", "131072", "--max-call-seconds", "1"]
 LOG_CHARS = 2_000_000  # per step: whole pytest failure reports, still far below what a loan can bring back
-
-
-def _start(cmd, env=None):
-    """Popen with its output in a temporary file (pipes would stall one run while another is waited on), in its own
-    process group: a timeout then also ends pytest-xdist's workers and the compilers under setup.py."""
-    out = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-    return proc, out
-
-
-def _wait(started, deadline):
-    """-> (returncode, output, seconds until it ended); 124 where it was killed at deadline."""
-    proc, out = started
-    try:
-        rc = proc.wait(timeout=max(deadline - time.time(), 5))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rc = 124
-    ended = time.time()
-    out.seek(0)
-    return rc, out.read(), ended
-
-
-def _commit():
-    head = os.path.join(ROOT, ".git", "HEAD")
-    try:  # read .git directly: the GPU machine's copy of the tree may have no git binary or history
-        ref = open(head).read().strip()
-        if ref.startswith("ref: "):
-            return open(os.path.join(ROOT, ".git", ref[5:])).read().strip()
-        return ref
-    except OSError:
-        return "unknown"
-
-
-# pytest's closing line ("3 failed, 40 passed, 2 skipped in 61.02s"), and pytest -q's progress lines: one mark a
-# test as its result arrives, so they are what a run killed at the deadline leaves behind
-SUMMARY_LINE = re.compile(r"(?:\d+ \w+|no tests ran)(?:, \d+ \w+)* in \d+(?:\.\d+)?s")
-PROGRESS_LINE = re.compile(r"^[.FEsxX]+ *(?:\[ *\d+%\])?$")
-OUTCOMES = {"passed": "passed", "failed": "failed", "error": "failed", "errors": "failed", "skipped": "skipped"}
-MARK_OUTCOMES = {".": "passed", "F": "failed", "E": "failed", "s": "skipped"}  # x, X (xfail, xpass): neither
-
-
-def _counts(pytest_output):
-    """{passed, failed, skipped (errors count as failed), counted_from}: from pytest's summary where the run
-    finished, else from its progress marks, so that a run cut off at the deadline records the tests that ran."""
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
-    lines = pytest_output.splitlines()
-    summary = [ln for ln in lines if SUMMARY_LINE.search(ln)]
-    if summary:
-        for n, word in re.findall(r"(\d+) (\w+)", summary[-1]):
-            if word in OUTCOMES:
-                counts[OUTCOMES[word]] += int(n)
-        return {**counts, "counted_from": "summary line"}
-    for line in filter(PROGRESS_LINE.match, lines):
-        for mark in line.split(" ")[0]:
-            if mark in MARK_OUTCOMES:
-                counts[MARK_OUTCOMES[mark]] += 1
-    return {**counts, "counted_from": "progress marks: the run ended before its summary"}
 
 
 def best_cpu_capability():
@@ -171,15 +110,6 @@ class Check:
         self.record.update(tests=tests, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         with open(self.json_path, "w") as f:
             json.dump(self.record, f, indent=1)
-
-
-def _has_cuda_build():
-    try:
-        out = subprocess.run([sys.executable, "-c", "import pyattn._C as c; print('cuda' in c.build_info()['backends'])"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    except subprocess.TimeoutExpired:
-        return False
-    return out.strip() == "True"
 
 
 def stage_build(check, _=None):

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/dispatch.h"
+#include "direct.h"
 #include "host_checks.h"
 #include "params.h"
 
@@ -135,6 +136,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "version, compiled backends, CUDA architectures and CPU capabilities of this build, and the one in use");
   m.def("mask_kinds", &mask_kinds, "csrc/params.h's mask kinds (AttnParams::mask_kind) by name");
   pyattn::def_host_checks(m);
+  m.def("sdpa_direct", &pyattn::sdpa_direct,
+        "pyattn.scaled_dot_product_attention's direct lane: out for a plainly valid CPU call, else None (csrc/direct.h)");
   m.def("_set_cpu_kernels", &set_cpu_kernels, "use the kernels of a pyattn._cpu_<capability> module");
   m.def("_cpu_fwd_plan", &pyattn::cpu::explain_fwd,
         "explain(): how the CPU kernels in use would run fwd with these arguments (fwd's own)");

@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import configs
+from . import block_mask, configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
 from .scores import MASK_KINDS
@@ -19,12 +19,14 @@ FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
 # dims and the other strides are multiples of 16 (as Triton's launcher marks them for head dims 64/128/256;
 # without that mark the head-dim masks split loads into 2-byte pieces and nothing is pipelined)
 UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_dkd", "stride_dvd",
-                "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr"}
+                "stride_dqd", "stride_pd", "stride_mn", "stride_lm", "stride_qr", "stride_stk"}
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16"}
 HEAD_DIMS_CAUSAL = ((64, False), (64, True), (128, False), (128, True))  # and d256 causal, in bf16
+BLOCK_MASK_BLOCKS = (128, 128)  # the block-mask variants' block_q, block_k: FlexAttention's default
 # the forward's side inputs (all but Q, K, V, Out, Mask) and its KV-cache flags off
 FWD_SIDE_PTRS = {"Lse": "*fp32", "Alibi": "*fp32", "CuSeqQ": "*i32", "CuSeqK": "*i32", "Rng": "*i64",
-                 "Sinks": "*fp32", "BlockTable": "*i32", "CacheIdx": "*i32", "Leftpad": "*i32"}
+                 "Sinks": "*fp32", "BlockTable": "*i32", "CacheIdx": "*i32", "Leftpad": "*i32",
+                 "States": "*i32", "Bits": "*u8", "Lists": "*i32"}
 NO_CACHE = dict(KV_CACHE=False, PAGED=False, HAS_CACHE_IDX=False, HAS_LEFTPAD=False, HAS_SINKS=False)
 
 
@@ -47,7 +49,8 @@ def _source(fn, pointers, constexprs):
 
 def _flags(head_dim, causal, **overrides):
     flags = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, MASK_KIND=MASK_KINDS["MASK_NONE"], HAS_ALIBI=False,
-                 HAS_SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=causal, VARLEN=False, DROPOUT=False, DOT_PRECISION="ieee")
+                 HAS_SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=causal, VARLEN=False, DROPOUT=False, DOT_PRECISION="ieee",
+                 BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
     flags.update(overrides)
     return flags
 
@@ -68,13 +71,24 @@ def variants(cc):
             dkdv_tiles, dq_tiles = configs.bwd_default(d, cc)
             bwd_ptrs = {**qkv, "DOut": ptr, "Lse": "*fp32", "Delta": "*fp32", "DK": ptr, "DV": ptr, "DQ": ptr,
                         "DMask": "*fp32", "Mask": ptr, "Alibi": "*fp32", "CuSeqQ": "*i32", "CuSeqK": "*i32",
-                        "Rng": "*i64"}
+                        "Rng": "*i64", "States": "*i32", "Bits": "*u8", "Lists": "*i32"}
             bm, bn, warps, stages = dkdv_tiles
             out.append((f"bwd_dkdv_{tag}", _attn_bwd_dkdv, bwd_ptrs,
                         dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn), warps, stages))
             bm, bn, warps, stages = dq_tiles
             out.append((f"bwd_dq_{tag}", _attn_bwd_dq, bwd_ptrs,
                         dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, MASK_GRAD=False), warps, stages))
+            if dt == "bf16" and (not causal or d == 256):  # block-sparse (TILES: tiles fitted to 128 x 128 blocks)
+                masked = _flags(d, causal, BLOCK_MASK=block_mask.BLOCK_MASK_TILES.value)
+                for name, fn, ptrs, tiles, extra in (
+                        ("fwd", _attn_fwd, fwd_ptrs, configs.fwd_default(d, cc, block_mask=True),
+                         dict(NO_CACHE, NUM_SPLITS=1, USE_TMA=cc >= 90, WARP_SPECIALIZE=False)),
+                        ("bwd_dkdv", _attn_bwd_dkdv, bwd_ptrs, dkdv_tiles, {}),
+                        ("bwd_dq", _attn_bwd_dq, bwd_ptrs, dq_tiles, dict(MASK_GRAD=False))):
+                    bm, bn, warps, stages = tiles
+                    _, bm, bn = block_mask.fitted_tiles(bm, bn, *BLOCK_MASK_BLOCKS)
+                    out.append((f"{name}_blockmask_{tag}", fn, ptrs, dict(masked, **extra, BLOCK_M=bm, BLOCK_N=bn),
+                                warps, stages))
         bm, bn, warps, stages = configs.decode_tiles(4, 128)
         split_ptrs = {**qkv, "Out": "*fp32", **FWD_SIDE_PTRS, "Mask": ptr}
         out.append((f"fwd_decode_split_{dt}_d128", _attn_fwd, split_ptrs,

@@ -7,6 +7,7 @@ Scores are recomputed exactly as the forward computed them (scores.py); P = exp2
 import triton
 import triton.language as tl
 
+from .block_mask import BLOCK_MASK_NONE, BLOCK_MASK_TILES, block_masked, span, span_run, visits
 from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
 from .tiles import key_blocks, query_blocks, row_block, segment, seq_span
 
@@ -58,17 +59,22 @@ def _query_rows(Q, DOut, Lse, Delta, b64, head, rows, row_ok, stride_qb, stride_
 @triton.jit
 def _probs_and_dscore(qk, dp, lse2_2, delta2, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seed, rng2, seqlen_k,
                       scale, softcap, window_left, window_right, dropout_p,
-                      BANDED: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                      Bits, state_rows2, state, i2, r0, c0, block_q, block_k, bits_row, stride_stq, stride_stk,
+                      banded, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                      DROPOUT: tl.constexpr):
+                      DROPOUT: tl.constexpr, BLOCK_MASK: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """One tile from q.k and dO.v (either orientation, see scores.py): -> (P as the forward used it, after
     dropout; dS w.r.t. the biased score; dS w.r.t. q.k). lse2_2 is +inf for queries that saw no key, so
-    their P is 0."""
+    their P is 0. banded: check the band per element (a constexpr, or a block mask's runtime flag). i2: the query
+    indices (ip2 is shifted); the block-mask arguments as in block_mask.block_masked."""
     s_cap = capped(qk, scale, softcap, HAS_SOFTCAP)
     s = biased(s_cap, ip2, n2, ok2, mask_rows2, stride_mn, slopes2, seqlen_k, MASK_KIND, HAS_ALIBI)
-    if BANDED:
+    if banded:
         s = tl.where(band_and_bounds(ip2, n2, ok2, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                      s, float("-inf"))
+    if BLOCK_MASK != BLOCK_MASK_NONE:
+        s = block_masked(s, Bits, state_rows2, state, i2, n2, r0, c0, ok2, seqlen_k, block_q, block_k, bits_row,
+                         stride_stq, stride_stk, BLOCK_MASK, KEYS_FIRST)
     p = tl.exp2(s - lse2_2)
     p_used = p
     if DROPOUT:  # O = (P * keep / (1 - p)) V, so dP = dP_used * keep / (1 - p)
@@ -86,6 +92,7 @@ def _probs_and_dscore(qk, dp, lse2_2, delta2, ip2, n2, ok2, mask_rows2, stride_m
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
+                   States, Bits, Lists,  # block mask as in the forward; lists (Bm, Hm, Kb, 1 + Qb): per mask column
                    stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
                    stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E)
                    stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
@@ -95,12 +102,15 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
                    stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S)
                    stride_ab, stride_ah,  # alibi slopes (B, Hq)
                    stride_lb, stride_lh,  # lse, delta (B, Hq, L) float32, contiguous
+                   stride_stb, stride_sth, stride_stq, stride_stk, stride_lib, stride_lih, stride_lir,  # block mask
+                   block_q, block_k, bits_row,
                    H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
                    scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_MASK: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1) // H_KV
     kv_head = tl.program_id(1) % H_KV
@@ -127,30 +137,49 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
     key_last = tl.minimum(start_n + BLOCK_N, len_k) - 1
     lo, full_lo, full_hi, hi = query_blocks(start_n, key_last, len_q, shift, window_left, window_right,
                                             HAS_LEFT, HAS_RIGHT, BLOCK_M)
+    # block mask: TILES visits the q blocks of this key block's mask column (list per query head), GATHER reads each
+    # element's state; without TILES one span, all queries (a loop of one trip, folded away)
+    kb = start_n // block_k
+    k0 = kb * block_k
     for g in range(0, group):
         head = tl.zeros([BLOCK_M], tl.int32) + kv_head * group + g
-        for seg in tl.static_range(3):
-            seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
-            for start_m in range(seg_lo, seg_hi, BLOCK_M):
-                offs_i = start_m + tl.arange(0, BLOCK_M)
-                row_ok = offs_i < len_q
-                q, do, lse2, delta = _query_rows(
-                    Q, DOut, Lse, Delta, b64, head, (q_start + offs_i).to(tl.int64), row_ok, stride_qb, stride_qh,
-                    stride_qm, stride_qd, stride_db, stride_dh, stride_dm, stride_dd, stride_lb, stride_lh,
-                    head_dim, head_dim_v, HEAD_DIM, HEAD_DIM_V)
-                mask_rows, slopes, seed, rng_rows = row_terms(
-                    Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q, seqlen_k, stride_mb, stride_mh,
-                    stride_mm, stride_ab, stride_ah, HAS_ALIBI, DROPOUT, BLOCK_M)
-                # transposed tiles (keys, queries): dV and dK take P^T and dS^T straight from registers
-                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                p_t, _, ds_qk_t = _probs_and_dscore(
-                    qk_t, dp_t, lse2[None, :], delta[None, :], (offs_i + shift)[None, :], offs_n[:, None],
-                    row_ok[None, :], mask_rows[None, :], stride_mn, slopes[None, :], seed, rng_rows[None, :], len_k,
-                    scale, softcap, window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI,
-                    HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT)
-                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-                dk = tl.dot(ds_qk_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        state_rows = States + b.to(tl.int64) * stride_stb + head.to(tl.int64) * stride_sth
+        num_spans = 1
+        state = 1
+        q0 = 0
+        if BLOCK_MASK == BLOCK_MASK_TILES:
+            num_spans, list_row, state_row = visits(Lists, States, b, kv_head * group + g, kb, stride_lib,
+                                                    stride_lih, stride_lir, stride_stb, stride_sth)
+        for j in range(0, num_spans):
+            if BLOCK_MASK == BLOCK_MASK_TILES:
+                state, q0 = span(list_row, j, state_row, kb, stride_stk, stride_stq, block_q)
+            for seg in tl.static_range(1 if BLOCK_MASK == BLOCK_MASK_TILES else 3):
+                seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
+                banded = seg != 1
+                if BLOCK_MASK == BLOCK_MASK_TILES:
+                    seg_lo, seg_hi, banded = span_run(lo, full_lo, full_hi, hi, q0, block_q)
+                for start_m in range(seg_lo, seg_hi, BLOCK_M):
+                    offs_i = start_m + tl.arange(0, BLOCK_M)
+                    row_ok = offs_i < len_q
+                    q, do, lse2, delta = _query_rows(
+                        Q, DOut, Lse, Delta, b64, head, (q_start + offs_i).to(tl.int64), row_ok, stride_qb,
+                        stride_qh, stride_qm, stride_qd, stride_db, stride_dh, stride_dm, stride_dd, stride_lb,
+                        stride_lh, head_dim, head_dim_v, HEAD_DIM, HEAD_DIM_V)
+                    mask_rows, slopes, seed, rng_rows = row_terms(
+                        Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q, seqlen_k, stride_mb,
+                        stride_mh, stride_mm, stride_ab, stride_ah, HAS_ALIBI, DROPOUT, BLOCK_M)
+                    # transposed tiles (keys, queries): dV and dK take P^T and dS^T straight from registers
+                    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                    p_t, _, ds_qk_t = _probs_and_dscore(
+                        qk_t, dp_t, lse2[None, :], delta[None, :], (offs_i + shift)[None, :], offs_n[:, None],
+                        row_ok[None, :], mask_rows[None, :], stride_mn, slopes[None, :], seed, rng_rows[None, :],
+                        len_k, scale, softcap, window_left, window_right, dropout_p, Bits, state_rows[None, :],
+                        state, offs_i[None, :], start_m - q0, start_n - k0, block_q, block_k, bits_row, stride_stq,
+                        stride_stk, banded, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                        BLOCK_MASK, True)
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+                    dk = tl.dot(ds_qk_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     tl.store(DK + b64 * stride_dkb + kv_head.to(tl.int64) * stride_dkh + key_rows[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty),
@@ -162,6 +191,7 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, Alibi, CuSeqQ, CuSeq
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSeqK, Rng,
+                 States, Bits, Lists,  # block mask as in the forward
                  stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
                  stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E)
                  stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
@@ -170,17 +200,20 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
                  stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S)
                  stride_ab, stride_ah,  # alibi slopes (B, Hq)
                  stride_lb, stride_lh,  # lse, delta (B, Hq, L) float32, contiguous
+                 stride_stb, stride_sth, stride_stq, stride_stk, stride_lib, stride_lih, stride_lir,  # block mask
+                 block_q, block_k, bits_row,
                  H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,  # dmask: (B, Hq, L, S) contiguous
                  scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  VARLEN: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASK_GRAD: tl.constexpr):
+                 MASK_GRAD: tl.constexpr, BLOCK_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
-    b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip = row_block(
-        pid_m, tl.program_id(1), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M)
-    if pid_m * BLOCK_M >= group * len_q:
+    b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip, pitch = row_block(
+        pid_m, tl.program_id(1), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M,
+        BLOCK_MASK == BLOCK_MASK_TILES)
+    if pid_m * BLOCK_M >= group * pitch:
         return
     b64 = tl.full([], 0 if VARLEN else b, tl.int64)
     head64 = head.to(tl.int64)
@@ -202,26 +235,44 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, Alibi, CuSeqQ, CuSe
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lo, full_lo, full_hi, hi = key_blocks(ip, row_ok, len_k, window_left, window_right, 0, len_k,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    for seg in tl.static_range(3):
-        seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
-        for start_n in range(seg_lo, seg_hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < len_k
-            key_rows = (k_start + offs_n).to(tl.int64)
-            k = tl.load(k_base + key_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
-            v = tl.load(v_base + key_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            _, ds, ds_qk = _probs_and_dscore(
-                qk, dp, lse2[:, None], delta[:, None], ip[:, None], offs_n[None, :], row_ok[:, None],
-                mask_rows[:, None], stride_mn, slopes[:, None], seed, rng_rows[:, None], len_k, scale, softcap,
-                window_left, window_right, dropout_p, seg != 1, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT,
-                HAS_RIGHT, DROPOUT)
-            dq = tl.dot(ds_qk.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-            if MASK_GRAD:  # d out / d (float mask) is dS itself
-                tl.store(dmask_rows[:, None] + offs_n[None, :], ds, mask=row_ok[:, None] & n_ok[None, :])
+    # block mask: as in the forward (its TILES walk the tile's mask row)
+    state_rows = States + b.to(tl.int64) * stride_stb + head.to(tl.int64) * stride_sth
+    num_spans = 1
+    state = 1
+    r0 = 0
+    k0 = 0
+    if BLOCK_MASK == BLOCK_MASK_TILES:
+        qb = (pid_m * BLOCK_M % pitch) // block_q
+        r0 = pid_m * BLOCK_M % pitch - qb * block_q
+        num_spans, list_row, state_row = visits(Lists, States, b, kv_head * group + pid_m * BLOCK_M // pitch, qb,
+                                                stride_lib, stride_lih, stride_lir, stride_stb, stride_sth)
+    for j in range(0, num_spans):
+        if BLOCK_MASK == BLOCK_MASK_TILES:
+            state, k0 = span(list_row, j, state_row, qb, stride_stq, stride_stk, block_k)
+        for seg in tl.static_range(1 if BLOCK_MASK == BLOCK_MASK_TILES else 3):
+            seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
+            banded = seg != 1
+            if BLOCK_MASK == BLOCK_MASK_TILES:
+                seg_lo, seg_hi, banded = span_run(lo, full_lo, full_hi, hi, k0, block_k)
+            for start_n in range(seg_lo, seg_hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < len_k
+                key_rows = (k_start + offs_n).to(tl.int64)
+                k = tl.load(k_base + key_rows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+                v = tl.load(v_base + key_rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                            mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                _, ds, ds_qk = _probs_and_dscore(
+                    qk, dp, lse2[:, None], delta[:, None], ip[:, None], offs_n[None, :], row_ok[:, None],
+                    mask_rows[:, None], stride_mn, slopes[:, None], seed, rng_rows[:, None], len_k, scale, softcap,
+                    window_left, window_right, dropout_p, Bits, state_rows[:, None], state, offs_i[:, None], r0,
+                    start_n - k0, block_q, block_k, bits_row, stride_stq, stride_stk, banded, MASK_KIND, HAS_ALIBI,
+                    HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, BLOCK_MASK, False)
+                dq = tl.dot(ds_qk.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+                if MASK_GRAD:  # d out / d (float mask) is dS itself
+                    tl.store(dmask_rows[:, None] + offs_n[None, :], ds, mask=row_ok[:, None] & n_ok[None, :])
 
     tl.store(DQ + b64 * stride_dqb + head64[:, None] * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),

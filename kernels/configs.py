@@ -76,6 +76,10 @@ DQ_TILES = {(80, 64): (128, 32, 8, 2), (80, 128): (64, 32, 4, 3), (80, 256): (32
 # the paged KV-cache forward where its per-key page and row offsets need a smaller tile: sm_90 d128 spilled 8 bytes
 # at 128x128 (255 registers, pyattn.inspect); 128x64 with 3 stages fits in 224. Elsewhere FWD_TILES fit.
 FWD_PAGED_TILES = {(90, 128): (128, 64, 8, 3)}
+# the block-sparse forward (a partial block's bits in registers) where FWD_TILES spill: sm_90 d128 at 128x128 spilled
+# 24 bytes (255 registers, pyattn.inspect); 128x64 with 3 stages fits in 211. Its tiles still shrink to divide the
+# mask blocks (block_mask.fitted_tiles).
+FWD_BLOCK_MASK_TILES = {(90, 128): (128, 64, 8, 3)}
 INTERPRETER_TILES = (16, 32, 1, 1)  # several blocks even for the tests' small shapes
 
 
@@ -89,10 +93,15 @@ def _pick(table, head_dim, cc):
     return table[_key(head_dim, cc)]
 
 
-def fwd_default(head_dim, cc, paged=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward without autotuning (paged: K/V through pages)."""
+def fwd_default(head_dim, cc, paged=False, block_mask=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward without autotuning (paged: K/V through pages;
+    block_mask: with a block-sparse mask)."""
     tiles = _pick(FWD_TILES, head_dim, cc)
-    return FWD_PAGED_TILES.get(_key(head_dim, cc), tiles) if paged and not INTERPRET else tiles
+    if INTERPRET:
+        return tiles
+    if paged:
+        return FWD_PAGED_TILES.get(_key(head_dim, cc), tiles)
+    return FWD_BLOCK_MASK_TILES.get(_key(head_dim, cc), tiles) if block_mask else tiles
 
 
 def decode_tiles(rows, head_dim):

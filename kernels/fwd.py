@@ -11,6 +11,7 @@ bottom-right aligned to its own key count.
 import triton
 import triton.language as tl
 
+from .block_mask import BLOCK_MASK_NONE, BLOCK_MASK_TILES, block_masked, span, span_run, visits
 from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
 from .tiles import cache_span, key_blocks, key_rows, row_block, segment
 
@@ -20,11 +21,15 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
                stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, lo, hi,
                ip, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, seqlen_k, head_dim, head_dim_v,
                scale, softcap, window_left, window_right, dropout_p,
-               BANDED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               Bits, state_rows, state, offs_i, r0, k0, block_q, block_k, bits_row, stride_stq, stride_stk,
+               banded, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PAGED: tl.constexpr):
-    """Key blocks [lo, hi): BANDED ones check the window and the key length per element."""
+               DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PAGED: tl.constexpr,
+               BLOCK_MASK: tl.constexpr):
+    """Key blocks [lo, hi): banded ones (a constexpr, or a block mask's runtime flag) check the window and the key
+    length per element; a block mask's (TILES: these blocks lie in the mask block of state `state` whose first key is
+    k0, the tile's rows from its row r0), see block_mask.py."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
@@ -45,9 +50,13 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
         s = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
         s = biased(s, ip[:, None], offs_n[None, :], row_ok[:, None], mask_rows[:, None], stride_mn,
                    slopes[:, None], seqlen_k, MASK_KIND, HAS_ALIBI)
-        if BANDED:
+        if banded:
             s = tl.where(band_and_bounds(ip[:, None], offs_n[None, :], row_ok[:, None], seqlen_k, window_left,
                                          window_right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        if BLOCK_MASK != BLOCK_MASK_NONE:
+            s = block_masked(s, Bits, state_rows[:, None], state, offs_i[:, None],
+                             offs_n[None, :], r0, start_n - k0, row_ok[:, None], seqlen_k, block_q, block_k,
+                             bits_row, stride_stq, stride_stk, BLOCK_MASK, False)
         # online softmax; a row with nothing visible yet keeps m = -inf, so subtract a safe 0 instead. NaN needs no
         # care: a NaN score's p is NaN whatever max was kept (GPU max drops NaN), so l_i, acc and lse turn NaN
         m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -65,6 +74,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
 
 @triton.jit
 def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockTable, CacheIdx, Leftpad,
+              States, Bits, Lists,  # block mask: states (Bm, Hm, Qb, Kb) int32, bits (P, block_q, bits_row) uint8,
+              # lists (Bm, Hm, Qb, 1 + Kb) int32: per mask row its count of non-empty key blocks, then them
               stride_qb, stride_qh, stride_qm, stride_qd,  # q (B, Hq, L, E)
               stride_kb, stride_kh, stride_kn, stride_kd,  # k (B, Hkv, S, E); KV_CACHE: (B_cache or pages, Hkv, ., E)
               stride_vb, stride_vh, stride_vn, stride_vd,  # v (B, Hkv, S, Ev)
@@ -73,6 +84,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
               stride_mb, stride_mh, stride_mm, stride_mn,  # mask (B, Hq, L, S), stride 0 where broadcast
               stride_ab, stride_ah,  # alibi slopes (B, Hq) float32
               stride_bt, page_size,  # block_table (B, max_pages) int32; KV_CACHE: CuSeqK holds seqlens_k (B,)
+              stride_stb, stride_sth, stride_stq, stride_stk, stride_lib, stride_lih, stride_lir,  # 0 where broadcast
+              block_q, block_k, bits_row,
               H_Q, H_KV, seqlen_q, seqlen_k, head_dim, head_dim_v,
               scale, softcap, window_left, window_right, bottom_right, dropout_p, seq_bucket,  # (autotune key)
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -80,15 +93,17 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
               NUM_SPLITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
               WARP_SPECIALIZE: tl.constexpr, HAS_SINKS: tl.constexpr, KV_CACHE: tl.constexpr,
-              PAGED: tl.constexpr, HAS_CACHE_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+              PAGED: tl.constexpr, HAS_CACHE_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+              BLOCK_MASK: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip = row_block(
-        pid_m, tl.program_id(2), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M)
+    b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip, pitch = row_block(
+        pid_m, tl.program_id(2), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M,
+        BLOCK_MASK == BLOCK_MASK_TILES)
     if KV_CACHE:  # this sequence's keys, and its queries aligned to their end
         k_start, len_k = cache_span(CuSeqK, Leftpad, b, HAS_LEFTPAD)
         ip = offs_i + (len_k - len_q)
-    if pid_m * BLOCK_M >= group * len_q:
+    if pid_m * BLOCK_M >= group * pitch:
         return
     b_ptr = 0 if VARLEN else b  # varlen tensors are one packed batch
     b64 = tl.full([], b_ptr, tl.int64)
@@ -130,15 +145,37 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
-    # three runs of key blocks: band edge, interior (no per-element checks), band edge / sequence end
-    for seg in tl.static_range(3):
-        seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, pages, k_start, page_size,
-                                   stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, seg_lo, seg_hi, ip,
-                                   row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, len_k, head_dim, head_dim_v,
-                                   scale, softcap, window_left, window_right, dropout_p, seg != 1, BLOCK_N, HEAD_DIM,
-                                   HEAD_DIM_V, MASK_KIND, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA,
-                                   DOT_PRECISION, WARP_SPECIALIZE and seg == 1, PAGED)
+    # block mask: GATHER reads each element's state through its row's states; TILES visits the non-empty key blocks of
+    # the tile's mask row (one head, one q block qb: see block_mask.py), each a span of keys of one state. Without
+    # TILES one span, all keys (a loop of one trip, folded away)
+    state_rows = States + b.to(tl.int64) * stride_stb + head.to(tl.int64) * stride_sth
+    num_spans = 1
+    state = 1
+    r0 = 0
+    k0 = 0
+    if BLOCK_MASK == BLOCK_MASK_TILES:
+        qb = (pid_m * BLOCK_M % pitch) // block_q
+        r0 = pid_m * BLOCK_M % pitch - qb * block_q
+        num_spans, list_row, state_row = visits(Lists, States, b, kv_head * group + pid_m * BLOCK_M // pitch, qb,
+                                                stride_lib, stride_lih, stride_lir, stride_stb, stride_sth)
+    for j in range(0, num_spans):
+        if BLOCK_MASK == BLOCK_MASK_TILES:
+            state, k0 = span(list_row, j, state_row, qb, stride_stq, stride_stk, block_k)
+        # three runs of key blocks: band edge, interior (no per-element checks), band edge / sequence end; a block
+        # mask's span is one run
+        for seg in tl.static_range(1 if BLOCK_MASK == BLOCK_MASK_TILES else 3):
+            seg_lo, seg_hi = segment(seg, lo, full_lo, full_hi, hi)
+            banded = seg != 1
+            if BLOCK_MASK == BLOCK_MASK_TILES:
+                seg_lo, seg_hi, banded = span_run(lo, full_lo, full_hi, hi, k0, block_k)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, pages, k_start,
+                                       page_size, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd,
+                                       seg_lo, seg_hi, ip, row_ok, mask_rows, stride_mn, slopes, seed, rng_rows, len_k,
+                                       head_dim, head_dim_v, scale, softcap, window_left, window_right, dropout_p,
+                                       Bits, state_rows, state, offs_i, r0, k0, block_q, block_k, bits_row,
+                                       stride_stq, stride_stk, banded, BLOCK_N, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
+                                       HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PRECISION,
+                                       WARP_SPECIALIZE and seg == 1, PAGED, BLOCK_MASK)
 
     if HAS_SINKS and NUM_SPLITS == 1:  # the sink's exp joins the denominator (no value); split-KV: the combine
         sink = tl.load(Sinks + head, mask=row_ok, other=float("-inf")) * LOG2E

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ..op_args import FwdArgs, new_out
-from . import configs
+from . import block_mask, configs
 from .bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .fwd import _attn_fwd, _attn_fwd_combine
 
@@ -132,8 +132,26 @@ def forward(a: FwdArgs, mask_kind):
     pointers = dict(**_optional(a, "Mask", "Alibi", "CuSeqQ", "CuSeqK", "Rng", "Sinks"),
                     **_pointers(a.q, BlockTable=None, CacheIdx=None, Leftpad=None))
     flags = dict(_NO_CACHE, HAS_SINKS=a.sinks is not None)
-    _launch_forward(pb, a, out, lse, pointers, dict(stride_bt=0, page_size=0), use_tma, flags)
+    _launch_forward(pb, a, out, lse, pointers, dict(stride_bt=0, page_size=0), use_tma, flags, _block_mask(a))
     return out, lse
+
+
+def _block_mask(a):
+    """(block_states, block_bits, block_q, block_k) of an op's arguments a (FwdArgs or BwdArgs), or None."""
+    return None if a.block_states is None else (a.block_states, a.block_bits, a.block_q, a.block_k)
+
+
+def _block_mask_tiles(mask, block_m, block_n):
+    """-> (BLOCK_MASK mode, BLOCK_M, BLOCK_N) for a config's tiles and a block mask (None: none)."""
+    if mask is None:
+        return block_mask.BLOCK_MASK_NONE.value, block_m, block_n
+    return block_mask.fitted_tiles(block_m, block_n, mask[2], mask[3])
+
+
+def _packed_rows(pb, mode, block_m):
+    """Rows of one kv head's program grid: TILES pads each query head's rows to a multiple of BLOCK_M."""
+    pitch = triton.cdiv(pb.max_q, block_m) * block_m if mode == block_mask.BLOCK_MASK_TILES.value else pb.max_q
+    return pb.group * pitch
 
 
 def kvcache_forward(a, mask_kind):
@@ -169,16 +187,18 @@ def kvcache_forward(a, mask_kind):
     return out, lse
 
 
-def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags):
+def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags, mask=None):
     """Runs _attn_fwd (and the split-KV combine) for a (FwdArgs of (B, Hq, L, E) views) into out (B, Hq, L, Ev) and
     lse (B, Hq, L), any strides. pointers: the kernel's optional pointers by name; pages: block_table's row stride
-    and the page size (stride_bt, page_size); flags: its mode flags."""
+    and the page size (stride_bt, page_size); flags: its mode flags; mask: _block_mask's."""
     if use_tma:
         _set_tma_allocator(a.q.device)
     rows = pb.group * pb.max_q
     block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
-        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"])
+        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"], block_mask=mask is not None)
+    mode, block_m, block_n = _block_mask_tiles(mask, block_m, block_n)
     splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
+    rows = _packed_rows(pb, mode, block_m)
     if splits == 1:
         dst_out, dst_lse = out.unsqueeze(0), lse.unsqueeze(0)
     else:
@@ -187,8 +207,11 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags):
         dst_lse = torch.full((splits, pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=a.q.device)
     args = dict(Q=a.q, K=a.k, V=a.v, Out=dst_out, Lse=dst_lse, **pointers, **_strides("q", a.q, "bhmd"),
                 **_strides("k", a.k, "bhnd"), **_strides("v", a.v, "bhnd"), **_strides("o", dst_out, "sbhmd"),
-                **_strides("l", dst_lse, "sbhm"), **pages, **pb.scores_args(a))
-    if pb.tuned and splits == 1:
+                **_strides("l", dst_lse, "sbhm"), **pages, **pb.scores_args(a),
+                **block_mask.kernel_args(a.q, *(mask or ())))
+    flags = dict(flags, BLOCK_MASK=mode)
+    # a block mask runs the fixed tiles fitted to its blocks: autotune candidates need not divide them
+    if pb.tuned and splits == 1 and mask is None:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
         _run(_tuned("fwd", pb.cc), grid, args, **pb.flags, **flags, NUM_SPLITS=1, USE_TMA=use_tma)
     else:
@@ -232,16 +255,22 @@ def backward(a, mask_kind):
                   **pb.scores_args(a))
     dkdv_args = dict(inputs, DK=dk, DV=dv, **_strides("dk", dk, "bhnd"), **_strides("dv", dv, "bhnd"))
     dq_args = dict(inputs, DQ=dq, DMask=dmask, **_strides("dq", dq, "bhmd"))
-    rows = pb.group * pb.max_q
-    if pb.tuned:
+    mask = _block_mask(a)
+    if pb.tuned and mask is None:  # a block mask runs the fixed tiles fitted to its blocks, as in the forward
+        rows = pb.group * pb.max_q
         _run(_tuned("dkdv", pb.cc), lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv),
-             dkdv_args, **pb.flags)
-        _run(_tuned("dq", pb.cc), lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv), dq_args,
-             **pb.flags, MASK_GRAD=a.mask_grad)
+             dict(dkdv_args, **block_mask.kernel_args(q)), **pb.flags, BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
+        _run(_tuned("dq", pb.cc), lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv),
+             dict(dq_args, **block_mask.kernel_args(q)), **pb.flags, MASK_GRAD=a.mask_grad,
+             BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
     else:
         (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)
-        _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv), dkdv_args, **pb.flags, BLOCK_M=bm,
-             BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        _run(_attn_bwd_dq, (triton.cdiv(rows, bm2), pb.batches * pb.Hkv), dq_args, **pb.flags,
-             MASK_GRAD=a.mask_grad, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=warps2, num_stages=stages2)
+        mode, bm, bn = _block_mask_tiles(mask, bm, bn)
+        _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv),
+             dict(dkdv_args, **block_mask.kernel_args(q, *(mask or ()), columns=True)), **pb.flags, BLOCK_M=bm,
+             BLOCK_N=bn, BLOCK_MASK=mode, num_warps=warps, num_stages=stages)
+        mode, bm2, bn2 = _block_mask_tiles(mask, bm2, bn2)
+        _run(_attn_bwd_dq, (triton.cdiv(_packed_rows(pb, mode, bm2), bm2), pb.batches * pb.Hkv),
+             dict(dq_args, **block_mask.kernel_args(q, *(mask or ()))), **pb.flags, MASK_GRAD=a.mask_grad,
+             BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_MASK=mode, num_warps=warps2, num_stages=stages2)
     return dq, dk, dv, dmask

@@ -45,17 +45,20 @@ def key_rows(offs_n, n_ok, Pages, k_start, page_size, stride_kp, stride_kn, stri
 
 @triton.jit
 def row_block(pid_m, pid_bh, H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right,
-              VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+              VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, PAD_HEADS: tl.constexpr):
     """What a forward or dQ program owns: -> (b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head,
-    offs_i, ip). Its block is empty when pid_m * BLOCK_M >= group * len_q."""
+    offs_i, ip, pitch). Its block is empty when pid_m * BLOCK_M >= group * pitch (see packed_rows)."""
     b = pid_bh // H_KV
     kv_head = pid_bh % H_KV
     group = H_Q // H_KV
     q_start, len_q = seq_span(CuSeqQ, b, seqlen_q, VARLEN)
     k_start, len_k = seq_span(CuSeqK, b, seqlen_k, VARLEN)
     shift = (len_k - len_q) * bottom_right
-    row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, shift, BLOCK_M)
-    return b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip
+    pitch = len_q
+    if PAD_HEADS:
+        pitch = tl.cdiv(len_q, BLOCK_M) * BLOCK_M
+    row_ok, head, offs_i, ip = packed_rows(pid_m, kv_head, group, len_q, pitch, shift, BLOCK_M, PAD_HEADS)
+    return b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip, pitch
 
 
 @triton.jit
@@ -74,13 +77,17 @@ def segment(seg: tl.constexpr, lo, full_lo, full_hi, hi):
 
 
 @triton.jit
-def packed_rows(pid_m, kv_head, group, seqlen_q, shift, BLOCK_M: tl.constexpr):
-    """-> row_ok, head (query head), offs_i (query index), ip (band index): (BLOCK_M,)."""
+def packed_rows(pid_m, kv_head, group, seqlen_q, pitch, shift, BLOCK_M: tl.constexpr, PAD_HEADS: tl.constexpr):
+    """-> row_ok, head (query head), offs_i (query index), ip (band index): (BLOCK_M,). Each head owns pitch packed
+    rows: seqlen_q, or, PAD_HEADS, seqlen_q rounded up to BLOCK_M, so that no tile holds two heads (a block mask's
+    tile then lies in one mask row)."""
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < group * seqlen_q
+    row_ok = offs_r < group * pitch
     r = tl.where(row_ok, offs_r, 0)
-    head = kv_head * group + r // seqlen_q
-    offs_i = r % seqlen_q
+    head = kv_head * group + r // pitch
+    offs_i = r % pitch
+    if PAD_HEADS:
+        row_ok = row_ok & (offs_i < seqlen_q)
     return row_ok, head, offs_i, offs_i + shift
 
 

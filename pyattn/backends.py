@@ -10,7 +10,7 @@ import torch
 from . import features as F
 from . import op_args, ops, reference
 from .errors import AttentionInputError
-from .features import ALL_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
+from .features import ALL_FEATURES, FLEX_FEATURES, KVCACHE_FEATURES, TORCH_FEATURES
 from .inputs import AttnInputs
 
 # torch's own function, bound before pyattn.enable() can rebind torch.nn.functional's name to pyattn
@@ -66,6 +66,9 @@ class Backend:
         missing = [f for f in inp.uses() if f not in self.features]
         if missing:
             reasons.append(f"does not support {', '.join(missing)}")
+        if F.SCORE_MOD in missing:
+            reasons.append("an arbitrary Python score_mod is not fused (pyattn.score_mods' alibi, softcap, "
+                           "relative_bias and full_bias are): it runs on the reference math")
         E, Ev = inp.head_dims
         if self.max_head_dim is not None and max(E, Ev) > self.max_head_dim:
             reasons.append(f"head dims up to {self.max_head_dim}, got E={E}, Ev={Ev}")
@@ -103,7 +106,6 @@ class FusedBackend(Backend):
     bwd_op_name = "bwd"
     kvcache_op_name = "kvcache_fwd"
     block_backward = True
-
     def extra_reasons(self, inp):
         reasons = []
         if inp.dropout_p >= 1.0:
@@ -126,9 +128,10 @@ class FusedBackend(Backend):
 
 class TritonBackend(FusedBackend):
     """The Triton kernels (pyattn.kernels): every feature on CUDA; on CPU tensors only under the Triton
-    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong."""
+    interpreter (TRITON_INTERPRET=1), which is for tests: slow, and its bf16 dot is wrong. Block masks of any block
+    size: tiles fitted to the blocks, or a per-element fallback where no tile fits (kernels/block_mask.py)."""
     name = "triton"
-    features = ALL_FEATURES | KVCACHE_FEATURES
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.BLOCK_MASK}
     max_head_dim = 256
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
@@ -152,6 +155,16 @@ class TritonBackend(FusedBackend):
         if inp.device.type == "cpu" and inp.dtype == torch.bfloat16:
             reasons.append("the Triton interpreter's bfloat16 dot is wrong, so bfloat16 runs on CUDA only")
         return reasons
+
+    def notes(self, inp):
+        if inp.block_states is None:
+            return ""
+        from .kernels import block_mask  # triton with it: explain() only
+        mode, *_ = block_mask.fitted_tiles(16, 16, inp.block_q, inp.block_k)
+        if mode == block_mask.BLOCK_MASK_TILES.value:
+            return f" [block mask: tiles fitted to its {inp.block_q}x{inp.block_k} blocks, empty blocks skipped]"
+        return (f" [block mask: no 16-wide tile divides its {inp.block_q}x{inp.block_k} blocks, so every element looks "
+                f"its block up (correct, no skipping: slow)]")
 
 
 class CPUBackend(FusedBackend):
@@ -226,7 +239,7 @@ class ReferenceBackend(Backend):
     """Naive math (pyattn.reference): every feature, any device, L x S memory."""
     name = "reference"
     devices = ("cpu", "cuda", "meta", "mps", "xpu")
-    features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT}
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.KVCACHE_GRADIENT} | FLEX_FEATURES
     forward_ad = True
 
     def forward(self, inp):

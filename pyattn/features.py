@@ -24,6 +24,10 @@ CACHE_BATCH_IDX = "cache_batch_idx"
 CACHE_LEFTPAD = "cache_leftpad"
 KVCACHE_GRADIENT = "kvcache gradient"  # a differentiable call: left to the reference backend
 
+# flex_attention (and a BlockMask as scaled_dot_product_attention's attn_mask)
+BLOCK_MASK = "block_mask"  # a torch BlockMask: block_states / block_bits (pyattn/block_mask.py)
+SCORE_MOD = "score_mod"  # an arbitrary Python score_mod (pyattn.score_mods' families become the features above)
+
 # every feature of scaled_dot_product_attention / varlen_attention
 ALL_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, SLIDING_WINDOW, CAUSAL, BOTTOM_RIGHT, SOFTCAP, ALIBI, DROPOUT,
                           VARLEN, RETURN_LSE, GQA, SINKS})
@@ -31,3 +35,5 @@ ALL_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, SLIDING_WINDOW, CAUSAL, BOTTOM_
 KVCACHE_FEATURES = frozenset({KVCACHE, PAGED_KV_CACHE, CACHE_BATCH_IDX, CACHE_LEFTPAD})
 # what torch's own F.scaled_dot_product_attention computes
 TORCH_FEATURES = frozenset({BOOL_MASK, FLOAT_MASK, CAUSAL, DROPOUT, GQA})
+# what flex_attention adds (fused backends declare BLOCK_MASK once their kernels take it; SCORE_MOD: reference only)
+FLEX_FEATURES = frozenset({BLOCK_MASK, SCORE_MOD})

@@ -2,16 +2,18 @@
 backends never re-parse them. One record for every entry point; each builder below only translates its arguments.
 
 Every call becomes 4-D q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), an optional mask (B, Hq, L, S), and
-plain options; a KV-cache call adds its cache part. Causal masking is folded into the window (causal ==
-window_right 0), so kernels have one band rule.
+plain options; a KV-cache call adds its cache part, a BlockMask its block part (block_states, block_bits, block_q,
+block_k: named as the ops' arguments, so op_args.pick passes them), a Python score_mod its callable. Causal masking is
+folded into the window (causal == window_right 0), so kernels have one band rule.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from . import block_mask as block_masks
 from . import features as F
-from . import normalize, torch_words, validate
+from . import normalize, score_mods, torch_words, validate
 from .errors import AttentionInputError, AttentionTypeError
 from .validate import Shapes
 
@@ -64,11 +66,14 @@ class AttnInputs:
     out_shape: tuple  # the user-facing output shape; lse is out_shape[:-1] (a cache call's lse: (B, Hq, L))
     sinks: Optional[torch.Tensor] = None  # (Hq,) float32 sink logits, or None
     cache: Optional[KVCache] = None  # kvcache_attention's cache part
-    # a block-sparse mask (csrc/ops.cpp: the fwd op's arguments of these names), ANDed with the other masks
-    block_states: Optional[torch.Tensor] = None  # (1 or B, 1 or Hq, ceil(L / block_q), ceil(S / block_k)) int32
-    block_bits: Optional[torch.Tensor] = None  # (P, block_q, ceil(block_k / 8)) uint8: partial blocks' bits
+    # a BlockMask (pyattn/block_mask.py): block (qb, kb) of rows [qb * block_q, ...) x keys [kb * block_k, ...) is
+    # 0 empty, 1 full, 2 + i partial (masked by block_bits[i]); it ANDs with every other mask
+    block_states: Optional[torch.Tensor] = None  # (1|B, 1|Hq, ceil(L / block_q), ceil(S / block_k)) int32
+    block_bits: Optional[torch.Tensor] = None  # (P, block_q, ceil(block_k / 8)) uint8, bit c % 8 of byte c // 8
     block_q: int = 0
     block_k: int = 0
+    # an arbitrary score_mod(score, b, h, q_idx, kv_idx) (torch's signature), applied after scale: reference only
+    score_mod: Optional[Callable] = None
 
     @property
     def device(self):
@@ -118,6 +123,8 @@ class AttnInputs:
             (self.q.shape[1] != self.k.shape[1], F.GQA),
             (self.sinks is not None, F.SINKS),
             (cache is not None and cache.needs_grad, F.KVCACHE_GRADIENT),
+            (self.block_states is not None, F.BLOCK_MASK),
+            (self.score_mod is not None, F.SCORE_MOD),
         ]
         return [feature for used, feature in wanted if used]
 
@@ -130,7 +137,9 @@ def dense_inputs(query, key, value, *, attn_mask=None, dropout_p=0.0, is_causal=
     try:
         return _dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, **extras)
     except AttentionInputError as e:
-        words = torch_words.sdpa_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        # torch's SDPA takes no BlockMask: its words are those for the call without it
+        mask = None if block_masks.is_block_mask(attn_mask) else attn_mask
+        words = torch_words.sdpa_refusal(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)
         raise torch_words.with_torch_words(e, words) from None
 
 
@@ -149,20 +158,33 @@ def _dense(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         raise AttentionTypeError(f"is_causal and enable_gqa must be bools, got {type(is_causal).__name__} and "
                                  f"{type(enable_gqa).__name__}")
     validate.mask_and_causal(attn_mask, is_causal, shapes)
+    block_mask = None
+    if block_masks.is_block_mask(attn_mask):  # kept as blocks: never an L x S tensor
+        block_mask, attn_mask = attn_mask, None
     if validate.is_causal_bias(attn_mask):  # the kernels' causal band in the bias's alignment: no L x S tensor
         causal_alignment = validate.causal_bias(attn_mask, L, S, causal_alignment, shapes)
         attn_mask, is_causal = None, True
     key, value, q_batch, kv_batch = normalize.batch_shapes(query, key, value, enable_gqa, shapes)
     dropout_p, softcap, bottom_right = validate.options(dropout_p, softcap, causal_alignment, return_lse)
     left, right = validate.window(window_size, is_causal)
+    q = normalize.as_bhld(query, q_batch)
     return AttnInputs(
-        q=normalize.as_bhld(query, q_batch), k=normalize.as_bhld(key, kv_batch), v=normalize.as_bhld(value, kv_batch),
+        q=q, k=normalize.as_bhld(key, kv_batch), v=normalize.as_bhld(value, kv_batch),
         mask=validate.mask(attn_mask, q_batch, L, S, query),
         alibi_slopes=validate.alibi(alibi_slopes, q_batch if q_batch else (1,), query.device),
         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=L, max_seqlen_k=S,
         scale=validate.scale(scale, E), window_left=left, window_right=right, bottom_right=bottom_right,
         softcap=softcap, dropout_p=dropout_p, return_lse=return_lse, out_shape=(*q_batch, L, Ev),
-        sinks=validate.sinks(sinks, q_batch[-1] if q_batch else 1, query))
+        sinks=validate.sinks(sinks, q_batch[-1] if q_batch else 1, query), **_block_part(block_mask, q, S))
+
+
+def _block_part(block_mask, q, S):
+    """AttnInputs' block fields for a BlockMask (or None) over q (B, Hq, L, E) and keys of length S."""
+    if block_mask is None:
+        return {}
+    B, Hq, L, _ = q.shape
+    blocks = block_masks.block_sparse(block_mask, B, Hq, L, S, q.device)
+    return dict(block_states=blocks.states, block_bits=blocks.bits, block_q=blocks.block_q, block_k=blocks.block_k)
 
 
 def dense_outputs(inp: AttnInputs, out, lse):
@@ -243,3 +265,101 @@ def kvcache_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table
         max_seqlen_q=L, max_seqlen_k=cache.capacity, scale=validate.scale(scale, E), window_left=left,
         window_right=right, bottom_right=True, softcap=softcap, dropout_p=0.0, return_lse=return_lse,
         out_shape=(B, L, Hq, v_cache.shape[3]), sinks=sinks, cache=cache)
+
+
+# torch's flex_attention kernel_options that only tune how its kernels run (torch's FlexKernelOptions; fwd_/bwd_
+# prefixes too), or promise what pyattn does not rely on (ROWS_GUARANTEED_SAFE, BLOCKS_ARE_CONTIGUOUS): ignored.
+# PRESCALE_QK only changes rounding. Anything else (OUTPUT_*, another BACKEND, unknown keys) is refused.
+TUNING_OPTIONS = frozenset({"num_warps", "num_stages", "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2",
+                            "BLOCK_N2", "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ",
+                            "FORCE_USE_FLEX_ATTENTION", "USE_TMA", "kpack", "matrix_instr_nonkdim", "waves_per_eu"})
+
+
+def _kernel_options(kernel_options):
+    if kernel_options is None:
+        return
+    if not isinstance(kernel_options, dict):
+        raise AttentionTypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    for name, value in kernel_options.items():
+        if name == "BACKEND" and value == "AUTO":
+            continue
+        base = name.removeprefix("fwd_").removeprefix("bwd_") if isinstance(name, str) else name
+        if base not in TUNING_OPTIONS:
+            raise AttentionInputError(f"kernel_options[{name!r}] = {value!r} is not a tuning hint pyattn can ignore "
+                                      f"(it takes {sorted(TUNING_OPTIONS)} and BACKEND='AUTO'; pick pyattn's kernels "
+                                      "with backend=...)")
+
+
+def _wants_lse(return_lse, return_aux):
+    """flex_attention's return_lse / return_aux (torch's AuxRequest) -> whether lse is computed."""
+    validate.flag("return_lse", return_lse)
+    if return_aux is None:
+        return return_lse
+    if return_lse:
+        raise AttentionInputError("Cannot specify both return_lse and return_aux; pass return_aux=AuxRequest(lse=True)")
+    if not (hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
+        raise AttentionTypeError(f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}")
+    if return_aux.max_scores:
+        raise AttentionInputError("return_aux=AuxRequest(max_scores=True): pyattn's kernels do not return max scores "
+                                  "(torch's CPU flex_attention neither); ask for lse")
+    return bool(return_aux.lse)
+
+
+def flex_inputs(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False,
+                kernel_options=None, return_aux=None):
+    """flex_attention's arguments -> AttnInputs (flex_outputs maps the results back). A score_mod of
+    pyattn.score_mods becomes the option its kernels have; another callable stays a score_mod (reference math). Where
+    torch's flex_attention refuses the same arguments, the error starts with torch's words."""
+    query, key, value = normalize.autocast(query, key, value)
+    try:
+        return _flex(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                     return_aux)
+    except AttentionInputError as e:
+        words = torch_words.flex_refusal(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                         kernel_options, return_aux)
+        raise torch_words.with_torch_words(e, words) from None
+
+
+def _flex(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+    validate.tensors_of_rank(4, "(B, H, L, E)", query=query, key=key, value=value)
+    validate.qkv_types(query=query, key=key, value=value)
+    (B, Hq, L, E), (Bkv, Hkv, S, Ek), (Bv, Hv, Sv, Ev) = query.shape, key.shape, value.shape
+    shapes = Shapes(query=query, key=key, value=value)
+    if Ek != E:
+        raise AttentionInputError(f"query and key must have the same embedding dim E, got {shapes}")
+    if (Bv, Hv, Sv) != (Bkv, Hkv, S):
+        raise AttentionInputError(f"key and value must agree in all but the last dim, got {shapes}")
+    if not validate.flag("enable_gqa", enable_gqa) and Hq != Hkv:
+        raise AttentionInputError(f"query and key/value must have the same number of heads without enable_gqa, got "
+                                  f"{shapes}")
+    if Hkv == 0 or Hq % Hkv:
+        raise AttentionInputError(f"enable_gqa: query heads must be a multiple of key/value heads, got {shapes}")
+    if Bkv != B and (Bkv != 1 or block_mask is None or block_mask.kv_num_blocks.shape[0] != B):
+        raise AttentionInputError(f"key/value batch must be the query's, or 1 with a block_mask of the query's batch, "
+                                  f"got {shapes}")
+    want_lse = _wants_lse(return_lse, return_aux)
+    _kernel_options(kernel_options)
+    if block_mask is not None and not block_masks.is_block_mask(block_mask):
+        raise AttentionTypeError(f"block_mask must be a torch.nn.attention.flex_attention.BlockMask or None, got "
+                                 f"{type(block_mask).__name__}")
+    if score_mod is not None and not callable(score_mod):
+        raise AttentionTypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+    fusion = score_mod.fuse(B, Hq, L, S, query) if isinstance(score_mod, score_mods.FusedScoreMod) else None
+    fused = dict([fusion]) if fusion else {}
+    mask = fused.pop("mask", None)
+    return AttnInputs(
+        q=query, k=key.expand(B, -1, -1, -1), v=value.expand(B, -1, -1, -1),
+        mask=validate.mask(mask, (B, Hq), L, S, query), alibi_slopes=fused.pop("alibi_slopes", None),
+        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=L, max_seqlen_k=S, scale=validate.scale(scale, E),
+        window_left=-1, window_right=-1, bottom_right=False, softcap=fused.pop("softcap", 0.0), dropout_p=0.0,
+        return_lse=want_lse, out_shape=(B, Hq, L, Ev),
+        score_mod=None if fusion else score_mod, **_block_part(block_mask, query, S))
+
+
+def flex_outputs(inp: AttnInputs, out, lse, return_aux):
+    """out (B, Hq, L, Ev), lse (B, Hq, L) -> what flex_attention returns: out, (out, lse) with return_lse, or
+    (out, AuxOutput) with return_aux."""
+    if return_aux is not None:
+        from torch.nn.attention.flex_attention import AuxOutput
+        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=None)
+    return (out, lse) if inp.return_lse else out

@@ -1,7 +1,8 @@
 """The attention ops' arguments for Python, read from the schemas pyattn._C registers (csrc/ops.cpp, where each
 argument and its shape are written once): FwdArgs, BwdArgs and KVCacheArgs, named tuples of fwd's, bwd's and
-kvcache_fwd's arguments in their order with their defaults, and Options, fwd's arguments that are not tensors (the
-scalars: lengths, scale, window, ..., block sizes). Every Python caller builds and reads op calls through these (by name, never by position).
+kvcache_fwd's arguments in their order with their defaults, and Options, fwd's arguments that are not tensors (what
+autograd keeps besides the saved tensors, trailing ones such as block_q/block_k included). Every Python caller builds
+and reads op calls through these (by name, never by position).
 
 The tuples are made on first use, once pyattn/ops.py has loaded pyattn._C; without it (a checkout never built) there
 are no ops to call, and naming one raises.
@@ -11,6 +12,7 @@ from collections import namedtuple
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
+_MISSING = object()
 _TUPLES = ("FwdArgs", "BwdArgs", "KVCacheArgs", "Options", "FWD_TENSORS")
 
 
@@ -33,12 +35,12 @@ def _arguments(typename, op):
 
 def _read_schemas():
     fwd = schema("fwd").arguments
-    tensors = tuple(a.name for a in fwd if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor()))
+    tensors = [a.name for a in fwd if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())]
     return dict(FwdArgs=_arguments("FwdArgs", "fwd"), BwdArgs=_arguments("BwdArgs", "bwd"),
                 KVCacheArgs=_arguments("KVCacheArgs", "kvcache_fwd"),
                 Options=namedtuple("Options", [a.name for a in fwd if a.name not in tensors]),
                 # what backward needs of fwd's inputs, besides the options
-                FWD_TENSORS=tensors)
+                FWD_TENSORS=tuple(tensors))
 
 
 def __getattr__(name):
@@ -53,9 +55,19 @@ def __getattr__(name):
 def pick(cls, *records, **given):
     """cls's fields from given, else from the first of records (AttnInputs, its KVCache part, another args tuple)
     with an attribute of that name."""
-    def field(name):
-        return given[name] if name in given else getattr(next(r for r in records if hasattr(r, name)), name)
-    return cls(**{name: field(name) for name in cls._fields})
+    values = []
+    for name in cls._fields:  # a plain loop: this runs on every call (a generator per field cost 3x as much)
+        if name in given:
+            values.append(given[name])
+            continue
+        for record in records:
+            value = getattr(record, name, _MISSING)
+            if value is not _MISSING:
+                break
+        else:
+            raise AttributeError(f"{cls.__name__}.{name}: none of {[type(r).__name__ for r in records]} has it")
+        values.append(value)
+    return cls._make(values)
 
 
 def new_out(q, Ev, zeros=False):

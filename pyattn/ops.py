@@ -55,7 +55,23 @@ def fused_forward(inp: AttnInputs, op_name="fwd", rng_state=None):
     rng_state: the dropout (seed, offset) to use; None draws one."""
     if rng_state is None:
         rng_state = draw_rng_state(inp)
-    return getattr(torch.ops.pyattn, op_name)(*pick(op_args.FwdArgs, inp, rng_state=rng_state))
+    op, args = getattr(torch.ops.pyattn, op_name), pick(op_args.FwdArgs, inp, rng_state=rng_state)
+    if needs_autograd(inp):
+        return op(*args)
+    # Nothing to differentiate: straight to the kernel. torch.library's autograd kernel would find the same, but only
+    # after a round trip through Python with every argument boxed twice: about 3/4 of a tiny call's time (B=1, H=8,
+    # L=S=16, D=64 fp32 on the CPU: 106 -> 29 us under load).
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def needs_autograd(inp: AttnInputs):
+    """Whether autograd must see this call: grad mode on with an input that requires grad, or a graph being traced
+    (torch.compile decides there)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (inp.q, inp.k, inp.v, inp.mask, inp.alibi_slopes, inp.sinks))
 
 
 def fused_backward(inp: AttnInputs, dout, out, lse, dlse, rng_state, op_name="bwd"):

@@ -5,7 +5,27 @@ contract with ordinary differentiable tensor ops, so autograd gives its backward
 """
 import torch
 
+from . import block_mask
 from .inputs import AttnInputs
+
+
+def _score_mod(fn, s):
+    """torch's score_mod(score, b, h, q_idx, kv_idx) over s (B, Hq, L, S), as torch's math path applies it: on
+    broadcast int32 index tensors where fn takes them (one call), else under vmap element by element (fn written for
+    scalars). Differentiable in s and in any tensor fn closes over."""
+    B, H, L, S = s.shape
+    index = [torch.arange(n, device=s.device, dtype=torch.int32).view(*(n if d == i else 1 for d in range(4)))
+             for i, n in enumerate((B, H, L, S))]
+    try:
+        out = fn(s, *index)
+        if isinstance(out, torch.Tensor) and out.shape == s.shape:
+            return out
+    except Exception:  # a score_mod for scalars fails on tensors in its own way: it runs under vmap then
+        pass
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+    with TransformGetItemToIndex():
+        return _vmap_for_bhqkv(fn, prefix=(0,))(s, *(i.flatten() for i in index))
 
 
 def _band(L, S, inp: AttnInputs, device):
@@ -31,7 +51,12 @@ def _dense(q, k, v, mask, alibi, inp: AttnInputs, keep=None):
         s = inp.softcap * torch.tanh(s / inp.softcap)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = s.to(acc_dtype)
+    if inp.score_mod is not None:
+        s = _score_mod(inp.score_mod, s)
     allowed, distance = _band(L, S, inp, q.device)
+    if inp.block_states is not None:
+        allowed = allowed & block_mask.dense(inp.block_states, inp.block_bits, inp.block_q, inp.block_k,
+                                             q.shape[0], q.shape[1], L, S)
     if alibi is not None:
         s = s - alibi[:, :, None, None].to(acc_dtype) * distance.to(acc_dtype)
     if mask is not None:

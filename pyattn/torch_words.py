@@ -8,6 +8,8 @@ it later in other words (a mask that does not broadcast fails in the addition to
 different devices need the real tensors: torch checks that first, before it computes anything. Asked only on
 the error path, so it costs a valid call nothing.
 """
+import warnings
+
 import torch
 
 _TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention  # torch's, even while pyattn.enable() is on
@@ -44,3 +46,28 @@ def with_torch_words(error, words):
     if words is None or words in str(error):
         return error
     return type(error)(f"{words} (pyattn: {error})")
+
+
+# a kernel option torch's flex_attention refuses only after every argument check: its refusal of it means "accepted"
+_FLEX_ACCEPTED = "OUTPUT_LOGSUMEXP must not be in kernel_options"
+
+
+def flex_refusal(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options, return_aux):
+    """The message torch's flex_attention raises for these arguments, or None if it takes them. torch checks them all
+    before it computes anything, and then refuses an internal kernel option: asked with that option, it never
+    computes. q, k, v go detached (torch's CPU flex_attention refuses gradients, which is its limit, not the call's)."""
+    if torch.compiler.is_compiling():
+        return None
+    from torch.nn.attention.flex_attention import flex_attention
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in (query, key, value)]
+    options = {**(kernel_options if isinstance(kernel_options, dict) else {}), "OUTPUT_LOGSUMEXP": True}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex_attention(*detached, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                           return_lse=return_lse, kernel_options=options, return_aux=return_aux)
+    except AssertionError as e:
+        return None if str(e) == _FLEX_ACCEPTED else str(e)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
+        return str(e)
+    return None

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .block_mask import is_block_mask
 from .errors import AttentionInputError, AttentionTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -198,7 +199,8 @@ def causal_bias(bias, L, S, causal_alignment, shapes):
 
 def mask_and_causal(attn_mask, is_causal, shapes):
     if is_causal and attn_mask is not None:
-        kind = "a CausalBias" if is_causal_bias(attn_mask) else f"a mask of shape {shape(attn_mask)}"
+        kind = ("a CausalBias" if is_causal_bias(attn_mask) else
+                f"a {'BlockMask' if is_block_mask(attn_mask) else 'mask'} of shape {shape(attn_mask)}")
         raise AttentionInputError(
             f"attn_mask ({kind}) and is_causal=True must not be combined, as torch documents ({shapes}); "
             "pass one of them, or window_size=(-1, 0) with attn_mask for a mask inside the causal band")

@@ -248,7 +248,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPlan
         acc* o = partial(hk);
         store_rows<scalar_t>(p, seq, Rows{hk * group, group, 0, seq.L}, o, o + M * Ev, o + M * Ev + M);
       }
-  });
+  }, plan.threads);
   if (!plan.merge) return;
 
   // Merge the chunks of each (sequence, kv head) in key order: o, l rescaled to the common max.
@@ -274,7 +274,7 @@ void fwd_decode(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPlan
       }
     }
     store_rows<scalar_t>(p, seq, rows, o, m, l);
-  });
+  }, plan.threads);
 }
 
 }  // namespace

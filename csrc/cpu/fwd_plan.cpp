@@ -123,12 +123,29 @@ DecodeKeys decode_keys(const AttnParams& p, const Seq& seq) {
   return {lo, khi, std::max<int64_t>(1, (blocks + kChunkBlocks - 1) / kChunkBlocks)};
 }
 
+// Multiply-adds of q.k and p.v over the keys each query row sees (its band), every q head: estimated from the band's
+// end rows (exact where no bound clamps).
+int64_t fwd_work(const AttnParams& p) {
+  int64_t work = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const Seq seq = get_seq(p, b);
+    const Band band = make_band(p, seq);
+    int64_t keys = 0;  // summed over the rows
+    if (seq.L > 0) keys = (std::max<int64_t>(0, band.hi(0) - band.lo(0)) +
+                           std::max<int64_t>(0, band.hi(seq.L - 1) - band.lo(seq.L - 1))) * seq.L / 2;
+    work += keys * p.heads_q * (p.head_dim + p.head_dim_v);
+  }
+  return work;
+}
+
 template <typename scalar_t>
 FwdPlan plan(const AttnParams& p) {
   const int64_t B = p.batch, Hkv = p.heads_kv, E = p.head_dim, Ev = p.head_dim_v;
   const int64_t M = (Hkv > 0 ? p.heads_q / Hkv : 0) * p.seqlen_q;  // rows a tile stacks: a GQA group's heads x L
   FwdPlan f;
   count_blocks(p, f);
+  f.work = fwd_work(p);
+  f.threads = f.work < kParallelWork ? 1 : at::get_num_threads();
   f.tiles = tile_type<scalar_t>();
   f.bf16_widened = std::is_same_v<scalar_t, c10::BFloat16> && f.tiles == TileType::kFp32;
   if (M > kDecodeTile.q) {
@@ -165,9 +182,7 @@ FwdPlan plan(const AttnParams& p) {
   return f;
 }
 
-namespace {
-
-int64_t describe_path(const FwdPlan& f, char* out, int64_t size) {
+static int64_t describe_path(const FwdPlan& f, char* out, int64_t size) {
   const char* type = f.tiles == TileType::kFp64 ? "fp64" : f.tiles == TileType::kFp32 ? "fp32" : "bf16 VNNI";
   const char* why = f.bf16_widened ? " (bf16 widened: no bf16 VNNI brgemm here)" : "";
   if (f.path == FwdPath::kPrefill)
@@ -187,16 +202,18 @@ int64_t describe_path(const FwdPlan& f, char* out, int64_t size) {
                        f.tile.k, why, split, keys);
 }
 
-}  // namespace
-
 int64_t describe(const FwdPlan& f, char* out, int64_t size) {
-  const int64_t n = describe_path(f, out, size);
-  if (f.blocks_total == 0) return n;
-  const int64_t at = std::min<int64_t>(n, std::max<int64_t>(0, size - 1));
-  return n + std::snprintf(out + at, size - at, "; block mask of %" PRId64 " x %" PRId64 " blocks: %" PRId64 " of %"
-                           PRId64 " visited (%" PRId64 " full, %" PRId64 " partial), empty ones skipped", f.block_q,
-                           f.block_k, f.blocks_visited, f.blocks_total, f.blocks_full,
-                           f.blocks_visited - f.blocks_full);
+  int64_t n = describe_path(f, out, size);
+  // each addition appends where the text so far ends (a truncated text stays as it is)
+  auto append = [&](auto... args) {
+    if (n >= 0 && n < size) n += std::snprintf(out + n, size - n, args...);
+  };
+  if (f.blocks_total != 0)
+    append("; block mask of %" PRId64 " x %" PRId64 " blocks: %" PRId64 " of %" PRId64 " visited (%" PRId64
+           " full, %" PRId64 " partial), empty ones skipped", f.block_q, f.block_k, f.blocks_visited, f.blocks_total,
+           f.blocks_full, f.blocks_visited - f.blocks_full);
+  if (f.threads == 1) append("; on one thread (%" PRId64 " multiply-adds: too few to share)", f.work);
+  return n;
 }
 
 void record_fwd_run(const FwdPlan& plan, TileType ran_on) {

@@ -60,7 +60,7 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPla
       T* kt = kv + kv_off[bh];
       pack_keys<scalar_t>(p, s, bh / Hkv, bh % Hkv, j0, std::min(kPackKeys, s.S - j0), kt + b_col<T>(j0), s.S,
                           kt + Ep * s.S + j0 * Ev);
-    });
+    }, plan.threads);
 
     // Tasks (q block, pair, head of its group) ordered by q block, last first: under causal masks the last blocks
     // cost the most.
@@ -94,7 +94,7 @@ void fwd_prefill(const AttnParams& p, const std::vector<Seq>& seqs, const FwdPla
                                w.m.get(), w.l.get(), run_mask(blocks, rows, run, w));
       }
       store_rows<scalar_t>(p, seq, rows, w.o.get(), w.m.get(), w.l.get());
-    });
+    }, plan.threads);
   }
 }
 

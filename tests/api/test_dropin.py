@@ -66,6 +66,18 @@ def test_head_dims(backend, device, E, Ev):
 
 
 @backends
+@pytest.mark.parametrize("E,Ev", [(192, 128), (512, 512), (576, 512)], ids=lambda x: f"E{x}")
+def test_head_dims_of_new_models(backend, device, E, Ev):
+    """Gemma-style 512, DeepSeek MLA's 576 / 512 and 192 / 128, causal with GQA; a backend that declares a smaller
+    limit is skipped with its own reason (the limit is what auto routes on)."""
+    limit = pyattn.backends.BACKENDS[backend].max_head_dim if backend in pyattn.backends.BACKENDS else None
+    if limit is not None and max(E, Ev) > limit:
+        pytest.skip(f"{backend} declares head dims up to {limit}")
+    t = qkv((1, 4, 33, E), (1, 2, 40, E), (1, 2, 40, Ev))
+    check(backend, functools.partial(plain, is_causal=True, enable_gqa=True), t)
+
+
+@backends
 @pytest.mark.parametrize("shapes", [
     pytest.param(((33, 16), (17, 16), (17, 8)), id="2d"),
     pytest.param(((3, 33, 16), (3, 17, 16), (3, 17, 8)), id="3d"),

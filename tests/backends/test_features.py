@@ -4,9 +4,9 @@ import torch
 
 import pyattn
 from pyattn import backends, features
-from pyattn.inputs import dense_inputs, kvcache_inputs, varlen_inputs
+from pyattn.inputs import dense_inputs, flex_inputs, kvcache_inputs, varlen_inputs
 
-KNOWN = features.ALL_FEATURES | features.KVCACHE_FEATURES | {features.KVCACHE_GRADIENT}
+KNOWN = features.ALL_FEATURES | features.KVCACHE_FEATURES | {features.KVCACHE_GRADIENT} | features.FLEX_FEATURES
 
 
 def test_every_constant_is_in_a_set_and_every_set_member_is_a_constant():
@@ -37,3 +37,7 @@ def test_inputs_report_known_features():
                          softcap=None, alibi_slopes=None, sinks=None, scale=None, return_lse=False)
     assert set(inp.uses()) == {features.KVCACHE, features.CAUSAL, features.BOTTOM_RIGHT, features.GQA}
     assert pyattn.explain(q, k, v, enable_gqa=True).count(features.GQA) >= 1
+    from torch.nn.attention.flex_attention import create_block_mask
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 1, 1, 5, 7, device="cpu")
+    inp = flex_inputs(q, k, v, lambda score, b, h, q_idx, kv_idx: score, block_mask, enable_gqa=True)
+    assert set(inp.uses()) == {features.BLOCK_MASK, features.SCORE_MOD, features.GQA}
