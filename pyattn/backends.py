@@ -172,7 +172,7 @@ class CPUBackend(FusedBackend):
     vectors, brgemm matmuls (bf16 on VNNI tiles where oneDNN takes them)."""
     name = "cpu"
     devices = ("cpu",)
-    features = ALL_FEATURES | KVCACHE_FEATURES
+    features = ALL_FEATURES | KVCACHE_FEATURES | {F.BLOCK_MASK}
 
     def unavailable_reason(self):
         return None if ops.has_op("fwd") else f"pyattn._C is not built ({ops.load_error()})"
