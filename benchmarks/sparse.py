@@ -244,8 +244,8 @@ def run(args, out_dir, meta):
     start, load_before = time.time(), os.getloadavg()
     peak = measure.peaks(device, DTYPES)
     records, last = [], {}
-    for name in PATTERNS:
-        for L in seqlens:
+    for L in seqlens:  # both patterns at each length before the next: the time limit cuts the longest
+        for name in PATTERNS:
             pattern = Pattern(name, L, device)
             fns, why = impl_fns(pattern, impls)
             for dtype in dtypes:
