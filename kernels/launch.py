@@ -236,7 +236,7 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags, mask=None)
                        **_strides("p", part_out, "srd"), **_strides("q", part_lse, "sr"), **_strides("o", out, "bhmd"),
                        **_strides("l", lse, "bhm"))
         _run(_attn_fwd_combine, (triton.cdiv(n, block_r),), combine, BLOCK_R=block_r,
-             HEAD_DIM_V=pb.flags["HEAD_DIM_V"], SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
+             HEAD_DIM_V=configs.padded(pb.Ev), SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
 
 
 def _out_chunks(pb, dim):
@@ -260,7 +260,7 @@ def backward(a, mask_kind):
          dict(Out=a.out, DOut=a.dout, DLse=a.dlse if a.dlse is not None else lse, Delta=delta,
               **_strides("o", a.out, "bhmd"), **_strides("d", a.dout, "bhmd"), **_strides("l", a.dlse, "bhm"),
               H_Q=pb.Hq, seqlen_q=pb.L, head_dim_v=pb.Ev),
-         BLOCK_M=block, HEAD_DIM_V=pb.flags["HEAD_DIM_V"], HAS_DLSE=a.dlse is not None)
+         BLOCK_M=block, HEAD_DIM_V=configs.padded(pb.Ev), HAS_DLSE=a.dlse is not None)
 
     inputs = dict(Q=q, K=k, V=v, DOut=a.dout, Lse=lse, Delta=delta, **_optional(a, "Mask", "Alibi", "CuSeqQ", "CuSeqK",
                                                                                  "Rng"),
