@@ -30,9 +30,10 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
                BLOCK_MASK: tl.constexpr, q_rows, stride_qd, out0, CHUNKED: tl.constexpr, K_CHUNK: tl.constexpr,
                OUT_CHUNK: tl.constexpr):
     """Key blocks [lo, hi): banded ones (a constexpr, or a block mask's runtime flag) check the window and the key
-    length per element. CHUNKED: q is its rows' pointers (q_rows), the scores are
-accumulated over head-dim chunks and acc holds output columns [out0, out0 + OUT_CHUNK). A block mask's (TILES: these blocks lie in the mask block of state `state` whose first key is
-    k0, the tile's rows from its row r0), see block_mask.py."""
+    length per element; a block mask's (TILES: these blocks lie in the mask block of state `state` whose first key is
+    k0, the tile's rows from its row r0), see block_mask.py. CHUNKED (head dims above 256, configs.py): the scores
+    are accumulated over head-dim chunks of q's rows (pointers q_rows) and acc holds output columns
+    [out0, out0 + OUT_CHUNK)."""
     offs_d = tl.arange(0, K_CHUNK if CHUNKED else HEAD_DIM)  # (chunked: unused)
     offs_dv = tl.arange(0, K_CHUNK if CHUNKED else HEAD_DIM_V)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
