@@ -50,7 +50,7 @@ def _source(fn, pointers, constexprs):
 def _flags(head_dim, causal, **overrides):
     flags = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, MASK_KIND=MASK_KINDS["MASK_NONE"], HAS_ALIBI=False,
                  HAS_SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=causal, VARLEN=False, DROPOUT=False, DOT_PRECISION="ieee",
-                 BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
+                 BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value, CHUNKED=False, K_CHUNK=0, OUT_CHUNK=0)
     flags.update(overrides)
     return flags
 
@@ -74,7 +74,7 @@ def variants(cc):
                         "Rng": "*i64", "States": "*i32", "Bits": "*u8", "Lists": "*i32"}
             bm, bn, warps, stages = dkdv_tiles
             out.append((f"bwd_dkdv_{tag}", _attn_bwd_dkdv, bwd_ptrs,
-                        dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+                        dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, OUT_DV=False), warps, stages))
             bm, bn, warps, stages = dq_tiles
             out.append((f"bwd_dq_{tag}", _attn_bwd_dq, bwd_ptrs,
                         dict(_flags(d, causal), BLOCK_M=bm, BLOCK_N=bn, MASK_GRAD=False), warps, stages))
@@ -83,12 +83,23 @@ def variants(cc):
                 for name, fn, ptrs, tiles, extra in (
                         ("fwd", _attn_fwd, fwd_ptrs, configs.fwd_default(d, cc, block_mask=True),
                          dict(NO_CACHE, NUM_SPLITS=1, USE_TMA=cc >= 90, WARP_SPECIALIZE=False)),
-                        ("bwd_dkdv", _attn_bwd_dkdv, bwd_ptrs, dkdv_tiles, {}),
+                        ("bwd_dkdv", _attn_bwd_dkdv, bwd_ptrs, dkdv_tiles, dict(OUT_DV=False)),
                         ("bwd_dq", _attn_bwd_dq, bwd_ptrs, dq_tiles, dict(MASK_GRAD=False))):
                     bm, bn, warps, stages = tiles
                     _, bm, bn = block_mask.fitted_tiles(bm, bn, *BLOCK_MASK_BLOCKS)
                     out.append((f"{name}_blockmask_{tag}", fn, ptrs, dict(masked, **extra, BLOCK_M=bm, BLOCK_N=bn),
                                 warps, stages))
+        # head dims in chunks (configs.CHUNKED_FROM): MLA's 576 / 512, causal, as the launcher runs them (no TMA)
+        chunked = _flags(576, True, HEAD_DIM_V=512, CHUNKED=True, K_CHUNK=configs.K_CHUNK, OUT_CHUNK=configs.OUT_CHUNK)
+        for name, fn, ptrs, table, extra in (
+                ("fwd", _attn_fwd, fwd_ptrs, configs.CHUNKED_FWD_TILES,
+                 dict(NO_CACHE, NUM_SPLITS=1, USE_TMA=False, WARP_SPECIALIZE=False)),
+                ("bwd_dkdv_dv", _attn_bwd_dkdv, bwd_ptrs, configs.CHUNKED_DKDV_TILES, dict(OUT_DV=True)),
+                ("bwd_dkdv_dk", _attn_bwd_dkdv, bwd_ptrs, configs.CHUNKED_DKDV_TILES, dict(OUT_DV=False)),
+                ("bwd_dq", _attn_bwd_dq, bwd_ptrs, configs.CHUNKED_DQ_TILES, dict(MASK_GRAD=False))):
+            bm, bn, warps, stages = configs.chunked_tiles(table, cc)
+            out.append((f"{name}_chunked_{dt}_d576_dv512_causal", fn, ptrs, dict(chunked, **extra, BLOCK_M=bm,
+                                                                                  BLOCK_N=bn), warps, stages))
         bm, bn, warps, stages = configs.decode_tiles(4, 128)
         split_ptrs = {**qkv, "Out": "*fp32", **FWD_SIDE_PTRS, "Mask": ptr}
         out.append((f"fwd_decode_split_{dt}_d128", _attn_fwd, split_ptrs,

@@ -82,6 +82,38 @@ FWD_PAGED_TILES = {(90, 128): (128, 64, 8, 3)}
 FWD_BLOCK_MASK_TILES = {(90, 128): (128, 64, 8, 3)}
 INTERPRETER_TILES = (16, 32, 1, 1)  # several blocks even for the tests' small shapes
 
+# Head dims above 256 (Gemma's 512, MLA's 576 / 512): q, K and the accumulators no longer fit in registers whole, and
+# padding 576 to a power of two would double it. The kernels take them in chunks instead (CHUNKED constexpr branches;
+# the <= 256 paths and tiles above are untouched), as FlashAttention-3 does for its large head dims:
+# - every q.k and dO.v is accumulated over the contraction dim in K_CHUNK-wide slices loaded in a loop, so no
+#   (rows, E) operand is ever held: registers and shared memory are those of a d64 tile whatever E is;
+# - each program owns OUT_CHUNK columns of one output (out, dK, dV or dQ) and a grid dimension walks the chunks, so
+#   the accumulator is (BLOCK, OUT_CHUNK) fp32: at 256 the same 64 registers a thread holds in the d256 kernels.
+#   The price is that each output chunk recomputes the scores: 2 x for Ev = 512 in the forward; a wider chunk
+#   would spill (a 64 x 512 fp32 accumulator is 128 registers per thread at 8 warps, before the score tile).
+# E != Ev needs nothing more: the two dims are chunked apart.
+CHUNKED_FROM = 257  # max(E, Ev) from which the kernels chunk the head dims
+K_CHUNK = 64
+OUT_CHUNK = 256
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the chunked kernels by arch; chosen with `python -m pyattn.inspect`
+CHUNKED_FWD_TILES = {80: (64, 32, 8, 2), 90: (64, 64, 8, 2)}
+CHUNKED_DKDV_TILES = {80: (32, 64, 8, 2), 90: (32, 64, 8, 2)}
+CHUNKED_DQ_TILES = {80: (64, 32, 8, 2), 90: (64, 32, 8, 2)}
+INTERPRETER_CHUNKS = (64, 128)  # K_CHUNK, OUT_CHUNK under the interpreter: several chunks even at small dims
+
+
+def chunked(head_dim, head_dim_v):
+    return max(head_dim, head_dim_v) >= CHUNKED_FROM
+
+
+def chunks():
+    """-> (K_CHUNK, OUT_CHUNK) of the chunked kernels."""
+    return INTERPRETER_CHUNKS if INTERPRET else (K_CHUNK, OUT_CHUNK)
+
+
+def chunked_tiles(table, cc):
+    return INTERPRETER_TILES if INTERPRET else table[90 if cc >= 90 else 80]
+
 
 def _key(head_dim, cc):
     return 90 if cc >= 90 else 80, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256

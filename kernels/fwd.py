@@ -11,6 +11,7 @@ bottom-right aligned to its own key count.
 import triton
 import triton.language as tl
 
+from .chunks import chunked_dot, load_chunk
 from .block_mask import BLOCK_MASK_NONE, BLOCK_MASK_TILES, block_masked, span, span_run, visits
 from .scores import LOG2E, band_and_bounds, biased, capped, dropout_keep, row_terms
 from .tiles import cache_span, key_blocks, key_rows, row_block, segment
@@ -26,12 +27,15 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
                MASK_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
                DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PAGED: tl.constexpr,
-               BLOCK_MASK: tl.constexpr):
+               BLOCK_MASK: tl.constexpr, q_rows, stride_qd, out0, CHUNKED: tl.constexpr, K_CHUNK: tl.constexpr,
+               OUT_CHUNK: tl.constexpr):
     """Key blocks [lo, hi): banded ones (a constexpr, or a block mask's runtime flag) check the window and the key
     length per element; a block mask's (TILES: these blocks lie in the mask block of state `state` whose first key is
-    k0, the tile's rows from its row r0), see block_mask.py."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k0, the tile's rows from its row r0), see block_mask.py. CHUNKED (head dims above 256, configs.py): the scores
+    are accumulated over head-dim chunks of q's rows (pointers q_rows) and acc holds output columns
+    [out0, out0 + OUT_CHUNK)."""
+    offs_d = tl.arange(0, K_CHUNK if CHUNKED else HEAD_DIM)  # (chunked: unused)
+    offs_dv = tl.arange(0, K_CHUNK if CHUNKED else HEAD_DIM_V)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -39,6 +43,11 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
         if USE_TMA:
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
+        elif CHUNKED:
+            n_ok = offs_n < seqlen_k
+            k_rows, v_rows = key_rows(offs_n, n_ok, Pages, k_start, page_size, stride_kb, stride_kn, stride_vb,
+                                      stride_vn, PAGED)
+            v = load_chunk(V + v_base + v_rows, n_ok, stride_vd, out0 + tl.arange(0, OUT_CHUNK), head_dim_v)
         else:
             n_ok = offs_n < seqlen_k
             k_rows, v_rows = key_rows(offs_n, n_ok, Pages, k_start, page_size, stride_kb, stride_kn, stride_vb,
@@ -47,7 +56,12 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, k_desc, v_desc, k_base, v_base, Pages, k_
                         mask=n_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
             v = tl.load(V + v_base + v_rows[:, None] + offs_dv[None, :] * stride_vd,
                         mask=n_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-        s = capped(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        if CHUNKED:
+            qk = chunked_dot(q_rows, row_ok, stride_qd, K + k_base + k_rows, n_ok, stride_kd, head_dim, HEAD_DIM,
+                             K_CHUNK, DOT_PRECISION)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = capped(qk, scale, softcap, HAS_SOFTCAP)
         s = biased(s, ip[:, None], offs_n[None, :], row_ok[:, None], mask_rows[:, None], stride_mn,
                    slopes[:, None], seqlen_k, MASK_KIND, HAS_ALIBI)
         if banded:
@@ -94,9 +108,14 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
               NUM_SPLITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
               WARP_SPECIALIZE: tl.constexpr, HAS_SINKS: tl.constexpr, KV_CACHE: tl.constexpr,
               PAGED: tl.constexpr, HAS_CACHE_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-              BLOCK_MASK: tl.constexpr):
+              BLOCK_MASK: tl.constexpr, CHUNKED: tl.constexpr, K_CHUNK: tl.constexpr,
+              OUT_CHUNK: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    out0 = 0
+    if CHUNKED:  # head dims in chunks (configs.py): program_id(1) also picks this program's OUT_CHUNK output columns
+        out0 = split // NUM_SPLITS * OUT_CHUNK
+        split = split % NUM_SPLITS
     b, kv_head, group, q_start, len_q, k_start, len_k, row_ok, head, offs_i, ip, pitch = row_block(
         pid_m, tl.program_id(2), H_Q, H_KV, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, bottom_right, VARLEN, BLOCK_M,
         BLOCK_MASK == BLOCK_MASK_TILES)
@@ -109,12 +128,15 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
     b64 = tl.full([], b_ptr, tl.int64)
     head64 = head.to(tl.int64)
     row64 = (q_start + offs_i).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
-
-    # load q: it stays in SRAM for the whole key loop
-    q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + row64[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    offs_d = tl.arange(0, K_CHUNK if CHUNKED else HEAD_DIM)  # (chunked: unused)
+    offs_dv = tl.arange(0, K_CHUNK if CHUNKED else HEAD_DIM_V)
+    q_rows = Q + b64 * stride_qb + head64 * stride_qh + row64 * stride_qm
+    if CHUNKED:  # q is read chunk by chunk in the key loop; acc holds output columns [out0, out0 + OUT_CHUNK)
+        offs_dv = out0 + tl.arange(0, OUT_CHUNK)
+        q = q_rows
+    else:  # load q: it stays in SRAM for the whole key loop
+        q = tl.load(Q + b64 * stride_qb + head64[:, None] * stride_qh + row64[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
     mask_rows, slopes, seed, rng_rows = row_terms(Mask, Alibi, Rng, b, b64, head, offs_i, row_ok, H_Q, seqlen_q,
                                                   seqlen_k, stride_mb, stride_mh, stride_mm, stride_ab, stride_ah,
                                                   HAS_ALIBI, DROPOUT, BLOCK_M)
@@ -144,7 +166,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], tl.float32)
+    acc = tl.zeros([BLOCK_M, OUT_CHUNK if CHUNKED else HEAD_DIM_V], tl.float32)
     # block mask: GATHER reads each element's state through its row's states; TILES visits the non-empty key blocks of
     # the tile's mask row (one head, one q block qb: see block_mask.py), each a span of keys of one state. Without
     # TILES one span, all keys (a loop of one trip, folded away)
@@ -175,7 +197,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, Alibi, CuSeqQ, CuSeqK, Rng, Sinks, BlockT
                                        Bits, state_rows, state, offs_i, r0, k0, block_q, block_k, bits_row,
                                        stride_stq, stride_stk, banded, BLOCK_N, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
                                        HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, USE_TMA, DOT_PRECISION,
-                                       WARP_SPECIALIZE and seg == 1, PAGED, BLOCK_MASK)
+                                       WARP_SPECIALIZE and seg == 1, PAGED, BLOCK_MASK, q_rows, stride_qd, out0,
+                                       CHUNKED, K_CHUNK, OUT_CHUNK)
 
     if HAS_SINKS and NUM_SPLITS == 1:  # the sink's exp joins the denominator (no value); split-KV: the combine
         sink = tl.load(Sinks + head, mask=row_ok, other=float("-inf")) * LOG2E

@@ -93,12 +93,17 @@ class _Problem:
         self.batches = a.cu_seqlens_q.shape[0] - 1 if self.varlen else self.B
         self.max_q = a.max_seqlen_q if self.varlen else self.L
         self.max_k = a.max_seqlen_k if self.varlen or kvcache else self.S
-        self.flags = dict(HEAD_DIM=configs.padded(self.E), HEAD_DIM_V=configs.padded(self.Ev),
+        self.chunked = configs.chunked(self.E, self.Ev)
+        k_chunk, self.out_chunk = configs.chunks() if self.chunked else (0, 0)
+        # chunked: the dims rounded up to whole contraction chunks, not to a power of two
+        dims = [triton.cdiv(d, k_chunk) * k_chunk if self.chunked else configs.padded(d) for d in (self.E, self.Ev)]
+        self.flags = dict(HEAD_DIM=dims[0], HEAD_DIM_V=dims[1], CHUNKED=self.chunked, K_CHUNK=k_chunk,
+                          OUT_CHUNK=self.out_chunk,
                           MASK_KIND=mask_kind, HAS_ALIBI=a.alibi_slopes is not None,
                           HAS_SOFTCAP=a.softcap > 0, HAS_LEFT=a.window_left >= 0, HAS_RIGHT=a.window_right >= 0,
                           VARLEN=self.varlen, DROPOUT=a.dropout_p > 0, DOT_PRECISION=_dot_precision(a.q.dtype))
         self.seq_bucket = configs.seq_bucket(max(self.max_q, self.max_k))
-        self.tuned = configs.autotunes(max(self.max_q, self.max_k))
+        self.tuned = configs.autotunes(max(self.max_q, self.max_k)) and not self.chunked  # fixed chunked tiles
         self.group = self.Hq // max(self.Hkv, 1)  # no heads at all: an empty call
         self.device_index = a.q.device.index or 0
         self.cc = 0 if configs.INTERPRET else configs.arch(self.device_index)
@@ -128,7 +133,7 @@ def forward(a: FwdArgs, mask_kind):
     lse = torch.full((pb.B, pb.Hq, pb.L), float("-inf"), dtype=torch.float32, device=a.q.device)
     if out.numel() == 0 or pb.batches == 0 or pb.max_q == 0:
         return out, lse
-    use_tma = _tma_ok(pb.cc, a.k, a.v)
+    use_tma = _tma_ok(pb.cc, a.k, a.v) and not pb.chunked  # chunks are read by pointer loads
     pointers = dict(**_optional(a, "Mask", "Alibi", "CuSeqQ", "CuSeqK", "Rng", "Sinks"),
                     **_pointers(a.q, BlockTable=None, CacheIdx=None, Leftpad=None))
     flags = dict(_NO_CACHE, HAS_SINKS=a.sinks is not None)
@@ -182,7 +187,7 @@ def kvcache_forward(a, mask_kind):
                  HAS_LEFTPAD=a.cache_leftpad is not None)
     pages = dict(stride_bt=a.block_table.stride(0) if paged else 0, page_size=a.k_cache.shape[1])
     # a contiguous cache row is one box for TMA, as a varlen sequence is; pages are read by pointer loads
-    use_tma = not paged and _tma_ok(pb.cc, k_, v_)
+    use_tma = not paged and not pb.chunked and _tma_ok(pb.cc, k_, v_)
     _launch_forward(pb, view, out_, lse, pointers, pages, use_tma, flags)
     return out, lse
 
@@ -194,8 +199,11 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags, mask=None)
     if use_tma:
         _set_tma_allocator(a.q.device)
     rows = pb.group * pb.max_q
-    block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
-        configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"], block_mask=mask is not None)
+    if pb.chunked:  # one tile for every chunked forward, decoding included (its accumulator rows are few anyway)
+        block_m, block_n, warps, stages = configs.chunked_tiles(configs.CHUNKED_FWD_TILES, pb.cc)
+    else:
+        block_m, block_n, warps, stages = configs.decode_tiles(rows, max(pb.E, pb.Ev)) if rows <= 64 else \
+            configs.fwd_default(max(pb.E, pb.Ev), pb.cc, paged=flags["PAGED"], block_mask=mask is not None)
     mode, block_m, block_n = _block_mask_tiles(mask, block_m, block_n)
     splits = pb.num_splits(block_m, block_n) if rows <= 64 else 1
     rows = _packed_rows(pb, mode, block_m)
@@ -215,7 +223,8 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags, mask=None)
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), 1, pb.batches * pb.Hkv)  # noqa: E731
         _run(_tuned("fwd", pb.cc), grid, args, **pb.flags, **flags, NUM_SPLITS=1, USE_TMA=use_tma)
     else:
-        grid = (triton.cdiv(rows, block_m), splits, pb.batches * pb.Hkv)
+        out_chunks = triton.cdiv(pb.Ev, pb.out_chunk) if pb.chunked else 1
+        grid = (triton.cdiv(rows, block_m), splits * out_chunks, pb.batches * pb.Hkv)
         _run(_attn_fwd, grid, args, **pb.flags, **flags, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits,
              USE_TMA=use_tma, WARP_SPECIALIZE=False, num_warps=warps, num_stages=stages)
     if splits > 1:
@@ -227,7 +236,12 @@ def _launch_forward(pb, a, out, lse, pointers, pages, use_tma, flags, mask=None)
                        **_strides("p", part_out, "srd"), **_strides("q", part_lse, "sr"), **_strides("o", out, "bhmd"),
                        **_strides("l", lse, "bhm"))
         _run(_attn_fwd_combine, (triton.cdiv(n, block_r),), combine, BLOCK_R=block_r,
-             HEAD_DIM_V=pb.flags["HEAD_DIM_V"], SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
+             HEAD_DIM_V=configs.padded(pb.Ev), SPLITS=triton.next_power_of_2(splits), HAS_SINKS=flags["HAS_SINKS"])
+
+
+def _out_chunks(pb, dim):
+    """Programs along grid dim 2: the output chunks of a head dim of size dim (1 unchunked)."""
+    return triton.cdiv(dim, pb.out_chunk) if pb.chunked else 1
 
 
 def backward(a, mask_kind):
@@ -241,12 +255,12 @@ def backward(a, mask_kind):
     dq, dk, dv = (alloc(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     lse = a.lse.contiguous()
     delta = torch.empty_like(lse)
-    block = 16 if configs.INTERPRET else 64
+    block = 16 if configs.INTERPRET or pb.chunked else 64  # chunked: (16, Ev <= 1024) rows of O and dO
     _run(_attn_bwd_preprocess, (triton.cdiv(pb.L, block), pb.B * pb.Hq),
          dict(Out=a.out, DOut=a.dout, DLse=a.dlse if a.dlse is not None else lse, Delta=delta,
               **_strides("o", a.out, "bhmd"), **_strides("d", a.dout, "bhmd"), **_strides("l", a.dlse, "bhm"),
               H_Q=pb.Hq, seqlen_q=pb.L, head_dim_v=pb.Ev),
-         BLOCK_M=block, HEAD_DIM_V=pb.flags["HEAD_DIM_V"], HAS_DLSE=a.dlse is not None)
+         BLOCK_M=block, HEAD_DIM_V=configs.padded(pb.Ev), HAS_DLSE=a.dlse is not None)
 
     inputs = dict(Q=q, K=k, V=v, DOut=a.dout, Lse=lse, Delta=delta, **_optional(a, "Mask", "Alibi", "CuSeqQ", "CuSeqK",
                                                                                  "Rng"),
@@ -259,18 +273,25 @@ def backward(a, mask_kind):
     if pb.tuned and mask is None:  # a block mask runs the fixed tiles fitted to its blocks, as in the forward
         rows = pb.group * pb.max_q
         _run(_tuned("dkdv", pb.cc), lambda meta: (triton.cdiv(pb.max_k, meta["BLOCK_N"]), pb.batches * pb.Hkv),
-             dict(dkdv_args, **block_mask.kernel_args(q)), **pb.flags, BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
+             dict(dkdv_args, **block_mask.kernel_args(q)), **pb.flags, BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value,
+             OUT_DV=False)
         _run(_tuned("dq", pb.cc), lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), pb.batches * pb.Hkv),
              dict(dq_args, **block_mask.kernel_args(q)), **pb.flags, MASK_GRAD=a.mask_grad,
              BLOCK_MASK=block_mask.BLOCK_MASK_NONE.value)
     else:
-        (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)
+        if pb.chunked:
+            (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = (
+                configs.chunked_tiles(configs.CHUNKED_DKDV_TILES, pb.cc), configs.chunked_tiles(configs.CHUNKED_DQ_TILES, pb.cc))
+        else:
+            (bm, bn, warps, stages), (bm2, bn2, warps2, stages2) = configs.bwd_default(max(pb.E, pb.Ev), pb.cc)
         mode, bm, bn = _block_mask_tiles(mask, bm, bn)
-        _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv),
-             dict(dkdv_args, **block_mask.kernel_args(q, *(mask or ()), columns=True)), **pb.flags, BLOCK_M=bm,
-             BLOCK_N=bn, BLOCK_MASK=mode, num_warps=warps, num_stages=stages)
+        # chunked: one launch per output (dK, dV), its chunks along grid dim 2; else one launch writes both
+        for out_dv, dim in ((True, pb.Ev), (False, pb.E)) if pb.chunked else ((False, 1),):
+            _run(_attn_bwd_dkdv, (triton.cdiv(pb.max_k, bn), pb.batches * pb.Hkv, _out_chunks(pb, dim)),
+                 dict(dkdv_args, **block_mask.kernel_args(q, *(mask or ()), columns=True)), **pb.flags, BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_MASK=mode, OUT_DV=out_dv, num_warps=warps, num_stages=stages)
         mode, bm2, bn2 = _block_mask_tiles(mask, bm2, bn2)
-        _run(_attn_bwd_dq, (triton.cdiv(_packed_rows(pb, mode, bm2), bm2), pb.batches * pb.Hkv),
+        _run(_attn_bwd_dq, (triton.cdiv(_packed_rows(pb, mode, bm2), bm2), pb.batches * pb.Hkv, _out_chunks(pb, pb.E)),
              dict(dq_args, **block_mask.kernel_args(q, *(mask or ()))), **pb.flags, MASK_GRAD=a.mask_grad,
              BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_MASK=mode, num_warps=warps2, num_stages=stages2)
     return dq, dk, dv, dmask

@@ -132,7 +132,7 @@ class TritonBackend(FusedBackend):
     size: tiles fitted to the blocks, or a per-element fallback where no tile fits (kernels/block_mask.py)."""
     name = "triton"
     features = ALL_FEATURES | KVCACHE_FEATURES | {F.BLOCK_MASK}
-    max_head_dim = 256
+    max_head_dim = 576  # above 256 the kernels take the head dims in chunks (kernels/configs.py); 576: MLA's, tested
     op_name = "triton_fwd"
     bwd_op_name = "triton_bwd"
     kvcache_op_name = "triton_kvcache_fwd"

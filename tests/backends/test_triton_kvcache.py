@@ -76,6 +76,8 @@ CASES = [
     Cache("leftpad-window", (20, 70, 5), L=2, leftpad=(4, 0, 5), window=(10, 0)),
     Cache("append-L2-leftpad-sinks", (10, 40), L=2, leftpad=(3, 1), append=True, sinks=True),
 ]
+# head dims above 256 (taken in chunks): MLA's 576 with one latent kv head, decoding split over the keys
+LARGE_HEAD_DIM_CASE = Cache("mla-E576-decode-mqa-sinks", (17, 70), Hq=4, Hkv=1, E=576, sinks=True)
 LAYOUTS = [None, 1, 16, CAPACITY]  # contiguous, then page sizes (the last: one page per sequence)
 
 
@@ -106,9 +108,9 @@ def run(case, t, dtype, backend, page_size=None, batch_idx=False):
 
 def params():
     out = []
-    for case in CASES:
-        for page_size in LAYOUTS:
-            for dtype in DTYPES:
+    for case, layouts, dtypes in [*((c, LAYOUTS, DTYPES) for c in CASES), (LARGE_HEAD_DIM_CASE, [16], DTYPES[:1])]:
+        for page_size in layouts:
+            for dtype in dtypes:
                 out.append(pytest.param(case, page_size, dtype, id=f"{case.id}-{layout_id(page_size)}-"
                                                                    f"{dtype_id(dtype)}"))
     return out
