@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from helpers import assert_close_to_oracle, backend_params, dtype_id
+from helpers import assert_close_to_oracle, backend_params, block_masks, dtype_id
 from pyattn.kernels import block_mask, configs
 from pyattn.op_args import BwdArgs, FwdArgs, pick
 
@@ -50,26 +50,15 @@ CASE_DTYPES = [(CASES[0], torch.float32), (CASES[1], torch.float16), (CASES[2], 
 def random_block_mask(c, gen):
     """-> states (Bm, Hm, Qb, Kb) int32, bits (P, block_q, ceil(block_k / 8)) uint8."""
     Bm, Hm = c.states_batch_heads or (c.B, c.Hq)
-    shape = (Bm, Hm, -(-c.L // c.block_q), -(-c.S // c.block_k))
-    nonempty = torch.rand(shape, generator=gen) < c.density
-    partial = nonempty & (torch.rand(shape, generator=gen) < 0.5)
-    states = nonempty.to(torch.int32)
-    states[partial] = 2 + torch.arange(int(partial.sum()), dtype=torch.int32)
-    bits = torch.randint(0, 256, (int(partial.sum()), c.block_q, -(-c.block_k // 8)), dtype=torch.uint8,
-                         generator=gen)
+    states, bits = block_masks.random_block_mask(Bm, Hm, c.L, c.S, c.block_q, c.block_k, c.density, gen)
     if c.broadcast_view:
-        states = states[:1, :1].expand(c.B, c.Hq, *shape[2:])
+        states = states[:1, :1].expand(c.B, c.Hq, *states.shape[2:])
     return states, bits
 
 
 def dense_keep(states, bits, c):
     """The block mask as a dense bool (B, Hq, L, S): True = may attend."""
-    i, n = torch.arange(c.L), torch.arange(c.S)
-    st = states.expand(c.B, c.Hq, -1, -1)[:, :, i // c.block_q][:, :, :, n // c.block_k]
-    if bits.shape[0] == 0:
-        return st == 1
-    byte = bits[(st - 2).clamp(min=0), (i % c.block_q)[:, None], (n % c.block_k // 8)[None, :]].to(torch.int32)
-    return (st == 1) | ((st >= 2) & ((byte >> (n % c.block_k % 8)) & 1).bool())
+    return block_masks.dense_block_mask(states, bits, c.block_q, c.block_k, c.B, c.Hq, c.L, c.S)
 
 
 def band_keep(c):
